@@ -1,0 +1,25 @@
+"""gatekv: learned and training-free KV-cache eviction with a physically compacted ragged cache."""
+
+from gatekv.allocators import Allocator, Budget, KeepPlan, available_allocators, get_allocator
+from gatekv.cache import CompressedCache
+from gatekv.compress import CompressionSession, CompressionStats, compress
+from gatekv.scorers import LayerContext, Scorer, available_scorers, get_scorer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Allocator",
+    "Budget",
+    "CompressedCache",
+    "CompressionSession",
+    "CompressionStats",
+    "KeepPlan",
+    "LayerContext",
+    "Scorer",
+    "__version__",
+    "available_allocators",
+    "available_scorers",
+    "compress",
+    "get_allocator",
+    "get_scorer",
+]

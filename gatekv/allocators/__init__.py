@@ -1,0 +1,22 @@
+"""Allocators: one file per method; ``get_allocator(name)`` builds one by name."""
+
+from gatekv.allocators import adakv, pyramid, uniform  # noqa: F401  (registration)
+from gatekv.allocators.base import (
+    AllocationInput,
+    Allocator,
+    Budget,
+    KeepPlan,
+    available_allocators,
+    get_allocator,
+    register_allocator,
+)
+
+__all__ = [
+    "AllocationInput",
+    "Allocator",
+    "Budget",
+    "KeepPlan",
+    "available_allocators",
+    "get_allocator",
+    "register_allocator",
+]

@@ -1,0 +1,218 @@
+"""Budgets, keep plans and the Allocator interface.
+
+An allocator turns every layer's scores into a :class:`KeepPlan`: per layer, batch row and KV head, how many
+slots to keep and which ones (sorted by slot, i.e. by position). Protected slots (sinks, recent window) arrive as a
+mask and are always kept: they count against the budget, and kernels never special-case them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+
+__all__ = [
+    "AllocationInput",
+    "Allocator",
+    "Budget",
+    "KeepPlan",
+    "available_allocators",
+    "get_allocator",
+    "plan_from_counts",
+    "ranking_scores",
+    "register_allocator",
+    "round_preserving_sum",
+]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A cache budget per KV head: a ratio of the prompt (``0 < value <= 1``, float) or a token count (int >= 1)."""
+
+    value: float | int
+
+    def __post_init__(self):
+        value = self.value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"budget must be a float ratio in (0, 1] or an int token count, got {value!r}")
+        if isinstance(value, float):
+            if not (value > 0):
+                raise ValueError(f"budget ratio must be > 0, got {value}")
+            if value > 1:
+                raise ValueError(f"budget ratio must be <= 1 (use an int for a token count), got {value}")
+        elif value <= 0:
+            raise ValueError(f"budget token count must be >= 1, got {value}")
+
+    @property
+    def is_ratio(self) -> bool:
+        return isinstance(self.value, float)
+
+    def tokens(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Tokens per KV head for prompts of ``lengths`` (B,) tokens: ``ceil(ratio * L)`` or the count, <= L."""
+        if self.is_ratio:
+            per_row = torch.ceil(lengths.double() * self.value).long()
+        else:
+            per_row = torch.full_like(lengths, int(self.value))
+        return torch.minimum(per_row, lengths)
+
+
+@dataclass
+class KeepPlan:
+    """Which slots every (layer, batch row, KV head) keeps.
+
+    indices: per layer (B, H_kv, K_max) int64 slot indices, ascending within the first ``counts`` entries
+             (entries past ``counts`` are padding with value 0)
+    counts:  per layer (B, H_kv) int64 kept slots
+    """
+
+    indices: list[torch.Tensor]
+    counts: list[torch.Tensor]
+
+    def kept_mask(self, layer: int, num_slots: int) -> torch.Tensor:
+        """(B, H_kv, num_slots) bool: True where the slot is kept in ``layer``."""
+        indices, counts = self.indices[layer], self.counts[layer]
+        mask = torch.zeros(*counts.shape, num_slots, dtype=torch.bool, device=counts.device)
+        rank = torch.arange(indices.shape[-1], device=counts.device)
+        valid = rank < counts[..., None]
+        mask.scatter_(2, torch.where(valid, indices, torch.zeros_like(indices)), valid)
+        return mask
+
+    def total_kept(self) -> int:
+        return int(sum(c.sum().item() for c in self.counts))
+
+
+@dataclass
+class AllocationInput:
+    """What an allocator sees.
+
+    scores:    per layer (B, H_kv, T_l) float32; ``-inf`` marks slots that are not candidates
+    protected: per layer (B, H_kv, T_l) bool, candidates that must be kept (sinks, recent window)
+    budget:    (B,) int64 tokens per KV head (average over heads and, for layer-wise allocators, layers), protected
+               tokens included
+    window:    size of the protected recent window (PyramidKV's ``w``)
+    """
+
+    scores: list[torch.Tensor]
+    protected: list[torch.Tensor]
+    budget: torch.Tensor
+    window: int = 0
+
+    def candidate_counts(self, layer: int) -> torch.Tensor:
+        """(B, H_kv) number of candidate slots."""
+        return _candidate_counts(self.scores[layer])
+
+    def protected_counts(self, layer: int) -> torch.Tensor:
+        """(B, H_kv) number of protected slots."""
+        return self.protected[layer].sum(-1)
+
+
+def _candidate_counts(scores: torch.Tensor) -> torch.Tensor:
+    return (scores > float("-inf")).sum(-1)
+
+
+def ranking_scores(scores: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+    """Scores with protected slots forced to +inf (kept first), non-candidates stay -inf. (B, H, T) float32."""
+    ranked = scores.float().nan_to_num(nan=-1e30, posinf=1e30)
+    ranked = ranked.masked_fill(scores == float("-inf"), float("-inf"))
+    return ranked.masked_fill(protected, float("inf"))
+
+
+def plan_from_counts(scores: torch.Tensor, protected: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the top ``counts[b, h]`` slots of each head (protected first), indices sorted ascending.
+
+    scores: (B, H, T); protected: (B, H, T) bool; counts: (B, H) int64, between the protected and candidate counts
+    returns (indices (B, H, K_max), counts (B, H))
+    """
+    ranked = ranking_scores(scores, protected)
+    k_max = int(counts.max().item()) if counts.numel() else 0
+    if k_max == 0:
+        return torch.zeros(*counts.shape, 0, dtype=torch.long, device=scores.device), counts
+    top = torch.topk(ranked, k_max, dim=-1, sorted=True).indices
+    rank = torch.arange(k_max, device=scores.device)
+    keep = rank < counts[..., None]
+    # sort the kept ones ascending; padding entries go to the end (slot index T)
+    padded = torch.where(keep, top, torch.full_like(top, scores.shape[-1]))
+    indices = torch.sort(padded, dim=-1).values
+    indices = torch.where(keep, indices, torch.zeros_like(indices))
+    return indices, counts
+
+
+class Allocator:
+    """Base class: implement :meth:`layer_counts` (how many slots each head keeps); selection is shared."""
+
+    name: ClassVar[str] = ""
+
+    def layer_counts(self, inputs: AllocationInput) -> list[torch.Tensor]:
+        """Per layer (B, H_kv) int64 kept counts, each between the protected and the candidate count."""
+        raise NotImplementedError
+
+    def allocate(self, inputs: AllocationInput) -> KeepPlan:
+        """Build the plan: per-head counts from :meth:`layer_counts`, then each head's top slots."""
+        counts = self.layer_counts(inputs)
+        indices, kept = [], []
+        for layer, layer_counts in enumerate(counts):
+            cand = _candidate_counts(inputs.scores[layer])
+            prot = inputs.protected[layer].sum(-1)
+            layer_counts = torch.minimum(torch.maximum(layer_counts, prot), cand)
+            # a row whose budget covers every candidate keeps them all, whatever the allocator's schedule
+            covered = inputs.budget.to(cand.device)[:, None] >= cand.amax(-1, keepdim=True)
+            layer_counts = torch.where(covered, cand, layer_counts)
+            idx, c = plan_from_counts(inputs.scores[layer], inputs.protected[layer], layer_counts)
+            indices.append(idx)
+            kept.append(c)
+        return KeepPlan(indices, kept)
+
+    def __repr__(self) -> str:
+        fields = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+
+_REGISTRY: dict[str, Callable[..., Allocator]] = {}
+
+
+def register_allocator(name: str) -> Callable[[type], type]:
+    """Class decorator: make an allocator available by ``name``."""
+
+    def decorate(cls: type) -> type:
+        if name in _REGISTRY:
+            raise ValueError(f"allocator name {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_allocators() -> list[str]:
+    """Names of the registered allocators, sorted."""
+    import gatekv.allocators  # noqa: F401  (registration)
+
+    return sorted(_REGISTRY)
+
+
+def get_allocator(name_or_allocator: str | Allocator, **kwargs) -> Allocator:
+    """An allocator instance from its registered name (or the instance itself)."""
+    if isinstance(name_or_allocator, Allocator):
+        if kwargs:
+            raise ValueError(f"allocator options {sorted(kwargs)} given together with an allocator instance")
+        return name_or_allocator
+    import gatekv.allocators  # noqa: F401  (registration)
+
+    if name_or_allocator not in _REGISTRY:
+        raise ValueError(f"unknown allocator {name_or_allocator!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name_or_allocator](**kwargs)
+
+
+def round_preserving_sum(values: torch.Tensor, total: int) -> torch.Tensor:
+    """Integers that sum to ``total`` and differ from ``values`` (1-D float, sum ~ total) by < 1 (largest remainder)."""
+    floors = torch.floor(values).long()
+    remainder = total - int(floors.sum().item())
+    if remainder > 0:
+        order = torch.argsort(values - floors, descending=True)
+        floors[order[:remainder]] += 1
+    elif remainder < 0:
+        order = torch.argsort(values - floors)
+        floors[order[: -remainder]] -= 1
+    return floors
+

@@ -1,0 +1,283 @@
+"""CompressedCache: a transformers ``Cache`` whose every (batch row, KV head) keeps its own number of tokens.
+
+Per layer, the tokens live in flat buffers, one contiguous *segment* per (row, KV head) (layout in
+``gatekv/kernels/reference.py``). Segments have preallocated growth room: a decode step writes one token per
+segment in place; when a segment is full every segment is regrown geometrically (amortised O(1) per token).
+Compaction gathers the kept slots into new, right-sized buffers and drops the old ones, so the allocated bytes
+follow the budget, not the prompt. Keys are stored post-RoPE with their original positions; new tokens continue
+from the true (logical) sequence length, which ``get_seq_length`` reports.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from gatekv import kernels
+
+__all__ = ["CompressedCache", "CompressedLayer", "full_cache_kv_bytes"]
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One layer of a :class:`CompressedCache`.
+
+    keys (N_cap, d), values (N_cap, d_v), positions (N_cap,) int64 (-1 = no token), starts/caps/lengths (S,) int64
+    with S = B * H_kv segments (s = b * H_kv + h), state: per-slot scorer state {name: (N_cap,) float32}.
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, reserve: int = 64, growth: float = 1.5):
+        super().__init__()
+        self.reserve = reserve
+        self.growth = growth
+        self.positions: torch.Tensor | None = None
+        self.starts = self.caps = self.lengths = None
+        self.state: dict[str, torch.Tensor] = {}
+        self.batch_size = 0
+        self.num_heads = 0
+        self.regrow_count = 0
+
+    # -- transformers layer API --------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        device = key_states.device
+        self.batch_size, self.num_heads = batch, heads
+        self.keys = key_states.new_zeros(0, head_dim)
+        self.values = value_states.new_zeros(0, value_states.shape[-1])
+        self.positions = torch.zeros(0, dtype=torch.long, device=device)
+        zeros = torch.zeros(batch * heads, dtype=torch.long, device=device)
+        self.starts, self.caps, self.lengths = zeros.clone(), zeros.clone(), zeros.clone()
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("CompressedLayer.update needs token positions; call CompressedCache.update")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.max_length()
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.reserve, self.growth)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep/reorder batch rows: row ``i`` of the result is old row ``indices[i]`` (beam search, batch select)."""
+        if not self.is_initialized:
+            return
+        indices = indices.to(self.starts.device).long()
+        segments = (indices[:, None] * self.num_heads + torch.arange(self.num_heads, device=indices.device)).reshape(-1)
+        self._relayout(segments, self.lengths[segments], extra=self.caps[segments] - self.lengths[segments])
+        self.batch_size = indices.numel()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        rows = torch.arange(self.batch_size, device=self.starts.device).repeat_interleave(repeats)
+        self.batch_select_indices(rows)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compressed cache cannot be cropped: evicted tokens are gone")
+
+    # -- ragged storage ------------------------------------------------------------------------------------------
+    def max_length(self) -> int:
+        """Largest number of filled slots over segments (0 before the first token)."""
+        if not self.is_initialized or self.lengths.numel() == 0:
+            return 0
+        return int(self.lengths.max().item())
+
+    def kv_bytes(self) -> int:
+        """Bytes allocated for keys and values (capacity included)."""
+        if not self.is_initialized:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def allocated_bytes(self) -> int:
+        """All bytes this layer holds: keys, values, positions, scorer state and segment tables."""
+        if not self.is_initialized:
+            return 0
+        extra = sum(t.numel() * t.element_size() for t in (self.positions, self.starts, self.caps, self.lengths))
+        extra += sum(t.numel() * t.element_size() for t in self.state.values())
+        return self.kv_bytes() + extra
+
+    def _buffers(self) -> tuple[list[torch.Tensor], list[float | int], list[str]]:
+        names = list(self.state)
+        return (
+            [self.keys, self.values, self.positions, *(self.state[n] for n in names)],
+            [0, 0, -1, *([float("nan")] * len(names))],
+            names,
+        )
+
+    def _relayout(self, segments: torch.Tensor, counts: torch.Tensor, extra: torch.Tensor, indices=None) -> None:
+        """Rebuild the buffers: new segment i takes old segment ``segments[i]``'s slots ``indices[i, :counts[i]]``
+        (default: its first ``counts[i]`` slots) and gets capacity ``counts[i] + extra[i]``."""
+        if indices is None:
+            k_max = int(counts.max().item()) if counts.numel() else 0
+            indices = torch.arange(k_max, device=counts.device).expand(counts.numel(), k_max)
+        caps = counts + extra
+        starts, rows = kernels.layout_from_caps(caps)
+        buffers, fills, names = self._buffers()
+        new = kernels.compact(buffers, self.starts[segments], indices, counts, starts, rows, fills)
+        self.keys, self.values, self.positions = new[0], new[1], new[2]
+        self.state = dict(zip(names, new[3:]))
+        self.starts, self.caps, self.lengths = starts, caps, counts.clone()
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor) -> None:
+        """Write new tokens after each segment's filled slots.
+
+        key_states: (B, H_kv, q, d) post-RoPE; value_states: (B, H_kv, q, d_v); positions: (B, q) int64, -1 = padding
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        batch, heads, q, _ = key_states.shape
+        if (batch, heads) != (self.batch_size, self.num_heads):
+            raise ValueError(
+                f"cache holds batch {self.batch_size} x {self.num_heads} KV heads, got keys of shape {tuple(key_states.shape)}"
+            )
+        need = self.lengths + q
+        if bool((need > self.caps).any()):
+            if q == 1:  # decode: geometric growth keeps appends amortised O(1)
+                slack = torch.clamp((need.double() * (self.growth - 1)).ceil().long(), min=self.reserve)
+            else:  # prefill chunk: exact size, compaction follows
+                slack = torch.full_like(need, self.reserve)
+            all_segments = torch.arange(need.numel(), device=need.device)
+            self._relayout(all_segments, self.lengths, extra=need - self.lengths + slack)
+            self.regrow_count += 1
+        segments = batch * heads
+        new_positions = positions[:, None, :].expand(batch, heads, q).reshape(segments, q)
+        new = [
+            key_states.reshape(segments, q, -1),
+            value_states.reshape(segments, q, -1),
+            new_positions,
+        ]
+        buffers, _, names = self._buffers()
+        nan = torch.full((segments, q), float("nan"), device=key_states.device)
+        new += [nan] * len(names)
+        kernels.append(buffers, self.starts, self.lengths, new)
+        self.lengths = need
+
+    def compact(self, indices: torch.Tensor, counts: torch.Tensor, reserve: int | None = None) -> None:
+        """Keep, per (row, head), the slots ``indices[b, h, :counts[b, h]]`` (ascending); free everything else.
+
+        indices: (B, H_kv, K_max) int64; counts: (B, H_kv) int64. New capacity = counts + ``reserve``.
+        """
+        reserve = self.reserve if reserve is None else reserve
+        segments = self.batch_size * self.num_heads
+        flat_counts = counts.reshape(segments).to(self.lengths.device)
+        if bool((flat_counts > self.lengths).any()):
+            raise ValueError("keep plan keeps more slots than a segment holds")
+        self._relayout(
+            torch.arange(segments, device=self.lengths.device),
+            flat_counts,
+            extra=torch.full_like(flat_counts, reserve),
+            indices=indices.reshape(segments, -1).to(self.lengths.device),
+        )
+
+    def dense_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Padded copies for scoring: keys (B, H, T, d), values (B, H, T, d_v), positions (B, H, T) (-1 pad), state.
+
+        T = the longest segment. A copy: used once per scoring forward, never per decode step.
+        """
+        t = self.max_length()
+        batch, heads = self.batch_size, self.num_heads
+        slot = torch.arange(t, device=self.starts.device)
+        valid = slot[None, :] < self.lengths[:, None]  # (S, T)
+        rows = torch.where(valid, self.starts[:, None] + slot[None, :], torch.zeros_like(slot)[None, :])
+        keys = self.keys[rows].reshape(batch, heads, t, -1)
+        values = self.values[rows].reshape(batch, heads, t, -1)
+        positions = torch.where(valid, self.positions[rows], torch.full_like(rows, -1)).reshape(batch, heads, t)
+        state = {
+            name: torch.where(valid, buf[rows], torch.full_like(buf[rows], float("nan"))).reshape(batch, heads, t)
+            for name, buf in self.state.items()
+        }
+        return keys, values, positions, state
+
+    def write_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Store dense per-slot state (B, H, T) back into the flat buffers (new names are allocated)."""
+        t = self.max_length()
+        slot = torch.arange(t, device=self.starts.device)
+        valid = (slot[None, :] < self.lengths[:, None]).reshape(-1)
+        rows = (self.starts[:, None] + slot[None, :]).reshape(-1)[valid]
+        for name, dense in state.items():
+            if name not in self.state:
+                self.state[name] = torch.full((self.keys.shape[0],), float("nan"), device=self.keys.device)
+            self.state[name][rows] = dense.reshape(-1)[valid].float()
+
+
+class CompressedCache(Cache):
+    """A transformers cache with per-(row, KV head) lengths, physically compacted by ``compress()``.
+
+    num_layers: decoder layers; reserve: free slots given to every segment after compaction (decode room);
+    growth: capacity factor when a segment fills up during decoding.
+    """
+
+    def __init__(self, num_layers: int, reserve: int = 64, growth: float = 1.5):
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if reserve < 0:
+            raise ValueError(f"reserve must be >= 0, got {reserve}")
+        if not growth > 1:
+            raise ValueError(f"growth must be > 1, got {growth}")
+        super().__init__(layers=[CompressedLayer(reserve, growth) for _ in range(num_layers)])
+        self.pending_positions: torch.Tensor | None = None
+        self.logical_length = 0
+        self.forwards = 0
+        self.compressions = 0
+
+    def begin_forward(self, positions: torch.Tensor, advance: bool = True) -> None:
+        """Declare the new tokens of the next forward: ``positions`` (B, q) int64, -1 for padding.
+
+        ``advance=False`` for observer tokens that will not stay in the cache (query-aware scoring).
+        """
+        self.pending_positions = positions
+        if advance:
+            self.logical_length += positions.shape[1]
+        self.forwards += 1
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.pending_positions is None:
+            raise RuntimeError("CompressedCache used outside gatekv.compress(): no token positions were declared")
+        self.layers[layer_idx].append(key_states, value_states, self.pending_positions)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Logical tokens processed (pads included), not the physical slots: new positions continue from here."""
+        return self.logical_length
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].max_length() if layer_idx < len(self.layers) else 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def kv_bytes(self) -> int:
+        """Bytes allocated for keys and values over all layers (capacity included)."""
+        return sum(layer.kv_bytes() for layer in self.layers)
+
+    def allocated_bytes(self) -> int:
+        """All bytes held, including positions, scorer state and segment tables."""
+        return sum(layer.allocated_bytes() for layer in self.layers)
+
+    def kept_tokens(self) -> torch.Tensor:
+        """(num_layers, B, H_kv) int64 tokens held per layer, row and KV head."""
+        return torch.stack(
+            [layer.lengths.reshape(layer.batch_size, layer.num_heads).cpu() for layer in self.layers]
+        )
+
+
+def full_cache_kv_bytes(config, batch: int, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of an uncompressed cache for ``tokens`` tokens: layers x 2 x B x H_kv x tokens x d."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = torch.empty(0, dtype=dtype).element_size()
+    return config.num_hidden_layers * 2 * batch * config.num_key_value_heads * tokens * head_dim * element
+

@@ -1,0 +1,531 @@
+"""``compress(model, scorer, allocator, budget, ...)``: KV-cache compression around a model's own ``generate()``.
+
+Inside the context manager every forward that starts a fresh cache gets a :class:`CompressedCache`; that first
+(prefill) forward is scored layer by layer and the cache is physically compacted afterwards (``one_shot``), or
+the prompt is run in chunks with an eviction after each (``chunked``: peak KV <= budget + chunk per head). Later
+forwards append; with ``decode_budget`` they also evict to keep the cache at that size. Everything is undone on
+exit: hooks removed, the model's attention implementation restored.
+
+Typical use::
+
+    with compress(model, "snapkv", "adakv", budget=0.1) as session:
+        out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)
+    print(session.stats.summary())
+
+Query-agnostic use (compress the context before the question is seen)::
+
+    with compress(model, "snapkv", budget=0.1) as session:
+        cache = session.new_cache()
+        model(context_ids, past_key_values=cache)                       # compressed here
+        out = model.generate(torch.cat([context_ids, question_ids], 1), past_key_values=cache)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from gatekv import kernels
+from gatekv.allocators import AllocationInput, Allocator, Budget, get_allocator
+from gatekv.cache import CompressedCache, full_cache_kv_bytes
+from gatekv.models import ModelSpec, capture_layer_inputs, inspect_model
+from gatekv.scorers import LayerContext, Scorer, get_scorer
+
+__all__ = ["ATTENTION_NAME", "CompressionEvent", "CompressionSession", "CompressionStats", "compress"]
+
+ATTENTION_NAME = "gatekv_ragged"
+PREFILL_MODES = ("one_shot", "chunked")
+_SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, CompressionSession]" = weakref.WeakKeyDictionary()
+
+
+def _ragged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention function registered with transformers' AttentionInterface under ``ATTENTION_NAME``.
+
+    query: (B, H_q, q, d) post-RoPE. key/value (the new tokens) are ignored: the session reads the layer's ragged
+    cache. Returns ``((B, q, H_q, d_v), None)``.
+    """
+    session = _SESSIONS.get(module)
+    if session is None:
+        raise RuntimeError(f"attention implementation {ATTENTION_NAME!r} is only usable inside gatekv.compress()")
+    scale = scaling if scaling is not None else module.head_dim**-0.5
+    output = session._attend(module, query, scale, kwargs.get("sliding_window"))
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    if ATTENTION_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION_NAME, _ragged_attention_forward)
+
+
+@dataclass
+class CompressionEvent:
+    """One eviction: after a prefill (``prefill``), a prefill chunk (``chunk``) or a decode step (``decode``)."""
+
+    kind: str
+    kept_tokens: torch.Tensor
+    """(num_layers, B, H_kv) tokens held after the eviction."""
+    kv_bytes_before: int
+    kv_bytes_after: int
+    seconds: float
+    """Allocation + compaction time."""
+    last_position: torch.Tensor
+    """(B,) position of the last token processed before the eviction."""
+    kept_positions: list[torch.Tensor] | None = None
+    """Per layer (B, H_kv, K) positions of the kept tokens (-1 padding); only with ``record=True``."""
+
+
+@dataclass
+class CompressionStats:
+    """What a session did: prompt and budget sizes, every eviction, time spent, bytes held."""
+
+    prompt_tokens: torch.Tensor | None = None
+    """(B,) non-padding tokens of the compressed prompt."""
+    budget_tokens: torch.Tensor | None = None
+    """(B,) tokens per KV head the allocator targeted."""
+    full_kv_bytes: int = 0
+    """Bytes an uncompressed cache would hold for the prompt (same dtype)."""
+    events: list[CompressionEvent] = field(default_factory=list)
+    score_seconds: float = 0.0
+    compact_seconds: float = 0.0
+    noop: bool = False
+    """True when the budget covered the whole prompt and nothing was changed."""
+
+    @property
+    def peak_kv_bytes(self) -> int:
+        """Largest KV allocation seen right before an eviction (the prefill peak)."""
+        return max((e.kv_bytes_before for e in self.events), default=0)
+
+    @property
+    def kept_tokens(self) -> torch.Tensor | None:
+        """(num_layers, B, H_kv) tokens held after the last eviction."""
+        return self.events[-1].kept_tokens if self.events else None
+
+    def summary(self) -> str:
+        if self.noop:
+            return "budget covers the prompt: no compression"
+        if not self.events:
+            return "nothing compressed yet"
+        last = self.events[-1]
+        kept = last.kept_tokens.double()
+        return (
+            f"prompt {self.prompt_tokens.tolist()} tokens, budget {self.budget_tokens.tolist()} per head; "
+            f"kept per head mean {kept.mean():.1f} (min {int(kept.min())}, max {int(kept.max())}); "
+            f"KV {last.kv_bytes_after / 2**20:.2f} MiB vs full {self.full_kv_bytes / 2**20:.2f} MiB "
+            f"({last.kv_bytes_after / max(self.full_kv_bytes, 1):.3f}x); "
+            f"score {self.score_seconds:.3f}s, compact {self.compact_seconds:.3f}s, {len(self.events)} evictions"
+        )
+
+
+def _resolve_budget(value, field_name: str) -> Budget:
+    try:
+        return value if isinstance(value, Budget) else Budget(value)
+    except ValueError as error:
+        raise ValueError(f"{field_name}: {error}") from None
+
+
+class CompressionSession:
+    """State of one ``compress()`` context. Use :func:`compress`; read ``stats`` and ``cache`` afterwards."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        scorer: str | Scorer = "snapkv",
+        allocator: str | Allocator = "uniform",
+        budget: float | int | Budget = 0.1,
+        prefill: str = "one_shot",
+        chunk_size: int = 512,
+        window: int = 32,
+        sinks: int = 4,
+        decode_budget: float | int | None = None,
+        query: torch.Tensor | None = None,
+        reserve: int = 64,
+        record: bool = False,
+    ):
+        self.spec: ModelSpec = inspect_model(model)
+        self.model = model
+        self.scorer = get_scorer(scorer)
+        self.allocator = get_allocator(allocator)
+        self.budget = _resolve_budget(budget, "budget")
+        if prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill must be one of {list(PREFILL_MODES)}, got {prefill!r}")
+        for name, value, low in (("chunk_size", chunk_size, 1), ("window", window, 0), ("sinks", sinks, 0), ("reserve", reserve, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if not self.budget.is_ratio and self.budget.value < sinks + window:
+            raise ValueError(
+                f"budget {self.budget.value} tokens is smaller than sinks + window = {sinks} + {window}: "
+                "the protected tokens alone exceed it"
+            )
+        self.decode_budget = None if decode_budget is None else _resolve_budget(decode_budget, "decode_budget")
+        if self.decode_budget is not None and not self.decode_budget.is_ratio and self.decode_budget.value < sinks + window:
+            raise ValueError(f"decode_budget {self.decode_budget.value} is smaller than sinks + window = {sinks + window}")
+        if query is not None:
+            query = torch.as_tensor(query)
+            if query.dtype not in (torch.int32, torch.int64) or query.dim() not in (1, 2) or query.shape[-1] == 0:
+                raise ValueError(f"query must be token ids of shape (q,) or (B, q) with q >= 1, got {tuple(query.shape)} {query.dtype}")
+        self.query = query
+        self.prefill, self.chunk_size, self.window, self.sinks = prefill, chunk_size, window, sinks
+        self.reserve, self.record = reserve, record
+        self.stats = CompressionStats()
+        self.cache: CompressedCache | None = None
+        self._handles: list = []
+        self._captured: list[dict] = [{} for _ in range(self.spec.num_layers)]
+        self._original_impl: str | None = None
+        self._scoring = False
+        self._observer_from: torch.Tensor | None = None
+        self._scores: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._budget_rows: torch.Tensor | None = None
+        self._decode_rows: torch.Tensor | None = None
+        self._row_start: torch.Tensor | None = None
+        self._last_position: torch.Tensor | None = None
+        self._query_rows: torch.Tensor | None = None
+        self._phase = "prefill"
+
+    # -- public ---------------------------------------------------------------------------------------------------
+    def new_cache(self) -> CompressedCache:
+        """A fresh cache for this model; pass it as ``past_key_values`` (generate creates one automatically)."""
+        self.cache = CompressedCache(self.spec.num_layers, reserve=self.reserve)
+        return self.cache
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+    def _enter(self) -> None:
+        for module in self.spec.attention_modules:
+            if module in _SESSIONS:
+                raise RuntimeError("this model is already inside a gatekv.compress() context")
+        _register_attention()
+        self._original_impl = self.model.config._attn_implementation
+        self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._after_forward, with_kwargs=True))
+        hidden = "hidden_states" in self.scorer.needs
+        pre_rope = "pre_rope" in self.scorer.needs
+        if hidden or pre_rope:
+            for layer in range(self.spec.num_layers):
+                self._handles += capture_layer_inputs(self.spec, layer, self._captured[layer], hidden, pre_rope)
+        for module in self.spec.attention_modules:
+            _SESSIONS[module] = self
+
+    def _exit(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self.spec.attention_modules:
+            _SESSIONS.pop(module, None)
+        self._set_impl(self._original_impl)
+        self._scoring = False
+        self._scores.clear()
+
+    def _set_impl(self, name: str | None) -> None:
+        if name is not None and self.model.config._attn_implementation != name:
+            self.model.set_attn_implementation(name)
+
+    # -- forward hooks --------------------------------------------------------------------------------------------
+    def _before_forward(self, model, args, kwargs):
+        if args:  # generate passes keywords; a positional input_ids is moved into kwargs
+            kwargs = {**kwargs, "input_ids": args[0]}
+            args = ()
+        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if tokens is None:
+            raise ValueError("gatekv.compress: forward called without input_ids or inputs_embeds")
+        batch, q = tokens.shape[:2]
+        cache = kwargs.get("past_key_values")
+        mask = self._check_mask(kwargs.get("attention_mask"), batch, q)
+        if not isinstance(cache, CompressedCache):
+            fresh = cache is None or cache.get_seq_length() == 0
+            if not fresh or kwargs.get("use_cache") is False:
+                self._set_impl(self._original_impl)  # not ours: plain forward
+                return args, kwargs
+            if q == 0:
+                raise ValueError("gatekv.compress: empty prompt (0 tokens)")
+            lengths = self._row_lengths(mask, batch, q, tokens.device)
+            if self._is_noop(lengths):
+                self.stats.noop = True
+                self._set_impl(self._original_impl)
+                return args, kwargs
+            cache = self.new_cache()
+            kwargs["past_key_values"] = cache
+            kwargs["use_cache"] = True
+        self.cache = cache
+        self._set_impl(ATTENTION_NAME)
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            if mask is not None:
+                positions = (mask.long().cumsum(-1) - 1)[:, -q:].clamp(min=0)
+            else:
+                positions = torch.arange(q, device=tokens.device)[None] + cache.logical_length
+            positions = positions.expand(batch, q)
+            kwargs["position_ids"] = positions
+        positions = positions.expand(batch, q).long()
+        valid = mask[:, -q:].bool() if mask is not None else torch.ones(batch, q, dtype=torch.bool, device=tokens.device)
+        token_positions = torch.where(valid, positions, torch.full_like(positions, -1))
+
+        if cache.forwards == 0:  # the prefill: this forward's tokens are the prompt to compress
+            if q == 0:
+                raise ValueError("gatekv.compress: empty prompt (0 tokens)")
+            self._start_prompt(valid, token_positions, tokens)
+            if self.prefill == "chunked" and q > self.chunk_size:
+                kwargs = self._run_leading_chunks(cache, kwargs, mask, positions, token_positions)
+                q = kwargs["input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"].shape[1]
+                token_positions = token_positions[:, -q:]
+            self._phase = "prefill"
+            self._scoring = self.query is None
+        else:
+            self._phase = "decode"
+            self._scoring = self._decode_rows is not None and cache.layers[0].max_length() + q > int(
+                self._decode_rows.min()
+            )
+        self._declare(cache, token_positions)
+        return args, kwargs
+
+    def _after_forward(self, model, args, kwargs, output):
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, CompressedCache):
+            return output
+        if self._phase == "prefill" and cache.compressions == 0:
+            self._finish_step(cache, "prefill")
+        elif self._scoring:
+            self._finish_step(cache, "decode")
+        return output
+
+    # -- prompt handling --------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_mask(mask, batch: int, q: int):
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"attention_mask must be a 2-D (batch, length) padding mask, got {shape}")
+        if mask.shape[0] != batch or mask.shape[1] < q:
+            raise ValueError(
+                f"attention_mask shape {tuple(mask.shape)} does not match the input: expected ({batch}, >= {q})"
+            )
+        return mask
+
+    @staticmethod
+    def _row_lengths(mask, batch: int, q: int, device) -> torch.Tensor:
+        if mask is None:
+            return torch.full((batch,), q, dtype=torch.long, device=device)
+        return mask[:, -q:].long().sum(-1)
+
+    def _is_noop(self, lengths: torch.Tensor) -> bool:
+        if self.decode_budget is not None or self.query is not None:
+            return False
+        return bool((self.budget.tokens(lengths) >= lengths).all())
+
+    def _start_prompt(self, valid: torch.Tensor, token_positions: torch.Tensor, tokens: torch.Tensor) -> None:
+        lengths = valid.long().sum(-1)
+        empty = (lengths == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"gatekv.compress: batch row(s) {empty} are all padding")
+        budget_rows = self.budget.tokens(lengths)
+        short = ((budget_rows < lengths) & (budget_rows < self.sinks + self.window)).nonzero().flatten().tolist()
+        if short:
+            raise ValueError(
+                f"budget {self.budget.value} gives {budget_rows[short].tolist()} tokens for row(s) {short}, fewer "
+                f"than sinks + window = {self.sinks + self.window}"
+            )
+        self._budget_rows = budget_rows
+        if self.decode_budget is None:
+            self._decode_rows = None
+        elif self.decode_budget.is_ratio:
+            self._decode_rows = self.decode_budget.tokens(lengths)
+        else:
+            self._decode_rows = torch.full_like(lengths, int(self.decode_budget.value))
+        self._last_position = torch.full_like(lengths, -1)
+        big = torch.iinfo(torch.long).max
+        self._row_start = torch.where(token_positions >= 0, token_positions, torch.full_like(token_positions, big)).min(-1).values
+        dtype = tokens.dtype if tokens.is_floating_point() else self.model.get_input_embeddings().weight.dtype
+        self.stats = CompressionStats(
+            prompt_tokens=lengths.cpu(),
+            budget_tokens=budget_rows.cpu(),
+            full_kv_bytes=full_cache_kv_bytes(self.model.config, valid.shape[0], valid.shape[1], dtype),
+        )
+        if self.query is not None:
+            query = self.query if self.query.dim() == 2 else self.query[None].expand(valid.shape[0], -1)
+            if query.shape[0] != valid.shape[0]:
+                raise ValueError(f"query has {query.shape[0]} rows but the batch has {valid.shape[0]}")
+            self._query_rows = query.to(valid.device)
+
+    def _run_leading_chunks(self, cache, kwargs, mask, positions, token_positions):
+        """Run every chunk but the last through the decoder, evicting after each; return kwargs for the last."""
+        key = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"
+        tokens = kwargs[key]
+        q = tokens.shape[1]
+        past = 0 if mask is None else mask.shape[1] - q
+        last_start = ((q - 1) // self.chunk_size) * self.chunk_size
+        decoder = self.model.get_decoder()
+        for start in range(0, last_start, self.chunk_size):
+            end = start + self.chunk_size
+            self._declare(cache, token_positions[:, start:end])
+            self._scoring = self.query is None
+            decoder(
+                **{key: tokens[:, start:end]},
+                attention_mask=None if mask is None else mask[:, : past + end],
+                position_ids=positions[:, start:end],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            self._finish_step(cache, "chunk")
+        kwargs = dict(kwargs)
+        kwargs[key] = tokens[:, last_start:]
+        kwargs["position_ids"] = positions[:, last_start:]
+        return kwargs
+
+    def _declare(self, cache: CompressedCache, token_positions: torch.Tensor) -> None:
+        """Tell the cache the next forward's token positions (B, q) and track each row's last position."""
+        cache.begin_forward(token_positions)
+        if self._last_position is not None:
+            self._last_position = torch.maximum(self._last_position, token_positions.amax(-1).to(self._last_position.device))
+
+    def _finish_step(self, cache: CompressedCache, kind: str) -> None:
+        """After a forward: observe the query (query-aware), then allocate and compact every layer."""
+        if kind != "decode" and self.query is not None:
+            self._observe_query(cache)
+        if not self._scores:
+            self._scoring = False
+            return
+        start = time.perf_counter()
+        layers = range(self.spec.num_layers)
+        budget = self._decode_rows if kind == "decode" else self._budget_rows
+        inputs = AllocationInput(
+            scores=[self._scores[l][0] for l in layers],
+            protected=[self._scores[l][1] for l in layers],
+            budget=budget.to(self._scores[0][0].device),
+            window=self.window,
+        )
+        plan = self.allocator.allocate(inputs)
+        before = cache.kv_bytes()
+        for l in layers:
+            cache.layers[l].compact(plan.indices[l], plan.counts[l], self.reserve)
+        cache.compressions += 1
+        seconds = time.perf_counter() - start
+        self.stats.compact_seconds += seconds
+        kept_positions = None
+        if self.record:
+            kept_positions = [cache.layers[l].dense_view()[2].cpu() for l in layers]
+        self.stats.events.append(
+            CompressionEvent(
+                kind, cache.kept_tokens(), before, cache.kv_bytes(), seconds, self._last_position.cpu(), kept_positions
+            )
+        )
+        self._scores.clear()
+        self._scoring = False
+
+    def _observe_query(self, cache: CompressedCache) -> None:
+        """Query-aware scoring: run the query tokens as observers (their KV is dropped by the compaction)."""
+        last = self._last_position  # (B,)
+        q = self._query_rows.shape[1]
+        obs_positions = last[:, None] + 1 + torch.arange(q, device=last.device)[None]
+        self._observer_from = last + 1
+        cache.begin_forward(obs_positions, advance=False)
+        self._scoring = True
+        try:
+            self.model.get_decoder()(
+                input_ids=self._query_rows, position_ids=obs_positions, past_key_values=cache, use_cache=True
+            )
+        finally:
+            self._observer_from = None
+
+    # -- attention and scoring ------------------------------------------------------------------------------------
+    def _attend(self, module, query: torch.Tensor, scale: float, sliding_window) -> torch.Tensor:
+        cache = self.cache
+        layer_idx = module.layer_idx
+        layer = cache.layers[layer_idx]
+        query_positions = cache.pending_positions
+        output = kernels.ragged_attention(
+            query, query_positions, layer.keys, layer.values, layer.positions, layer.starts, layer.lengths, scale,
+            sliding_window,
+        )
+        if self._scoring:
+            start = time.perf_counter()
+            self._score_layer(module, layer_idx, query, query_positions, scale)
+            self.stats.score_seconds += time.perf_counter() - start
+        return output
+
+    def _score_layer(self, module, layer_idx: int, query, query_positions, scale: float) -> None:
+        cache = self.cache
+        layer = cache.layers[layer_idx]
+        keys, values, positions, state = layer.dense_view()
+        batch, heads = layer.batch_size, layer.num_heads
+        q = query.shape[2]
+        candidates = positions >= 0
+        if self._observer_from is not None:
+            candidates &= positions < self._observer_from[:, None, None]
+        captured = self._captured[layer_idx]
+        ctx = LayerContext(
+            layer_idx=layer_idx,
+            num_layers=self.spec.num_layers,
+            module=module,
+            keys=keys,
+            values=values,
+            positions=positions,
+            candidates=candidates,
+            queries=query,
+            query_positions=query_positions,
+            new_slots=(layer.lengths - q).reshape(batch, heads),
+            scale=scale,
+            window_size=q if self._observer_from is not None else max(self.window, 1),
+            hidden_states=captured.get("hidden_states"),
+            pre_rope_queries=captured.get("pre_rope_queries"),
+            pre_rope_keys=captured.get("pre_rope_keys"),
+            pre_rope_values=captured.get("pre_rope_values"),
+            state=state,
+        )
+        scores = self.scorer.score(ctx).float()
+        if scores.shape != positions.shape:
+            raise ValueError(f"scorer {self.scorer!r} returned shape {tuple(scores.shape)}, expected {tuple(positions.shape)}")
+        scores = scores.masked_fill(~candidates, float("-inf"))
+        last = torch.where(candidates, positions, torch.full_like(positions, -1)).amax(-1, keepdim=True)
+        row_start = self._row_start.to(positions.device)[:, None, None]
+        protected = candidates & ((positions - row_start < self.sinks) | (positions > last - self.window))
+        self._scores[layer_idx] = (scores, protected)
+        names = [n for n in self.scorer.state_names if n in ctx.state]
+        if names:
+            layer.write_state({n: ctx.state[n] for n in names})
+        captured.clear()
+
+
+@contextlib.contextmanager
+def compress(
+    model: torch.nn.Module,
+    scorer: str | Scorer = "snapkv",
+    allocator: str | Allocator = "uniform",
+    budget: float | int | Budget = 0.1,
+    prefill: str = "one_shot",
+    chunk_size: int = 512,
+    window: int = 32,
+    sinks: int = 4,
+    decode_budget: float | int | None = None,
+    query: torch.Tensor | None = None,
+    reserve: int = 64,
+    record: bool = False,
+) -> Iterator[CompressionSession]:
+    """Compress the KV cache of every generation/forward run inside the block.
+
+    model:          a supported causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3 families)
+    scorer:         scorer name (``gatekv.scorers.available_scorers()``) or instance
+    allocator:      allocator name (``uniform``, ``adakv``, ``pyramid``) or instance
+    budget:         tokens kept per KV head: a ratio of the prompt (float in (0, 1]) or a count (int); protected
+                    tokens included. A budget covering the whole prompt is a no-op (the model runs untouched).
+    prefill:        ``one_shot`` (full prefill, then compact) or ``chunked`` (evict after each ``chunk_size`` tokens)
+    window, sinks:  recent tokens and first tokens that are always kept; ``window`` is also the observation window
+    decode_budget:  keep the cache at this size while generating (ratio of the prompt or a count); None = grow
+    query:          token ids (q,) or (B, q): query-aware scoring with these tokens as the observation window
+                    (they are not kept); None = the prompt's own last tokens observe
+    reserve:        free slots per (row, head) after compaction, so decoding appends without copying
+    record:         keep the kept positions of every eviction in ``stats.events`` (tests, analysis)
+    """
+    session = CompressionSession(
+        model, scorer, allocator, budget, prefill, chunk_size, window, sinks, decode_budget, query, reserve, record
+    )
+    session._enter()
+    try:
+        yield session
+    finally:
+        session._exit()

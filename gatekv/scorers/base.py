@@ -1,0 +1,171 @@
+"""The Scorer interface: one importance score per cached token and KV head, higher = keep.
+
+A scorer sees one layer at a time through a :class:`LayerContext` and returns ``(B, H_kv, T)`` float32 scores for
+every slot of that layer's cache (old kept tokens and the tokens of the current forward). The session masks
+non-candidate slots (padding, observer queries) and protected tokens (sinks, recent window) itself, so a scorer
+only ranks. Trained modules (retaining heads, gates) are scorers too: they read ``pre_rope_*`` or
+``hidden_states`` of the new tokens and keep their per-token scores in ``state``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+
+from gatekv.kernels import window_attention as _window_attention
+
+__all__ = ["LayerContext", "Scorer", "available_scorers", "get_scorer", "register_scorer"]
+
+
+@dataclass
+class LayerContext:
+    """Everything a scorer may read about one layer during a scoring forward.
+
+    Slot axis ``T``: the layer's cache after the new tokens were appended, padded per (row, KV head). Slot ``t`` of
+    head ``h`` in row ``b`` holds the token at position ``positions[b, h, t]`` (``-1``: no token).
+    New-token axis ``q``: the tokens of the current forward (in query-aware mode: the observer query tokens).
+    """
+
+    layer_idx: int
+    """Index of the decoder layer."""
+    num_layers: int
+    """Number of decoder layers of the model."""
+    module: torch.nn.Module
+    """The layer's attention module (e.g. ``LlamaAttention``)."""
+    keys: torch.Tensor
+    """(B, H_kv, T, d) post-RoPE keys of every slot (as attention sees them)."""
+    values: torch.Tensor
+    """(B, H_kv, T, d_v) values of every slot."""
+    positions: torch.Tensor
+    """(B, H_kv, T) int64 original RoPE position of every slot, -1 = no token."""
+    candidates: torch.Tensor
+    """(B, H_kv, T) bool: slots that may be kept (real context tokens; not padding, not observer queries)."""
+    queries: torch.Tensor
+    """(B, H_q, q, d) post-RoPE queries of the new tokens."""
+    query_positions: torch.Tensor
+    """(B, q) int64 positions of the new tokens, -1 for padding."""
+    new_slots: torch.Tensor
+    """(B, H_kv) int64 slot of the first new token of each head (new token i sits at ``new_slots + i``)."""
+    scale: float
+    """Softmax scale of the attention (usually ``d ** -0.5``)."""
+    window_size: int
+    """Observation window ``w``: the last ``w`` new queries are the window queries."""
+    hidden_states: torch.Tensor | None = None
+    """(B, q, D) input of the attention block for the new tokens (after the input norm); set if requested."""
+    pre_rope_queries: torch.Tensor | None = None
+    """(B, H_q, q, d) queries before RoPE (after q-norm for Qwen3); set if requested."""
+    pre_rope_keys: torch.Tensor | None = None
+    """(B, H_kv, q, d) keys before RoPE (after k-norm for Qwen3); set if requested."""
+    pre_rope_values: torch.Tensor | None = None
+    """(B, H_kv, q, d_v) values of the new tokens; set if requested."""
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per-slot scorer state, each (B, H_kv, T) float32 (NaN for slots never scored). Scorers may replace
+    entries; the session stores them back with the cache (they follow compaction)."""
+    _window_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA group size)."""
+        return self.queries.shape[1] // self.keys.shape[1]
+
+    def window_queries(self, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last ``window`` new queries ``(B, H_q, w, d)`` and their positions ``(B, w)`` (-1 = padding)."""
+        w = min(self.window_size if window is None else window, self.queries.shape[2])
+        return self.queries[:, :, -w:], self.query_positions[:, -w:]
+
+    def window_attention(self, window: int | None = None) -> torch.Tensor:
+        """Softmax attention of the window queries over every slot: ``(B, H_q, w, T)`` float32.
+
+        Causal by position; padding queries give all-zero rows. Computed once per window size and reused.
+        """
+        w = min(self.window_size if window is None else window, self.queries.shape[2])
+        if w not in self._window_cache:
+            queries, query_positions = self.window_queries(w)
+            self._window_cache[w] = _window_attention(queries, query_positions, self.keys, self.positions, self.scale)
+        return self._window_cache[w]
+
+    def new_token_scores(self, new_scores: torch.Tensor, name: str) -> torch.Tensor:
+        """Store per-token scores of the new tokens in ``state[name]`` and return the full slot scores.
+
+        new_scores: (B, H_kv, q) scores computed once when a token enters (Locret style)
+        returns:    (B, H_kv, T) scores of every slot (old slots keep the score they got when they entered)
+        """
+        batch, heads, t = self.positions.shape
+        stored = self.state.get(name)
+        if stored is None:
+            stored = torch.full((batch, heads, t), float("nan"), device=self.keys.device)
+        stored = stored.clone()
+        q = new_scores.shape[-1]
+        slots = self.new_slots[:, :, None] + torch.arange(q, device=stored.device)
+        stored.scatter_(2, slots.clamp(max=t - 1), new_scores.float())
+        self.state[name] = stored
+        return stored
+
+
+class Scorer:
+    """Base class: implement :meth:`score`; set ``needs`` to ask for optional context fields.
+
+    ``needs`` may contain ``"hidden_states"`` and ``"pre_rope"`` (pre-RoPE q/k/v of the new tokens);
+    ``state_names`` lists the per-slot state entries the scorer keeps across forwards.
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    state_names: ClassVar[tuple[str, ...]] = ()
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        """Return ``(B, H_kv, T)`` float32 importance of every slot of ``ctx``; higher = keep."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+
+_REGISTRY: dict[str, Callable[..., Scorer]] = {}
+
+
+def register_scorer(name: str) -> Callable[[type], type]:
+    """Class decorator: make a scorer available by ``name`` (``get_scorer(name, **kwargs)``)."""
+
+    def decorate(cls: type) -> type:
+        if name in _REGISTRY:
+            raise ValueError(f"scorer name {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_scorers() -> list[str]:
+    """Names of the registered scorers, sorted."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_scorer(name_or_scorer: str | Scorer, **kwargs) -> Scorer:
+    """A scorer instance from its registered name (or the instance itself)."""
+    if isinstance(name_or_scorer, Scorer):
+        if kwargs:
+            raise ValueError(f"scorer options {sorted(kwargs)} given together with a scorer instance")
+        return name_or_scorer
+    _load_builtin()
+    if name_or_scorer not in _REGISTRY:
+        raise ValueError(f"unknown scorer {name_or_scorer!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name_or_scorer](**kwargs)
+
+
+def _load_builtin() -> None:
+    # Importing the package registers the built-in scorers (one file each).
+    import gatekv.scorers  # noqa: F401
