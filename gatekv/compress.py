@@ -287,8 +287,9 @@ class CompressionSession:
         cache = kwargs.get("past_key_values")
         if not isinstance(cache, CompressedCache):
             return output
-        if self._phase == "prefill" and cache.compressions == 0:
+        if self._phase == "prefill":
             self._finish_step(cache, "prefill")
+            self._phase = "decode"
         elif self._scoring:
             self._finish_step(cache, "decode")
         return output
@@ -358,10 +359,12 @@ class CompressionSession:
         tokens = kwargs[key]
         q = tokens.shape[1]
         past = 0 if mask is None else mask.shape[1] - q
-        last_start = ((q - 1) // self.chunk_size) * self.chunk_size
+        # Chunks are aligned to the end of the prompt: rows are left-padded, so every row then sees the same
+        # chunk boundaries relative to its own tokens as it would alone (batch rows stay independent).
+        last_start = q - self.chunk_size
+        boundaries = list(range(last_start, 0, -self.chunk_size))[::-1]
         decoder = self.model.get_decoder()
-        for start in range(0, last_start, self.chunk_size):
-            end = start + self.chunk_size
+        for start, end in zip([0] + boundaries[:-1], boundaries):
             self._declare(cache, token_positions[:, start:end])
             self._scoring = self.query is None
             decoder(
