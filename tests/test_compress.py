@@ -235,7 +235,7 @@ def test_exit_after_error_restores_model(models):
     model = models["llama"]
     impl = model.config._attn_implementation
     with pytest.raises(RuntimeError, match="boom"):
-        with compress(model, "snapkv", budget=0.2):
+        with compress(model, "snapkv", budget=0.2, window=4):
             model(torch.randint(3, 100, (1, 80)))
             raise RuntimeError("boom")
     assert model.config._attn_implementation == impl

@@ -72,11 +72,12 @@ class KeepPlan:
     def kept_mask(self, layer: int, num_slots: int) -> torch.Tensor:
         """(B, H_kv, num_slots) bool: True where the slot is kept in ``layer``."""
         indices, counts = self.indices[layer], self.counts[layer]
-        mask = torch.zeros(*counts.shape, num_slots, dtype=torch.bool, device=counts.device)
+        # padding entries go to an extra slot that is cut off, so they never overwrite a kept slot
+        mask = torch.zeros(*counts.shape, num_slots + 1, dtype=torch.bool, device=counts.device)
         rank = torch.arange(indices.shape[-1], device=counts.device)
         valid = rank < counts[..., None]
-        mask.scatter_(2, torch.where(valid, indices, torch.zeros_like(indices)), valid)
-        return mask
+        mask.scatter_(2, torch.where(valid, indices, torch.full_like(indices, num_slots)), True)
+        return mask[..., :num_slots]
 
     def total_kept(self) -> int:
         return int(sum(c.sum().item() for c in self.counts))
