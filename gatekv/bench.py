@@ -1,0 +1,290 @@
+"""Decode benchmark: full cache vs compressed caches, measured the same way in the same process.
+
+For one prompt of ``length`` tokens, every setting (the full cache first, then each scorer x allocator x budget)
+runs the same steps, driving the model's forward by hand with its cache:
+
+1. prefill: one forward over the prompt (``logits_to_keep=1``); for a compressed setting this includes scoring
+   and compaction, since ``compress()`` compacts inside that forward's hooks;
+2. ``warmup`` decode steps, not timed; then ``steps`` single-token forwards (greedy next token), each timed alone
+   with the device synchronized before and after; the median is reported;
+3. KV bytes: keys + values allocated by the cache right after the prefill (capacity included for the compressed
+   cache: its growth room is real memory) and after the last step.
+
+The full cache is transformers' ``DynamicCache`` with the model's default attention (SDPA); a compressed cache is
+gatekv's ``CompressedCache`` with its ragged attention. Devices: ``cpu`` (SmolLM2-135M-Instruct, float32) or
+``cuda`` (a randomly initialised model of Llama-3.1-8B's shape in bfloat16: 32 layers, 32 query heads, 8 KV heads,
+head dim 128; random weights time the same as trained ones).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "DecodeResult",
+    "LLAMA31_8B_SHAPE",
+    "bench_decode",
+    "format_decode_table",
+    "random_llama",
+    "run_decode_benchmark",
+]
+
+LLAMA31_8B_SHAPE = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+"""Shape of Llama-3.1-8B (RoPE scaling left out: it changes no timing)."""
+
+
+@dataclass
+class DecodeResult:
+    """Measurements of one setting."""
+
+    label: str
+    """``full`` or ``scorer+allocator@budget``."""
+    prompt_tokens: int
+    prefill_seconds: float
+    """Wall time of the prefill forward (scoring and compaction included)."""
+    decode_ms: float
+    """Median wall time of one single-token decode forward, in milliseconds."""
+    decode_ms_all: list[float] = field(default_factory=list)
+    """Every timed decode step, in milliseconds."""
+    kv_bytes: int = 0
+    """KV bytes allocated right after the prefill."""
+    kv_bytes_end: int = 0
+    """KV bytes allocated after the last decode step."""
+    kept_per_head: float | None = None
+    """Mean tokens kept per (layer, KV head) after the prefill (compressed settings)."""
+    tokens: list[int] = field(default_factory=list)
+    """Greedy tokens produced by the decode steps (warm-up included)."""
+
+
+def random_llama(
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    num_layers: int | None = None,
+    seed: int = 0,
+    **overrides,
+) -> torch.nn.Module:
+    """A ``LlamaForCausalLM`` of Llama-3.1-8B's shape with random weights, built directly on ``device``.
+
+    num_layers: fewer layers than 32 (quick runs); overrides: any other ``LlamaConfig`` field.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    shape = dict(LLAMA31_8B_SHAPE, **overrides)
+    if num_layers is not None:
+        shape["num_hidden_layers"] = num_layers
+    config = LlamaConfig(**shape)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _dynamic_cache_bytes(cache) -> int:
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _cache_bytes(cache) -> int:
+    from gatekv.cache import CompressedCache
+
+    return cache.kv_bytes() if isinstance(cache, CompressedCache) else _dynamic_cache_bytes(cache)
+
+
+def _drive(model, input_ids: torch.Tensor, cache, steps: int, warmup: int) -> tuple[float, list[float], list[int], int, int]:
+    """Prefill then ``warmup + steps`` greedy single-token forwards on ``cache``.
+
+    Returns (prefill seconds, decode step milliseconds of the timed steps, tokens, KV bytes after prefill, at end).
+    """
+    device = input_ids.device
+    _sync(device)
+    start = time.perf_counter()
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    _sync(device)
+    prefill = time.perf_counter() - start
+    bytes_after_prefill = _cache_bytes(cache)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    tokens, times = [], []
+    for step in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        if step >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+        tokens.append(int(token[0, 0]))
+    return prefill, times, tokens, bytes_after_prefill, _cache_bytes(cache)
+
+
+def run_decode_benchmark(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    budgets: tuple[float | int, ...] = (0.1,),
+    scorers: tuple[str, ...] = ("snapkv",),
+    allocators: tuple[str, ...] = ("uniform", "adakv"),
+    steps: int = 32,
+    warmup: int = 2,
+    window: int = 32,
+    sinks: int = 4,
+    log=None,
+) -> list[DecodeResult]:
+    """Measure the full cache, then every ``scorer x allocator x budget``, on the same prompt.
+
+    input_ids: (1, T) prompt on the model's device
+    budgets:   kept tokens per KV head: ratios of the prompt (float) or counts (int)
+    log:       optional callable receiving one line per finished setting (progress)
+    returns:   one :class:`DecodeResult` per setting, the full cache first
+    """
+    from transformers import DynamicCache
+
+    from gatekv.compress import compress
+
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must have shape (1, T), got {tuple(input_ids.shape)}")
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    prompt_tokens = input_ids.shape[1]
+    results = []
+    with torch.no_grad():
+        # untimed: first-call costs (allocator warm-up, kernel selection) must not land on the first setting
+        model(input_ids=input_ids[:, : min(prompt_tokens, 64)], use_cache=False)
+
+        cache = DynamicCache(config=model.config)
+        prefill, times, tokens, kv, kv_end = _drive(model, input_ids, cache, steps, warmup)
+        results.append(
+            DecodeResult("full", prompt_tokens, prefill, statistics.median(times), times, kv, kv_end, None, tokens)
+        )
+        del cache
+        if log:
+            log(_progress_line(results[-1]))
+
+        for budget in budgets:
+            for scorer in scorers:
+                for allocator in allocators:
+                    with compress(model, scorer, allocator, budget=budget, window=window, sinks=sinks) as session:
+                        cache = session.new_cache()
+                        prefill, times, tokens, kv, kv_end = _drive(model, input_ids, cache, steps, warmup)
+                    kept = session.stats.kept_tokens
+                    results.append(
+                        DecodeResult(
+                            f"{scorer}+{allocator}@{budget}",
+                            prompt_tokens,
+                            prefill,
+                            statistics.median(times),
+                            times,
+                            kv,
+                            kv_end,
+                            None if kept is None else float(kept.double().mean()),
+                            tokens,
+                        )
+                    )
+                    del cache, session
+                    if log:
+                        log(_progress_line(results[-1]))
+    return results
+
+
+def _progress_line(result: DecodeResult) -> str:
+    return f"  {result.label}: prefill {result.prefill_seconds:.2f} s, decode {result.decode_ms:.2f} ms/token"
+
+
+def format_decode_table(results: list[DecodeResult], header: str = "") -> str:
+    """A text table of ``results``, with ratios against the first (full cache) row."""
+    full = results[0]
+    lines = [header] if header else []
+    columns = f"{'setting':<28} {'kept/head':>9} {'prefill s':>9} {'x full':>7} {'decode ms':>9} {'x full':>7} {'KV MiB':>9} {'x full':>7} {'KV end MiB':>10}"
+    lines += [columns, "-" * len(columns)]
+    for r in results:
+        kept = "all" if r.kept_per_head is None else f"{r.kept_per_head:.1f}"
+        lines.append(
+            f"{r.label:<28} {kept:>9} {r.prefill_seconds:>9.2f} {r.prefill_seconds / full.prefill_seconds:>7.2f} "
+            f"{r.decode_ms:>9.2f} {r.decode_ms / full.decode_ms:>7.2f} {r.kv_bytes / 2**20:>9.1f} "
+            f"{r.kv_bytes / full.kv_bytes:>7.3f} {r.kv_bytes_end / 2**20:>10.1f}"
+        )
+    return "\n".join(lines)
+
+
+def bench_decode(
+    length: int = 8192,
+    budgets: tuple[float | int, ...] = (0.1,),
+    steps: int = 32,
+    device: str = "cpu",
+    model_name: str | None = None,
+    scorers: tuple[str, ...] = ("snapkv",),
+    allocators: tuple[str, ...] = ("uniform", "adakv"),
+    num_layers: int | None = None,
+    warmup: int = 2,
+    threads: int | None = None,
+    seed: int = 0,
+    print_fn=print,
+) -> list[DecodeResult]:
+    """Build the model and prompt for ``device``, run :func:`run_decode_benchmark` and print the table.
+
+    model_name: ``smollm2`` (default on CPU: a needle prompt of ``length`` tokens) or ``llama8b-random`` (default on
+                CUDA: random token ids); num_layers: only for ``llama8b-random``; threads: CPU threads for torch.
+    """
+    target = torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model_name = model_name or ("llama8b-random" if target.type == "cuda" else "smollm2")
+    if model_name == "smollm2":
+        if num_layers is not None:
+            raise ValueError("num_layers only applies to the llama8b-random model")
+        from gatekv.eval.needle import needle_prompt
+        from gatekv.smollm2 import load_smollm2
+
+        dtype = torch.float32 if target.type == "cpu" else torch.bfloat16
+        model, tokenizer = load_smollm2(dtype=dtype, device=target)
+        input_ids = needle_prompt(tokenizer, length, seed).prompt_ids.to(target)
+        description = f"SmolLM2-135M-Instruct ({dtype}), needle prompt"
+    elif model_name == "llama8b-random":
+        dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
+        model = random_llama(target, dtype, num_layers=num_layers, seed=seed)
+        generator = torch.Generator().manual_seed(seed)
+        input_ids = torch.randint(0, model.config.vocab_size, (1, length), generator=generator).to(target)
+        layers = model.config.num_hidden_layers
+        description = f"random Llama-3.1-8B shape, {layers} layers ({dtype}), random tokens"
+    else:
+        raise ValueError(f"model_name must be 'smollm2' or 'llama8b-random', got {model_name!r}")
+
+    if target.type == "cuda":
+        device_name = torch.cuda.get_device_name(target)
+    else:
+        device_name = f"CPU, {torch.get_num_threads()} threads"
+    header = (
+        f"decode benchmark: {description}; prompt {input_ids.shape[1]} tokens; {steps} timed steps (median) after "
+        f"{warmup} warm-up; device: {device_name}; torch {torch.__version__}"
+    )
+    print_fn(header)
+    results = run_decode_benchmark(
+        model, input_ids, tuple(budgets), tuple(scorers), tuple(allocators), steps, warmup, log=print_fn
+    )
+    print_fn(format_decode_table(results))
+    return results

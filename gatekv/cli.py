@@ -1,0 +1,142 @@
+"""``gatekv`` command line: parses arguments and calls library functions (everything is reachable from Python).
+
+    gatekv bench decode --length 8192 --budget 0.1 --steps 32 --device cpu
+    gatekv generate --scorer snapkv --budget 0.1 --prompt-file doc.txt --question "Who ...?" --max-new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["build_parser", "main"]
+
+
+def _budget(text: str) -> float | int:
+    """A budget: a ratio of the prompt if it contains '.' (0.1), else a token count (512)."""
+    try:
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be a ratio like 0.1 or a token count like 512, got {text!r}")
+    from gatekv.allocators import Budget
+
+    try:
+        Budget(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gatekv", description="KV-cache compression for Hugging Face models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    decode = bench_kinds.add_parser(
+        "decode",
+        help="prefill time, decode ms/token and KV bytes: full cache vs compressed caches",
+        description="Measures the full cache and every scorer x allocator x budget on the same prompt, in one process.",
+    )
+    decode.add_argument("--length", type=int, default=8192, help="prompt length in tokens (default 8192)")
+    decode.add_argument(
+        "--budget", type=_budget, nargs="+", default=[0.1], help="kept tokens per KV head: ratio or count (default 0.1)"
+    )
+    decode.add_argument("--steps", type=int, default=32, help="timed decode steps; the median is reported (default 32)")
+    decode.add_argument("--warmup", type=int, default=2, help="untimed decode steps before the timed ones (default 2)")
+    decode.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    decode.add_argument(
+        "--model",
+        choices=["smollm2", "llama8b-random"],
+        default=None,
+        help="default: smollm2 on CPU, llama8b-random (random weights, Llama-3.1-8B shape, bf16) on CUDA",
+    )
+    decode.add_argument("--num-layers", type=int, default=None, help="layers of llama8b-random (default 32)")
+    decode.add_argument("--scorer", nargs="+", default=["snapkv"], help="scorers to measure (default snapkv)")
+    decode.add_argument(
+        "--allocator", nargs="+", default=["uniform", "adakv"], help="allocators to measure (default uniform adakv)"
+    )
+    decode.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    decode.add_argument("--seed", type=int, default=0, help="prompt / random weights seed (default 0)")
+
+    generate = commands.add_parser(
+        "generate",
+        help="answer a question about a document with SmolLM2 and a compressed cache",
+        description="Runs SmolLM2-135M-Instruct (the embedded model) with gatekv.compress() and prints the answer "
+        "and one stats line.",
+    )
+    generate.add_argument("--prompt-file", required=True, help="text file with the document (the context)")
+    generate.add_argument("--question", required=True, help="question asked after the document")
+    generate.add_argument("--scorer", default="snapkv", help="scorer name, or 'none' for the full cache (default snapkv)")
+    generate.add_argument("--allocator", default="uniform", help="allocator name (default uniform)")
+    generate.add_argument("--budget", type=_budget, default=0.1, help="ratio or token count per KV head (default 0.1)")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    generate.add_argument(
+        "--query-agnostic",
+        action="store_true",
+        help="compress the document before the question is seen (default: the question is in the prompt)",
+    )
+    generate.add_argument("--window", type=int, default=32, help="recent tokens always kept (default 32)")
+    generate.add_argument("--sinks", type=int, default=4, help="first tokens always kept (default 4)")
+    return parser
+
+
+def _run_bench_decode(args) -> int:
+    from gatekv.bench import bench_decode
+
+    bench_decode(
+        length=args.length,
+        budgets=tuple(args.budget),
+        steps=args.steps,
+        device=args.device,
+        model_name=args.model,
+        scorers=tuple(args.scorer),
+        allocators=tuple(args.allocator),
+        num_layers=args.num_layers,
+        warmup=args.warmup,
+        threads=args.threads,
+        seed=args.seed,
+    )
+    return 0
+
+
+def _run_generate(args) -> int:
+    from gatekv.smollm2 import generate_chat, load_smollm2
+
+    with open(args.prompt_file, encoding="utf-8") as handle:
+        context = handle.read()
+    model, tokenizer = load_smollm2()
+    result = generate_chat(
+        model,
+        tokenizer,
+        context,
+        args.question,
+        scorer=None if args.scorer.lower() == "none" else args.scorer,
+        allocator=args.allocator,
+        budget=args.budget,
+        max_new_tokens=args.max_new_tokens,
+        query_agnostic=args.query_agnostic,
+        window=args.window,
+        sinks=args.sinks,
+    )
+    print(result.text)
+    print(
+        f"[gatekv] {result.prompt_tokens} prompt tokens, {result.new_tokens} new, {result.seconds:.2f} s; "
+        f"KV {result.kv_bytes / 2**20:.2f} MiB vs full {result.full_kv_bytes / 2**20:.2f} MiB "
+        f"({result.kv_bytes / max(result.full_kv_bytes, 1):.3f}x); {result.summary}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "bench" and args.bench == "decode":
+        return _run_bench_decode(args)
+    if args.command == "generate":
+        return _run_generate(args)
+    raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown commands first
+
+
+if __name__ == "__main__":
+    sys.exit(main())

