@@ -72,20 +72,50 @@ def append(dst, starts, lengths, new):
         reference.append_reference(dst, starts, lengths, new)
 
 
-def ragged_attention(query, query_positions, keys, values, positions, starts, lengths, scale, sliding_window=None):
-    """Causal GQA attention over the ragged cache (see ``reference.ragged_attention_reference``)."""
+def ragged_attention(
+    query,
+    query_positions,
+    keys,
+    values,
+    positions,
+    starts,
+    lengths,
+    scale,
+    sliding_window=None,
+    *,
+    unmasked: bool = False,
+    host_layout: tuple[list[int], list[int]] | None = None,
+):
+    """Causal GQA attention over the ragged cache (see ``reference.ragged_attention_reference``).
+
+    unmasked:    the caller guarantees that no slot needs masking: one query per row, every filled slot holds a
+                 token at or before the query's position and inside the sliding window. The PyTorch path then
+                 runs one SDPA per segment (``torch_ragged``) and flash-attn skips its own check (no host sync);
+                 Triton masks for free and ignores it.
+    host_layout: ``(starts, lengths)`` as Python lists, when the caller has them: saves the PyTorch paths a
+                 device-to-host copy.
+    """
     _check_ragged_attention(query, query_positions, keys, values, positions, starts, lengths, scale, sliding_window)
+    _check_host_layout(host_layout, starts)
+    unmasked = bool(unmasked) and query.shape[2] == 1
     if _backend == "flash":
         from gatekv.kernels import flash
 
         if flash.supports(query, keys, values, sliding_window):
-            out = flash.ragged_attention(query, query_positions, keys, values, positions, starts, lengths, scale)
+            out = flash.ragged_attention(
+                query, query_positions, keys, values, positions, starts, lengths, scale, check=not unmasked
+            )
             if out is not None:
                 return out
     if _use_triton([query, keys, values], floats=True):
         return _triton_kernels.ragged_attention(
             query, query_positions, keys, values, positions, starts, lengths, scale, sliding_window
         )
+    if unmasked:
+        from gatekv.kernels.torch_ragged import ragged_decode_unmasked
+
+        starts_list, lengths_list = host_layout if host_layout is not None else (starts.tolist(), lengths.tolist())
+        return ragged_decode_unmasked(query, keys, values, starts_list, lengths_list, scale)
     return reference.ragged_attention_reference(
         query, query_positions, keys, values, positions, starts, lengths, scale, sliding_window
     )
@@ -268,6 +298,17 @@ def _check_ragged_attention(query, query_positions, keys, values, positions, sta
     if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
                                        or sliding_window < 1):
         raise ValueError(f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
+
+
+def _check_host_layout(host_layout, starts) -> None:
+    if host_layout is None:
+        return
+    if (
+        not isinstance(host_layout, (list, tuple))
+        or len(host_layout) != 2
+        or any(len(part) != starts.shape[0] for part in host_layout)
+    ):
+        raise ValueError(f"host_layout must be (starts, lengths) as two lists of S = {starts.shape[0]} ints")
 
 
 def _check_dense_keys(queries_name, queries, positions_name, query_positions, keys, key_positions,

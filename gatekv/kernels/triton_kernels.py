@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from gatekv.kernels import reference
 from gatekv.kernels.dispatch import (
     _check_append,
     _check_column_max_logits,
@@ -54,7 +55,10 @@ def _copy_rows(src_ptr, stride_src_row, stride_src_col, dst_ptr, stride_dst_row,
 @triton.jit
 def _fill_rows(dst_ptr, stride_dst_row, stride_dst_col, num_cols, fill_ptr, row_lo, row_hi, first, step,
                BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
-    """Write the fill value (one element at ``fill_ptr``) into rows ``[row_lo, row_hi)``, blocks first, first+step, ..."""
+    """Write the fill value (one element at ``fill_ptr``) into rows ``[row_lo, row_hi)``.
+
+    This program takes the row blocks starting at ``row_lo + first``, ``row_lo + first + step``, ...
+    """
     fill = tl.load(fill_ptr)
     for r0 in range(row_lo + first, row_hi, step):
         rows = r0 + tl.arange(0, BLOCK_R)
@@ -143,7 +147,7 @@ def compact(
     dst_rows: int,
     fill: list[float | int] | None = None,
     *,
-    block_k: int = 64,
+    block_k: int | None = None,
 ) -> list[torch.Tensor]:
     """Gather the kept slots of every segment into new flat buffers (see ``reference.compact_reference``).
 
@@ -155,7 +159,7 @@ def compact(
     dst_starts: (S,) first output row of each segment
     dst_rows:   total output rows
     fill:       value of output rows that receive no token, one per buffer (default 0)
-    block_k:    kept slots per program (a power of two)
+    block_k:    kept slots per program (a power of two >= 16; default 64, 256 under the interpreter)
     returns:    list of flat buffers (dst_rows, *feature)
 
     When ``dst_starts`` is laid out in order (``dst_starts[0] == 0``, non-decreasing, ``<= dst_rows``) the kernel
@@ -191,6 +195,7 @@ def compact(
             out.copy_(_compact_one_reference(buf, src_starts, indices, counts, dst_starts, dst_rows, fills[i]))
             continue
         movable.append((_as_int_rows(buf), _as_int_rows(out), fill_values[i].view(_INT_OF_SIZE[buf.element_size()])))
+    block_k = _default_block(block_k, 64, 256, "block_k")
     for p in range(0, len(movable), 2):
         pair = movable[p : p + 2]
         _launch_compact([m[0] for m in pair], [m[1] for m in pair], [m[2] for m in pair],
@@ -199,9 +204,7 @@ def compact(
 
 
 def _compact_one_reference(buf, src_starts, indices, counts, dst_starts, dst_rows, value):
-    from gatekv.kernels.reference import compact_reference
-
-    return compact_reference([buf], src_starts, indices, counts, dst_starts, dst_rows, [value])[0]
+    return reference.compact_reference([buf], src_starts, indices, counts, dst_starts, dst_rows, [value])[0]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -280,9 +283,7 @@ def append(
         tokens = tokens.to(buf.dtype)  # conversion by torch (round to nearest even), then a bit-exact copy
         rows = _writable_rows(buf)
         if rows is None or buf.element_size() not in _INT_OF_SIZE:
-            from gatekv.kernels.reference import append_reference
-
-            append_reference([buf], starts, lengths, [tokens])
+            reference.append_reference([buf], starts, lengths, [tokens])
             continue
         if rows.shape[1] == 0:
             continue
@@ -452,9 +453,10 @@ _SM_COUNT: dict[int, int] = {}
 
 
 def _num_programs_wanted(device: torch.device) -> int:
-    """About four programs per streaming multiprocessor keep the GPU busy (a few under the interpreter)."""
+    """About four programs per streaming multiprocessor keep the GPU busy (one under the interpreter, where
+    programs run one after the other)."""
     if _INTERPRETED or device.type != "cuda":
-        return 4
+        return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
@@ -535,7 +537,7 @@ def ragged_attention(
     sliding_window: int | None = None,
     *,
     num_splits: int | None = None,
-    block_t: int = 64,
+    block_t: int | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention of new queries over the ragged cache (see ``reference.ragged_attention_reference``).
 
@@ -544,7 +546,7 @@ def ragged_attention(
     keys, values:    (N_cap, d), (N_cap, d_v) flat storage; positions (N_cap,) with -1 = no token
     starts, lengths: (S,) with S = B * H_kv
     num_splits:      key chunks per segment (split-K); default: enough programs to fill the device
-    block_t:         keys per inner step (a power of two >= 16)
+    block_t:         keys per inner step (a power of two >= 16; default 64, 256 under the interpreter)
     returns:         (B, H_q, q, d_v) in the query's dtype; a query with no allowed key gets zeros
 
     One program reads a segment's keys once for all G query heads and q queries of its group (rows are tiled by
@@ -568,7 +570,7 @@ def ragged_attention(
         num_splits = _default_splits(keys.shape[0], num_segments, row_blocks, n_rows, values.shape[1], device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    _check_block("block_t", block_t)
+    block_t = _default_block(block_t, 64, 256, "block_t")
     _launch_ragged_attention(query, query_positions, keys, values, positions, starts, lengths, out, scale,
                              sliding_window, num_splits, block_t)
     return out
@@ -735,7 +737,7 @@ def window_attention(
     scale: float,
     *,
     num_splits: int | None = None,
-    block_t: int = 64,
+    block_t: int | None = None,
 ) -> torch.Tensor:
     """Softmax attention of observation queries over dense padded keys (see ``reference.window_attention_reference``).
 
@@ -743,7 +745,8 @@ def window_attention(
     window_positions: (B, w)
     keys:             (B, H_kv, T, d); key_positions (B, H_kv, T), -1 for padding
     num_splits:       key chunks of the first pass (row max and sum); default: enough programs to fill the device
-    block_t:          keys per program of the second pass (a power of two >= 16)
+    block_t:          keys per program of the second pass (a power of two >= 16; default 64, 256 under the
+                      interpreter)
     returns:          (B, H_q, w, T) float32 weights; disallowed keys get 0
 
     Memory beyond the output: O(B * H_q * w * num_splits).
@@ -757,7 +760,7 @@ def window_attention(
     out = torch.empty((batch, num_q_heads, w, num_keys), dtype=torch.float32, device=device)
     if out.numel() == 0:
         return out
-    _check_block("block_t", block_t)
+    block_t = _default_block(block_t, 64, 256, "block_t")
     if num_splits is None:
         group = num_q_heads // num_kv_heads
         row_blocks = triton.cdiv(group * w, min(64, max(16, triton.next_power_of_2(group * w))))
@@ -849,13 +852,13 @@ def column_max_logits(
     key_positions: torch.Tensor,
     scale: float,
     *,
-    block_t: int = 64,
+    block_t: int | None = None,
 ) -> torch.Tensor:
     """Column max of pre-softmax logits over queries and the GQA group (see ``reference.column_max_logits_reference``).
 
     queries:         (B, H_q, n, d); query_positions (B, n), -1 = ignored query
     keys:            (B, H_kv, T, d); key_positions (B, H_kv, T) or (B, T), -1 = padding
-    block_t:         keys per program (a power of two >= 16)
+    block_t:         keys per program (a power of two >= 16; default 64, 512 under the interpreter)
     returns:         (B, H_kv, T) float32; -inf where no query sees the key
 
     Memory beyond the output: none (each program keeps one key block and streams the queries), so T = 100K is
@@ -871,7 +874,7 @@ def column_max_logits(
         return out
     if queries.shape[2] == 0:
         return out.fill_(float("-inf"))
-    _check_block("block_t", block_t)
+    block_t = _default_block(block_t, 64, 512, "block_t")
     _launch_column_max(queries, query_positions.to(device), keys, key_positions.to(device), out, scale, block_t)
     return out
 
@@ -887,9 +890,14 @@ def _check_floats(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} has dtype {tensor.dtype}; the Triton kernels take {[str(d) for d in _FLOATS]}")
 
 
-def _check_block(name: str, value: int) -> None:
-    if not isinstance(value, int) or value < 16 or value & (value - 1):
+def _default_block(value: int | None, compiled: int, interpreted: int, name: str) -> int:
+    """A block size: the given one (checked), else the default. The interpreter's cost is per operation, not per
+    element, so it gets larger blocks."""
+    if value is None:
+        return interpreted if _INTERPRETED else compiled
+    if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
         raise ValueError(f"{name} must be a power of two >= 16, got {value!r}")
+    return value
 
 
 def _require_kernel_device(device: torch.device, name: str) -> None:
