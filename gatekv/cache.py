@@ -38,6 +38,9 @@ class CompressedLayer(CacheLayerMixin):
         self.batch_size = 0
         self.num_heads = 0
         self.regrow_count = 0
+        self.has_padding = False  # some filled slot holds no token (left padding not yet compacted away)
+        self.min_position = None  # (B,) lower bound of the positions held per row (sliding-window check)
+        self._host_layout: tuple[list[int], list[int]] | None = None
 
     # -- transformers layer API --------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -127,6 +130,26 @@ class CompressedLayer(CacheLayerMixin):
         self.keys, self.values, self.positions = new[0], new[1], new[2]
         self.state = dict(zip(names, new[3:]))
         self.starts, self.caps, self.lengths = starts, caps, counts.clone()
+        self._host_layout = None
+        self.has_padding = self._any_padding()
+
+    def _filled_rows(self) -> torch.Tensor:
+        """Flat row index of every filled slot, segment by segment."""
+        offsets = torch.arange(int(self.lengths.sum().item()), device=self.lengths.device)
+        first = torch.cumsum(self.lengths, 0) - self.lengths
+        return torch.repeat_interleave(self.starts - first, self.lengths) + offsets
+
+    def _any_padding(self) -> bool:
+        """True if a filled slot holds no token (position -1)."""
+        if self.positions is None or self.positions.numel() == 0:
+            return False
+        return bool((self.positions[self._filled_rows()] < 0).any())
+
+    def host_layout(self) -> tuple[list[int], list[int]]:
+        """Segment starts and lengths as Python lists (cached until the layout changes)."""
+        if self._host_layout is None:
+            self._host_layout = (self.starts.tolist(), self.lengths.tolist())
+        return self._host_layout
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor) -> None:
         """Write new tokens after each segment's filled slots.
@@ -161,6 +184,11 @@ class CompressedLayer(CacheLayerMixin):
         new += [nan] * len(names)
         kernels.append(buffers, self.starts, self.lengths, new)
         self.lengths = need
+        self._host_layout = None
+        self.has_padding = self.has_padding or bool((positions < 0).any())
+        real = torch.where(positions >= 0, positions, torch.full_like(positions, torch.iinfo(torch.long).max))
+        row_min = real.min(-1).values
+        self.min_position = row_min if self.min_position is None else torch.minimum(self.min_position, row_min)
 
     def compact(self, indices: torch.Tensor, counts: torch.Tensor, reserve: int | None = None) -> None:
         """Keep, per (row, head), the slots ``indices[b, h, :counts[b, h]]`` (ascending); free everything else.

@@ -441,9 +441,15 @@ class CompressionSession:
         layer_idx = module.layer_idx
         layer = cache.layers[layer_idx]
         query_positions = cache.pending_positions
+        # One decode token over real, older tokens inside any sliding window: no mask is needed.
+        unmasked = (
+            query.shape[2] == 1
+            and not layer.has_padding
+            and (sliding_window is None or bool((query_positions[:, 0] - layer.min_position < sliding_window).all()))
+        )
         output = kernels.ragged_attention(
             query, query_positions, layer.keys, layer.values, layer.positions, layer.starts, layer.lengths, scale,
-            sliding_window,
+            sliding_window, unmasked=unmasked, host_layout=layer.host_layout(),
         )
         if self._scoring:
             start = time.perf_counter()
