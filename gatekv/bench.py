@@ -277,7 +277,7 @@ def bench_decode(
     if target.type == "cuda":
         device_name = torch.cuda.get_device_name(target)
     else:
-        device_name = f"CPU, {torch.get_num_threads()} threads"
+        device_name = f"CPU, torch threads: {torch.get_num_threads()}"
     header = (
         f"decode benchmark: {description}; prompt {input_ids.shape[1]} tokens; {steps} timed steps (median) after "
         f"{warmup} warm-up; device: {device_name}; torch {torch.__version__}"
