@@ -1,0 +1,236 @@
+"""``HeadsScorer``: a set of small trainable per-layer modules that is also a :class:`~gatekv.scorers.Scorer`.
+
+Each decoder layer gets one module. A module maps what it reads about the layer's *new* tokens (pre-RoPE q/k/v, or
+the attention block's input hidden states) to one score per token and KV head::
+
+    layer_scores(layer_idx, features, valid) -> (B, H_kv, q)
+
+Training calls :meth:`HeadsScorer.layer_scores` directly (with gradients); inside ``gatekv.compress`` the same
+module is a scorer: a token's score is computed once when it enters the cache and kept with its slot (Locret style),
+so old tokens are never re-scored.
+
+Adapters are a directory with ``gatekv_config.json`` (head type, dimensions, the base model's fingerprint, library
+version, free-form metadata) and ``adapter_model.safetensors`` (head weights only). Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from gatekv.heads.config import HeadConfig, ModelFingerprint
+from gatekv.scorers.base import LayerContext, Scorer
+
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "HeadsScorer", "head_class", "load_adapter"]
+
+ADAPTER_CONFIG = "gatekv_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FORMAT = "gatekv-adapter"
+ADAPTER_FORMAT_VERSION = 1
+
+_HEAD_CLASSES: dict[str, type["HeadsScorer"]] = {}
+
+# Context fields each ``needs`` entry brings (LayerContext attribute names = feature names).
+FEATURES_OF_NEED = {
+    "pre_rope": ("pre_rope_queries", "pre_rope_keys", "pre_rope_values"),
+    "hidden_states": ("hidden_states",),
+}
+
+
+class HeadsScorer(nn.Module, Scorer):
+    """Per-layer trainable scorers for one base model. Subclasses set ``head_type``, ``needs`` and ``build_layer``.
+
+    config: the :class:`HeadConfig` (type, dimensions, fingerprint of the base model)
+    """
+
+    head_type: ClassVar[str] = ""
+    state_names: ClassVar[tuple[str, ...]] = ("head_scores",)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.head_type:
+            _HEAD_CLASSES[cls.head_type] = cls
+            cls.name = cls.head_type
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        if config.type != self.head_type:
+            raise ValueError(f"{type(self).__name__} needs a {self.head_type!r} config, got type {config.type!r}")
+        self.config = config
+        self.layers = nn.ModuleList(self.build_layer(i) for i in range(config.fingerprint.num_layers))
+
+    # -- to implement ----------------------------------------------------------------------------------------------
+    def build_layer(self, layer_idx: int) -> nn.Module:
+        """The module of one layer: ``forward(inputs: dict[str, Tensor], valid (B, q) bool) -> (B, H_kv, q)`` with
+        ``inputs`` from :meth:`layer_inputs`."""
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model, **options) -> "HeadsScorer":
+        """Fresh (randomly initialised) heads sized for ``model``; ``options`` are :class:`HeadConfig` fields."""
+        return cls(HeadConfig.from_model(model, cls.head_type, **options))
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """Names of the captured per-layer features, e.g. ``("pre_rope_queries", "pre_rope_keys", "pre_rope_values")``."""
+        return tuple(name for need in sorted(self.needs) for name in FEATURES_OF_NEED[need])
+
+    def layer_inputs(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the layer modules consume, from captured features: each entry ``(B, q, F)`` (tokens on axis 1).
+
+        features: ``pre_rope_queries`` (B, H_q, q, d), ``pre_rope_keys`` / ``pre_rope_values`` (B, H_kv, q, d),
+                  ``hidden_states`` (B, q, D), as listed in :attr:`feature_names`
+        """
+        return {name: features[name] for name in self.feature_names}
+
+    def layer_scores(self, layer_idx: int, features: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+        """Scores of new tokens for one layer, float32 ``(B, H_kv, q)``, higher = keep (gates: keep logits).
+
+        features: captured features (see :meth:`layer_inputs`), any float dtype (cast to the heads' dtype)
+        valid:    (B, q) bool, False for padding tokens (their scores are meaningless)
+        """
+        param = next(self.parameters())
+        inputs = {k: v.to(device=param.device, dtype=param.dtype) for k, v in self.layer_inputs(features).items()}
+        return self.layers[layer_idx](inputs, valid.to(param.device)).float()
+
+    def stacked_scores(self, inputs: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+        """Scores of every layer at once (training): inputs ``{name: (Ly, B, q, F)}`` (:meth:`layer_inputs` stacked
+        over layers), valid (B, q) -> float32 ``(Ly, B, H_kv, q)``. Subclasses may batch the layers."""
+        param = next(self.parameters())
+        out = []
+        for layer, module in enumerate(self.layers):
+            layer_in = {k: v[layer].to(device=param.device, dtype=param.dtype) for k, v in inputs.items()}
+            out.append(module(layer_in, valid.to(param.device)).float())
+        return torch.stack(out)
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        """Scorer interface: score the new tokens once, keep old slots' scores. Returns ``(B, H_kv, T)`` float32."""
+        fp = self.config.fingerprint
+        if ctx.num_layers != fp.num_layers or ctx.num_kv_heads != fp.num_kv_heads:
+            raise ValueError(
+                f"{self.head_type}: heads were built for {fp.num_layers} layers x {fp.num_kv_heads} KV heads, "
+                f"the model has {ctx.num_layers} x {ctx.num_kv_heads}"
+            )
+        features = {}
+        for name in self.feature_names:
+            value = getattr(ctx, name)
+            if value is None:
+                raise ValueError(f"{self.head_type}: the layer context lacks {name} (the session did not capture it)")
+            features[name] = value
+        with torch.no_grad():
+            new_scores = self.layer_scores(ctx.layer_idx, features, ctx.query_positions >= 0)
+        return ctx.new_token_scores(new_scores.to(ctx.keys.device), self.state_names[0])
+
+    def check_model(self, model) -> None:
+        """``ValueError`` naming every field in which ``model``'s fingerprint differs from the heads'."""
+        self.config.fingerprint.check_matches(ModelFingerprint.from_model(model))
+
+    def extra_repr(self) -> str:
+        fp = self.config.fingerprint
+        params = sum(p.numel() for p in self.parameters())
+        return f"type={self.head_type}, layers={fp.num_layers}, kv_heads={fp.num_kv_heads}, params={params}"
+
+    def __repr__(self) -> str:  # nn.Module's repr, not Scorer's field dump
+        return nn.Module.__repr__(self)
+
+    # -- adapter I/O -----------------------------------------------------------------------------------------------
+    def save_adapter(self, directory: str | os.PathLike, **metadata) -> Path:
+        """Write ``gatekv_config.json`` + ``adapter_model.safetensors`` into ``directory`` (each file atomically).
+
+        metadata: JSON-serialisable extras stored under ``"metadata"`` (base model id, target, training summary).
+        """
+        from safetensors.torch import save_file
+
+        import gatekv
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        weights_tmp = directory / f".{ADAPTER_WEIGHTS}.tmp-{os.getpid()}"
+        save_file(tensors, str(weights_tmp), metadata={"format": "pt", "gatekv_head_type": self.head_type})
+        _fsync_replace(weights_tmp, directory / ADAPTER_WEIGHTS)
+        document = {
+            "format": ADAPTER_FORMAT,
+            "format_version": ADAPTER_FORMAT_VERSION,
+            "library_version": gatekv.__version__,
+            "head": self.config.to_dict(),
+            "metadata": metadata,
+        }
+        config_tmp = directory / f".{ADAPTER_CONFIG}.tmp-{os.getpid()}"
+        config_tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _fsync_replace(config_tmp, directory / ADAPTER_CONFIG)
+        return directory
+
+    @classmethod
+    def load_adapter(cls, directory: str | os.PathLike, model=None, device=None) -> "HeadsScorer":
+        """Heads saved by :meth:`save_adapter` (see :func:`load_adapter`)."""
+        heads = load_adapter(directory, model=model, device=device)
+        if cls is not HeadsScorer and not isinstance(heads, cls):
+            raise ValueError(f"{directory}: holds {heads.head_type!r} heads, not {cls.head_type!r}")
+        return heads
+
+
+def head_class(head_type: str) -> type[HeadsScorer]:
+    """The :class:`HeadsScorer` subclass of ``head_type`` (``ValueError`` listing the valid types)."""
+    import gatekv.heads  # noqa: F401  (registers the built-in head types)
+
+    if head_type not in _HEAD_CLASSES:
+        raise ValueError(f"unknown head type {head_type!r}; valid: {sorted(_HEAD_CLASSES)}")
+    return _HEAD_CLASSES[head_type]
+
+
+def load_adapter(directory: str | os.PathLike, model=None, device=None) -> HeadsScorer:
+    """Heads from an adapter directory (``gatekv_config.json`` + ``adapter_model.safetensors``), in eval mode.
+
+    model:  if given, its fingerprint must match the adapter's (``ValueError`` naming each differing field) and the
+            heads are moved to its device
+    device: where to put the heads (default: the model's device, else CPU)
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"adapter file missing: {path}")
+    try:
+        document = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(document, dict) or document.get("format") != ADAPTER_FORMAT or "head" not in document:
+        raise ValueError(f"{config_path} is not a gatekv adapter config (expected format {ADAPTER_FORMAT!r})")
+    config = HeadConfig.from_dict(document["head"])
+    heads = head_class(config.type)(config)
+    if model is not None:
+        heads.check_model(model)
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{weights_path} could not be read as safetensors: {error}") from None
+    expected = heads.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{weights_path} does not fit {config.type} heads: missing {missing}, unexpected {unexpected}")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{weights_path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+    heads.load_state_dict(tensors)
+    if device is None and model is not None:
+        device = next(model.parameters()).device
+    if device is not None:
+        heads.to(device)
+    return heads.eval().requires_grad_(False)
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)

@@ -1,0 +1,164 @@
+"""Head configuration and the base model's shape fingerprint.
+
+``HeadConfig`` holds everything needed to rebuild a set of per-layer heads (type and dimensions, derived from the
+base model's config) and is saved as JSON next to the weights. ``ModelFingerprint`` records the base model's shapes
+and RoPE settings; an adapter refuses a model whose fingerprint differs (the error names every differing field).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from gatekv.models import SUPPORTED_MODEL_TYPES
+
+__all__ = ["HEAD_TYPES", "HeadConfig", "ModelFingerprint"]
+
+HEAD_TYPES = ("retaining_head", "attention_gate", "linear_gate")
+"""Trainable scorer types: Locret retaining head, Attention-Gate, DMS/KVzap-style linear (or MLP) gate."""
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """Shapes and RoPE settings of a base model: heads trained on one model only fit models with the same print."""
+
+    model_type: str
+    """transformers ``model_type`` (llama, mistral, phi3, qwen2, qwen3)."""
+    num_layers: int
+    """Decoder layers."""
+    num_q_heads: int
+    """Query heads per layer."""
+    num_kv_heads: int
+    """Key/value heads per layer (GQA)."""
+    head_dim: int
+    """Width of one attention head."""
+    hidden_size: int
+    """Width of the residual stream."""
+    rope: str
+    """RoPE settings as sorted JSON (theta, scaling type, partial rotary factor)."""
+
+    @classmethod
+    def from_model(cls, model) -> "ModelFingerprint":
+        """Fingerprint of a transformers causal LM (``ValueError`` if its family is not supported)."""
+        config = model.config
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported base model {type(model).__name__} (model_type={model_type!r}); "
+                f"gatekv heads support {list(SUPPORTED_MODEL_TYPES)}"
+            )
+        num_q_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_q_heads
+        rope: dict[str, Any] = {}
+        parameters = getattr(config, "rope_parameters", None)
+        if isinstance(parameters, dict):
+            rope.update({k: v for k, v in parameters.items() if isinstance(v, (int, float, str, bool)) or v is None})
+        elif getattr(config, "rope_theta", None) is not None:
+            rope["rope_theta"] = config.rope_theta
+        factor = getattr(config, "partial_rotary_factor", None)
+        if factor is not None:
+            rope["partial_rotary_factor"] = factor
+        return cls(
+            model_type=model_type,
+            num_layers=config.num_hidden_layers,
+            num_q_heads=num_q_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_q_heads,
+            head_dim=int(head_dim),
+            hidden_size=config.hidden_size,
+            rope=json.dumps(rope, sort_keys=True),
+        )
+
+    def differences(self, other: "ModelFingerprint") -> list[str]:
+        """``["num_layers: 30 (adapter) vs 2 (model)", ...]`` for every field that differs."""
+        return [
+            f"{f.name}: {getattr(self, f.name)!r} (adapter) vs {getattr(other, f.name)!r} (model)"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+    def check_matches(self, other: "ModelFingerprint", what: str = "adapter") -> None:
+        """Raise ``ValueError`` naming every differing field if ``other`` (the model) does not match."""
+        diffs = self.differences(other)
+        if diffs:
+            raise ValueError(f"the {what} was made for a different base model: " + "; ".join(diffs))
+
+
+@dataclass
+class HeadConfig:
+    """What is needed to rebuild a set of heads: type, dimensions (from the base model) and hyper-parameters."""
+
+    type: str
+    """One of ``HEAD_TYPES``."""
+    fingerprint: ModelFingerprint
+    """Shapes of the base model the heads belong to."""
+    hidden: int = 64
+    """MLP width: retaining head hidden units; linear gate MLP width (0 = a single linear map)."""
+    act: str = "silu"
+    """Activation of the MLPs (the base model's ``hidden_act`` by default)."""
+    gate_heads: int = 2
+    """Attention gate: heads of its reduced attention."""
+    gate_head_dim: int = 16
+    """Attention gate: width of each of its heads."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon of the linear gate's RMSNorm."""
+    init_keep_logit: float = 3.0
+    """Initial bias of the gates' output (sigmoid(3) = 0.95: start by keeping almost everything)."""
+    extra: dict = field(default_factory=dict)
+    """Free-form metadata (base model id, target, training summary); not used to build the heads."""
+
+    def __post_init__(self):
+        if self.type not in HEAD_TYPES:
+            raise ValueError(f"type: unknown head type {self.type!r}; valid: {list(HEAD_TYPES)}")
+        if isinstance(self.fingerprint, dict):
+            self.fingerprint = ModelFingerprint(**self.fingerprint)
+        for name, low in (("hidden", 0), ("gate_heads", 1), ("gate_head_dim", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if self.type == "retaining_head" and self.hidden < 1:
+            raise ValueError(f"hidden must be >= 1 for a retaining head, got {self.hidden}")
+
+    @classmethod
+    def from_model(cls, model, type: str, **options) -> "HeadConfig":
+        """Dimensions from ``model``'s config; ``options`` override the defaults (``act`` defaults to hidden_act)."""
+        fingerprint = ModelFingerprint.from_model(model)
+        options.setdefault("act", getattr(model.config, "hidden_act", "silu"))
+        options.setdefault("rms_norm_eps", float(getattr(model.config, "rms_norm_eps", 1e-6)))
+        return cls(type=type, fingerprint=fingerprint, **options)
+
+    @property
+    def input_width(self) -> int:
+        """Features per token: ``(H_q + 2 H_kv) d`` for the retaining head, ``hidden_size`` for the gates."""
+        fp = self.fingerprint
+        if self.type == "retaining_head":
+            return (fp.num_q_heads + 2 * fp.num_kv_heads) * fp.head_dim
+        return fp.hidden_size
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HeadConfig":
+        """Rebuild from :meth:`to_dict` output; unknown keys are ignored with a warning (saved artifacts are read
+        forgivingly), missing required keys are a ``ValueError``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"head config must be a mapping, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            warnings.warn(f"ignoring unknown head config keys {unknown}", stacklevel=2)
+        missing = sorted({"type", "fingerprint"} - set(data))
+        if missing:
+            raise ValueError(f"head config lacks {missing}")
+        fingerprint = data["fingerprint"]
+        if isinstance(fingerprint, dict):
+            fp_names = {f.name for f in dataclasses.fields(ModelFingerprint)}
+            lacking = sorted(fp_names - set(fingerprint))
+            if lacking:
+                raise ValueError(f"head config fingerprint lacks {lacking}")
+            fingerprint = ModelFingerprint(**{k: fingerprint[k] for k in fp_names})
+        return cls(**{**{k: v for k, v in data.items() if k in names}, "fingerprint": fingerprint})

@@ -1,0 +1,382 @@
+"""The ``gatekv train`` configuration: typed dataclasses, one docstring per field (CLI help and YAML comments).
+
+Load with :func:`load_train_config` (YAML + ``a.b=c`` overrides). Unknown keys and wrong types are errors naming the
+dotted key; cross-field rules are checked in ``__post_init__``. ``gatekv train --help-config`` lists every field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from gatekv.config import load_config
+
+__all__ = [
+    "DataConfig",
+    "HeadsConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "OutputConfig",
+    "TargetConfig",
+    "TrainConfig",
+    "TrainerConfig",
+    "load_train_config",
+]
+
+
+def _positive(owner: str, **values) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"{owner}.{name} must be > 0, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The frozen base model."""
+
+    name: str = "smollm2"
+    """'smollm2' (the embedded SmolLM2-135M-Instruct GGUF), a Hub id or local path of a Llama/Mistral/Qwen2/Qwen3/
+    Phi-3 causal LM, or 'tiny:<family>' (a tiny random model with a character tokenizer, for tests)."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of a Hub model."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype of the frozen model (float32 on CPU; bfloat16 on GPU)."""
+
+    def __post_init__(self):
+        if not self.name.strip():
+            raise ValueError("name must not be empty")
+
+
+@dataclass
+class HeadsConfig:
+    """The trainable per-layer modules."""
+
+    type: Literal["retaining_head", "attention_gate", "linear_gate"] = "retaining_head"
+    """retaining_head (Locret MLP on pre-RoPE q/k/v), attention_gate (small causal MHA on hidden states) or
+    linear_gate (Linear(RMSNorm(h)) or a small MLP)."""
+    hidden: int = 64
+    """MLP width of the retaining head / linear gate (linear gate: 0 = one linear map)."""
+    act: Optional[str] = None
+    """MLP activation; null = the base model's hidden_act."""
+    gate_heads: int = 2
+    """Attention gate: number of heads of its reduced attention."""
+    gate_head_dim: int = 16
+    """Attention gate: width of each gate head."""
+    init_keep_logit: float = 3.0
+    """Gates: initial output bias (keep probability sigmoid(3) = 0.95 at the start)."""
+
+    def __post_init__(self):
+        if self.hidden < 0 or (self.type == "retaining_head" and self.hidden < 1):
+            raise ValueError(f"hidden must be >= 1 for a retaining head (>= 0 for a linear gate), got {self.hidden}")
+        _positive("heads", gate_heads=self.gate_heads, gate_head_dim=self.gate_head_dim)
+
+
+@dataclass
+class LoraConfig:
+    """Optional LoRA on the backbone (peft), for the Attention-Gate SFT recipe; only with the distill target."""
+
+    enabled: bool = False
+    """Train LoRA adapters on the backbone together with the heads."""
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Backbone module names that get LoRA (Phi-3: qkv_proj, o_proj)."""
+
+    def __post_init__(self):
+        _positive("lora", r=self.r, alpha=self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.enabled and not self.target_modules:
+            raise ValueError("target_modules must not be empty when LoRA is enabled")
+
+
+@dataclass
+class TargetConfig:
+    """What the heads learn."""
+
+    kind: Literal["cis", "distill"] = "cis"
+    """cis: regress Locret's causal importance score (max future pre-softmax logit over response queries and the GQA
+    group); distill: KL to the frozen model with soft gate masks on prompt keys + an eviction-rate hinge."""
+    smooth_l1_beta: float = 1.0
+    """cis: beta of the SmoothL1 loss."""
+    smoothness: float = 0.0025
+    """cis: weight of the smoothness term sum over layers of MSE(s[:, :-1], s[:, 1:])."""
+    topk_fraction: float = 0.1
+    """Fraction of prompt tokens whose predicted vs. target top-k overlap is reported (0.1 = top 10%)."""
+    eviction_target: float = 0.5
+    """distill: fraction of prompt tokens the gates should evict (reached after eviction_ramp_steps)."""
+    eviction_ramp_steps: int = 100
+    """distill: steps over which the eviction target ramps linearly from 0 to eviction_target."""
+    eviction_weight: float = 1.0
+    """distill: weight of the one-sided hinge max(0, target - eviction rate)."""
+    mask: Literal["soft", "gumbel", "ste"] = "gumbel"
+    """distill: how keep probabilities enter attention: soft (log sigmoid(logit / tau)), gumbel (logistic noise
+    added during training) or ste (hard 0 / -inf forward, soft gradient)."""
+    temperature: float = 0.5
+    """distill: tau of the soft / gumbel mask."""
+    sinks: int = 4
+    """distill: first prompt tokens never masked (as the inference session protects its sinks)."""
+    window: int = 32
+    """distill: last prompt tokens never masked (the inference session's recent window)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Optional LoRA on the backbone (distill only)."""
+
+    def __post_init__(self):
+        _positive("target", smooth_l1_beta=self.smooth_l1_beta, temperature=self.temperature)
+        if self.smoothness < 0:
+            raise ValueError(f"smoothness must be >= 0, got {self.smoothness}")
+        if not 0 < self.topk_fraction <= 1:
+            raise ValueError(f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
+        if not 0 <= self.eviction_target < 1:
+            raise ValueError(f"eviction_target must be in [0, 1), got {self.eviction_target}")
+        if self.eviction_ramp_steps < 0 or self.eviction_weight < 0 or self.sinks < 0 or self.window < 0:
+            raise ValueError("eviction_ramp_steps, eviction_weight, sinks and window must be >= 0")
+        if self.lora.enabled and self.kind != "distill":
+            raise ValueError("lora.enabled needs kind: distill (with cis the backbone only produces labels)")
+
+
+@dataclass
+class DataConfig:
+    """Training data: a local file/directory or a Hub dataset, chat-formatted and split into prompt / response."""
+
+    path: Optional[str] = None
+    """Local .json/.jsonl/.parquet file or a directory of them (exactly one of path / hub_id)."""
+    hub_id: Optional[str] = None
+    """Hub dataset id, e.g. Yukang/LongAlpaca-12k (needs network or the Hub cache)."""
+    hub_config: Optional[str] = None
+    """Hub dataset configuration name."""
+    split: str = "train"
+    """Dataset split to read."""
+    format: Literal["auto", "sharegpt", "alpaca", "plain"] = "auto"
+    """auto (from the columns), sharegpt (messages/conversations), alpaca (instruction/input/output) or plain (text)."""
+    text_column: str = "text"
+    """plain format: the column holding the text."""
+    prompt_split: Literal["last_paragraph", "first_user_turn"] = "last_paragraph"
+    """Where the prompt (context to evict) ends in a chat sample: last_paragraph = before the last blank line of
+    the first user message (the question after it is a future query); first_user_turn = after the whole message."""
+    plain_prompt_fraction: float = 0.75
+    """plain format: the first fraction of tokens is the prompt, the rest the response."""
+    max_length: int = 2048
+    """Longest sample in tokens (prompt + response)."""
+    overlong: Literal["truncate", "skip"] = "truncate"
+    """Samples above max_length: truncate (keep the first max_length tokens) or skip; both are counted in the log."""
+    min_response_tokens: int = 1
+    """Samples with fewer response tokens (after truncation) are skipped and counted."""
+    max_samples: Optional[int] = None
+    """Use at most this many samples (after skipping), for quick runs."""
+    val_fraction: float = 0.1
+    """Fraction of samples held out for validation (0 = no validation)."""
+    val_max_samples: Optional[int] = 32
+    """At most this many validation samples."""
+    batch_size: int = 1
+    """Samples per step; batches hold samples of similar length (right padding)."""
+    feature_cache: Optional[str] = None
+    """cis only: directory caching each sample's frozen-model features and labels after its first forward, so later
+    epochs run only the heads (bf16 features: ~57 MB per 1K prompt tokens for SmolLM2 retaining heads)."""
+    feature_cache_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype of cached features (labels are always float32)."""
+
+    def __post_init__(self):
+        if (self.path is None) == (self.hub_id is None):
+            raise ValueError("exactly one of path and hub_id must be set")
+        if not 0 < self.plain_prompt_fraction < 1:
+            raise ValueError(f"plain_prompt_fraction must be in (0, 1), got {self.plain_prompt_fraction}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.min_response_tokens < 1:
+            raise ValueError(f"min_response_tokens must be >= 1, got {self.min_response_tokens}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        _positive("data", max_samples=self.max_samples, val_max_samples=self.val_max_samples, batch_size=self.batch_size)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW over the trainable parameters only, with warmup then decay."""
+
+    lr: float = 5e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 20
+    """Linear warmup steps from 0 to lr."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup, down to min_lr_ratio * lr at max_steps."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+    grad_clip: Optional[float] = 0.5
+    """Gradient clipping threshold (null = off)."""
+    grad_clip_algorithm: Literal["value", "norm"] = "value"
+    """Clip each gradient element (value, Locret) or the global norm (norm; DeepSpeed only supports norm)."""
+
+    def __post_init__(self):
+        _positive("optim", lr=self.lr, grad_clip=self.grad_clip)
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError("warmup_steps and weight_decay must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings."""
+
+    max_steps: int = 300
+    """Optimizer steps to train."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """Device kind."""
+    devices: Union[int, str] = 1
+    """Devices per node (an int, or 'auto')."""
+    num_nodes: int = 1
+    """Nodes (multi-node runs: see train/launch_multi_node.sh)."""
+    strategy: Literal["auto", "ddp", "deepspeed"] = "auto"
+    """auto on CPU / one GPU; ddp; deepspeed (GPU only: Lightning's DeepSpeed strategy refuses CPU)."""
+    deepspeed_config: Optional[str] = None
+    """DeepSpeed JSON (train/ds_zero2.json, ds_zero3.json, ds_zero3_offload.json); needed with strategy deepspeed."""
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
+    """Lightning precision (32-true on CPUs without bf16 units; bf16-mixed on GPU)."""
+    accumulate_grad_batches: int = 1
+    """Batches per optimizer step."""
+    log_every_n_steps: int = 10
+    """Steps between logged training metrics."""
+    val_every_n_steps: Optional[int] = 50
+    """Steps between validations (null = only at the end)."""
+    checkpoint_every_n_steps: int = 50
+    """Steps between checkpoints (written atomically; only trainable weights + optimizer + step)."""
+    threads: Optional[int] = None
+    """torch CPU threads (null = torch's default)."""
+    progress_bar: bool = True
+    """Show a progress bar."""
+    deterministic: bool = False
+    """Ask torch for deterministic algorithms (CPU runs are deterministic regardless)."""
+
+    def __post_init__(self):
+        _positive(
+            "trainer",
+            max_steps=self.max_steps,
+            num_nodes=self.num_nodes,
+            accumulate_grad_batches=self.accumulate_grad_batches,
+            log_every_n_steps=self.log_every_n_steps,
+            val_every_n_steps=self.val_every_n_steps,
+            checkpoint_every_n_steps=self.checkpoint_every_n_steps,
+            threads=self.threads,
+        )
+        if isinstance(self.devices, str) and self.devices != "auto":
+            raise ValueError(f"devices must be an int or 'auto', got {self.devices!r}")
+        if isinstance(self.devices, int) and self.devices < 1:
+            raise ValueError(f"devices must be >= 1, got {self.devices}")
+        if self.strategy == "deepspeed" and not self.deepspeed_config:
+            raise ValueError("deepspeed_config is required with strategy: deepspeed (e.g. train/ds_zero2.json)")
+        if self.strategy == "deepspeed" and self.accelerator == "cpu":
+            raise ValueError(
+                "strategy: deepspeed needs a GPU (Lightning's DeepSpeed strategy refuses CPU); use strategy: auto on CPU"
+            )
+
+
+@dataclass
+class OutputConfig:
+    """Where the run writes, and how it resumes."""
+
+    dir: str = "runs/train"
+    """Run directory: config.yaml, checkpoints/, logs/, adapter/, summary.json."""
+    resume: str = "auto"
+    """auto (continue from the newest checkpoint in dir if any), never (refuse a dir that has checkpoints), or the
+    path of a checkpoint."""
+    loggers: list[Literal["csv", "tensorboard"]] = field(default_factory=lambda: ["csv"])
+    """Metric loggers (tensorboard needs the tensorboard package)."""
+    export_adapter: bool = True
+    """Write the trained heads to dir/adapter at the end (safetensors + JSON config)."""
+
+    def __post_init__(self):
+        if not self.dir.strip():
+            raise ValueError("dir must not be empty")
+        if not self.resume.strip():
+            raise ValueError("resume must be 'auto', 'never' or a checkpoint path")
+
+
+@dataclass
+class TrainConfig:
+    """A complete ``gatekv train`` configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The frozen base model."""
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    """The trainable modules."""
+    target: TargetConfig = field(default_factory=TargetConfig)
+    """What they learn."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(path="data/train.jsonl"))
+    """Training data."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Lightning Trainer settings."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Run directory and resume."""
+    seed: int = 0
+    """Seed of the data order, the head initialisation and the per-step reseed."""
+
+    def __post_init__(self):
+        if self.data.feature_cache is not None and self.target.kind != "cis":
+            raise ValueError("data.feature_cache only works with target.kind: cis (distill needs the live backbone)")
+        if self.trainer.strategy == "deepspeed" and self.optim.grad_clip is not None and self.optim.grad_clip_algorithm == "value":
+            raise ValueError("optim.grad_clip_algorithm: DeepSpeed clips by norm only; set it to 'norm' (or grad_clip: null)")
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """A :class:`TrainConfig` from YAML + ``a.b=c`` overrides; relative paths in it stay relative to the CWD."""
+    return load_config(TrainConfig, path, overrides)
+
+
+def check_files(config: TrainConfig) -> None:
+    """Checks that touch the file system (run by ``validate`` and ``train``): the data path exists and the
+    DeepSpeed config parses. ``ValueError`` naming the key and the file."""
+    if config.data.path is not None and not Path(config.data.path).exists():
+        raise ValueError(f"data.path: {config.data.path} does not exist (train/prepare_data.py writes one)")
+    if config.trainer.deepspeed_config is not None:
+        load_deepspeed_config(config.trainer.deepspeed_config)
+    resume = config.output.resume
+    if resume not in ("auto", "never") and not Path(resume).exists():
+        raise ValueError(f"output.resume: checkpoint {resume} does not exist")
+
+
+def load_deepspeed_config(path: str | Path) -> dict:
+    """The DeepSpeed JSON as a dict; ``ValueError`` naming ``trainer.deepspeed_config`` if missing or unparsable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"trainer.deepspeed_config: {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"trainer.deepspeed_config: {path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"trainer.deepspeed_config: {path} must hold a JSON object")
+    zero = data.get("zero_optimization", {})
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise ValueError(f"trainer.deepspeed_config: {path}: zero_optimization.stage must be 0, 1, 2 or 3")
+    # Lightning sets these from the gatekv config; DeepSpeed's own optimizer would bypass the head-only parameters
+    owned = {
+        "gradient_accumulation_steps": "trainer.accumulate_grad_batches",
+        "optimizer": "optim.* (gatekv builds AdamW over the trainable parameters only)",
+        "scheduler": "optim.schedule",
+    }
+    for key, instead in owned.items():
+        if key in data:
+            raise ValueError(f"trainer.deepspeed_config: {path}: remove {key!r}; it is set by {instead}")
+    return data
+
+
+def deepspeed_offloads_optimizer(data: dict) -> bool:
+    """True if a DeepSpeed config offloads the optimizer to the CPU (then DeepSpeedCPUAdam is required)."""
+    offload = data.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return isinstance(offload, dict) and offload.get("device") in ("cpu", "nvme")

@@ -1,0 +1,248 @@
+"""Lightning pieces: the LightningModule around :class:`HeadObjective`, the data module, atomic checkpoint I/O and
+the callbacks that record metrics, throughput and memory.
+
+Frozen-backbone rules (../shared/notes/lightning-deepspeed.md): the backbone is ``requires_grad_(False)`` and in eval
+mode (re-asserted at every batch); only trainable parameters reach the optimizer and the checkpoint
+(``strict_loading = False``); ``torch.manual_seed(seed + global_step)`` before every step, so a resumed run draws the
+same random numbers (Gumbel noise) as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader
+
+from gatekv.training.config import TrainConfig
+from gatekv.training.data import Sample, StatefulBatchLoader, _Collator, length_sorted_batches, tokens_in
+from gatekv.training.objective import HeadObjective
+
+__all__ = ["AtomicCheckpointIO", "HeadDataModule", "HeadTrainingModule", "MetricsRecorder", "lr_lambda"]
+
+
+def lr_lambda(warmup_steps: int, max_steps: int, schedule: str, min_ratio: float):
+    """Multiplier of the peak lr at step s: linear warmup, then cosine / linear decay to ``min_ratio`` (or constant)."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        if schedule == "linear":
+            return 1.0 - (1.0 - min_ratio) * progress
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class HeadTrainingModule(L.LightningModule):
+    """Trains ``objective.heads`` (and LoRA, if any) with the backbone frozen.
+
+    objective: the :class:`HeadObjective`
+    config:    the run's :class:`TrainConfig`
+    meta:      identity of the run stored in every checkpoint and checked on resume (fingerprint, head config, target)
+    """
+
+    def __init__(self, objective: HeadObjective, config: TrainConfig, meta: dict):
+        super().__init__()
+        self.objective = objective
+        self.config = config
+        self.meta = meta
+        self.strict_loading = False  # checkpoints hold only the trainable weights
+
+    def trainable_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    # -- steps -----------------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx):
+        torch.manual_seed(self.config.seed + self.global_step)
+        self.objective.backbone.eval()  # never let the backbone's mode drift (dropout would change the labels)
+
+    def training_step(self, batch, batch_idx):
+        loss, metrics = self.objective(batch, step=self.global_step)
+        self._log("train", loss, metrics, batch)
+        self.last_step_metrics = {"train/loss": float(loss.detach())}
+        self.last_step_metrics.update({f"train/{k}": float(v.float().nanmean()) for k, v in metrics.items() if v.numel()})
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, metrics = self.objective(batch, step=self.global_step)
+        self._log("val", loss, metrics, batch)
+        return loss
+
+    def _log(self, stage: str, loss, metrics, batch) -> None:
+        size = int(batch["lengths"].numel())
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, batch_size=size, on_step=on_step, on_epoch=not on_step)
+        for name, values in metrics.items():
+            value = values.float().nanmean() if values.numel() else values
+            self.log(f"{stage}/{name}", value, prog_bar=name == "topk_overlap", batch_size=size, on_step=on_step,
+                     on_epoch=not on_step)
+
+    def configure_optimizers(self):
+        optim = self.config.optim
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self._offloads_optimizer():  # ZeRO-Offload refuses torch optimizers: the same AdamW, DeepSpeed's CPU kernel
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
+                                         adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+        factor = lr_lambda(optim.warmup_steps, self.config.trainer.max_steps, optim.schedule, optim.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _offloads_optimizer(self) -> bool:
+        trainer = self.config.trainer
+        if trainer.strategy != "deepspeed":
+            return False
+        from gatekv.training.config import deepspeed_offloads_optimizer, load_deepspeed_config
+
+        return deepspeed_offloads_optimizer(load_deepspeed_config(trainer.deepspeed_config))
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = self.trainable_names()
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
+        checkpoint["gatekv"] = self.meta
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_checkpoint_meta(checkpoint.get("gatekv"), self.meta, "checkpoint")
+
+
+def check_checkpoint_meta(saved: dict | None, current: dict, where: str) -> None:
+    """``ValueError`` naming what differs between a checkpoint's run identity and this run's."""
+    if saved is None:
+        raise ValueError(f"{where} was not written by gatekv train (no 'gatekv' entry)")
+    problems = []
+    if saved.get("head_type") != current["head_type"]:
+        problems.append(f"head type {saved.get('head_type')!r} (checkpoint) vs {current['head_type']!r} (config)")
+    if saved.get("fingerprint") != current["fingerprint"]:
+        old, new = saved.get("fingerprint") or {}, current["fingerprint"]
+        fields = [f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        problems.append("base model differs (" + "; ".join(fields) + ")")
+    if saved.get("head_config") != current["head_config"] and saved.get("head_type") == current["head_type"]:
+        old, new = saved.get("head_config") or {}, current["head_config"]
+        fields = [f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        problems.append("head dimensions differ (" + "; ".join(fields) + ")")
+    if saved.get("target") != current["target"]:
+        problems.append(f"target {saved.get('target')!r} (checkpoint) vs {current['target']!r} (config)")
+    if problems:
+        raise ValueError(f"{where} belongs to a different run: " + "; ".join(problems))
+
+
+class HeadDataModule(L.LightningDataModule):
+    """Tokenized samples -> a resumable length-sorted training loader and a fixed validation loader."""
+
+    def __init__(self, train: list[Sample], val: list[Sample], batch_size: int, pad_id: int, seed: int):
+        super().__init__()
+        self.train_samples, self.val_samples = train, val
+        self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self):
+        rank, world_size = self._rank()
+        return StatefulBatchLoader(self.train_samples, self.batch_size, self.pad_id, self.seed,
+                                   rank=rank, world_size=world_size)
+
+    def val_dataloader(self):
+        if not self.val_samples:
+            return []
+        rank, world_size = self._rank()
+        batches = length_sorted_batches(self.val_samples, self.batch_size)[rank::world_size]
+        return DataLoader(batches, batch_size=None, collate_fn=_Collator(self.val_samples, self.pad_id), num_workers=0)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in the same directory, fsyncs it, then renames it into place."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as handle:
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MetricsRecorder(L.Callback):
+    """Appends one JSON line per logged step to ``path`` (train and val metrics, tokens/s, peak memory).
+
+    Lines of steps a killed run had logged past its last checkpoint are superseded on resume (the reader keeps the
+    last line per step and stage).
+    """
+
+    def __init__(self, path: Path, every_n_steps: int):
+        self.path, self.every = Path(path), every_n_steps
+        self._start = 0.0
+        self.tokens = 0
+        self.seconds = 0.0
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seconds += time.perf_counter() - self._start
+        self.tokens += tokens_in(batch)
+        for name, value in getattr(pl_module, "last_step_metrics", {}).items():
+            self._sums[name] = self._sums.get(name, 0.0) + value
+        self._count += 1
+        step = trainer.global_step
+        if trainer.is_global_zero and (step % self.every == 0 or step == trainer.max_steps):
+            # means over the steps since the previous record (a smoother curve than single steps)
+            metrics = {k: v / max(self._count, 1) for k, v in self._sums.items()}
+            self._sums, self._count = {}, 0
+            self._write({"stage": "train", "step": step, **metrics,
+                         "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                         "tokens_per_s": self.tokens / max(self.seconds, 1e-9), "peak_rss_mib": peak_rss_mib()})
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if metrics:
+            self._write({"stage": "val", "step": trainer.global_step, **metrics})
+
+    def _write(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Records of a metrics.jsonl, the last one per (stage, step), sorted by step (torn last lines are skipped)."""
+    if not Path(path).is_file():
+        return []
+    latest: dict[tuple[str, int], dict] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        latest[(record["stage"], record["step"])] = record
+    return sorted(latest.values(), key=lambda r: (r["step"], r["stage"]))

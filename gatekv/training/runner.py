@@ -1,0 +1,374 @@
+"""``train(config)``: the whole ``gatekv train`` run, top to bottom; ``validate(config)``: the checks without training.
+
+Run directory (``output.dir``)::
+
+    config.yaml            the resolved config (a resumed run with a changed config also writes config.resume-<step>.yaml)
+    checkpoints/           step-000050.ckpt ... (atomic; trainable weights + optimizer + scheduler + loop/data state)
+    logs/                  Lightning CSV (and TensorBoard) logs
+    metrics.jsonl          one line per logged step: train/val loss, top-k overlap, lr, tokens/s, peak memory
+    adapter/               the trained heads: gatekv_config.json + adapter_model.safetensors (+ lora/ with LoRA)
+    summary.json           data counts, final metrics, throughput, loss curve
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gatekv.config import dump_yaml, to_dict
+from gatekv.training.config import TrainConfig, check_files, load_deepspeed_config
+
+__all__ = ["TrainResult", "find_resume_checkpoint", "format_curve", "train", "validate"]
+
+log = logging.getLogger("gatekv.training")
+_STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    adapter_dir: Path | None
+    steps: int
+    """Optimizer steps done (global step at the end)."""
+    resumed_from: str | None
+    curve: list[dict] = field(default_factory=list)
+    """metrics.jsonl records (last per step and stage)."""
+    summary: dict = field(default_factory=dict)
+    heads: object = None
+    """The trained :class:`~gatekv.heads.HeadsScorer` (usable as a scorer right away)."""
+    backbone: object = None
+    """The frozen base model (peft-wrapped when LoRA was trained)."""
+
+
+def validate(config: TrainConfig) -> list[str]:
+    """Every check that needs no model download or training: types (already done by loading), files, DeepSpeed
+    JSON, tiny-model family, SmolLM2 package. Returns notes (empty = nothing to say); raises ``ValueError``."""
+    check_files(config)
+    notes = []
+    name = config.model.name
+    if name.startswith("tiny:"):
+        from gatekv.training.models import TINY_FAMILIES
+
+        if name.split(":", 1)[1] not in TINY_FAMILIES:
+            raise ValueError(f"model.name: unknown tiny family in {name!r}; valid: tiny:{', tiny:'.join(TINY_FAMILIES)}")
+    elif name == "smollm2":
+        from gatekv.smollm2 import find_smollm2_gguf
+
+        try:
+            find_smollm2_gguf()
+        except FileNotFoundError as error:
+            notes.append(f"model.name smollm2: {error}")
+    if config.trainer.strategy == "deepspeed" and not torch.cuda.is_available():
+        notes.append("trainer.strategy deepspeed: no CUDA device here (the run needs a GPU)")
+    if config.data.feature_cache is not None:
+        notes.append(f"data.feature_cache: features are cached under {config.data.feature_cache}")
+    return notes
+
+
+def find_resume_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest complete ``step-N.ckpt`` (a file, or a DeepSpeed directory holding its ``latest`` marker)."""
+    if not checkpoint_dir.is_dir():
+        return None
+    found = []
+    for entry in checkpoint_dir.iterdir():
+        match = _STEP_FILE.match(entry.name)
+        if match and (entry.is_file() or (entry / "latest").is_file()):
+            found.append((int(match.group(1)), entry))
+    return max(found)[1] if found else None
+
+
+def _resolve_resume(config: TrainConfig, checkpoint_dir: Path) -> Path | None:
+    resume = config.output.resume
+    existing = find_resume_checkpoint(checkpoint_dir)
+    if resume == "never":
+        if existing is not None:
+            raise ValueError(
+                f"output.resume is 'never' but {checkpoint_dir} already holds checkpoints ({existing.name}); "
+                "use output.resume=auto or another output.dir (nothing was overwritten)"
+            )
+        return None
+    if resume == "auto":
+        return existing
+    return Path(resume)
+
+
+def _read_checkpoint_meta(path: Path) -> dict | None:
+    if path.is_dir():  # DeepSpeed: client state is inside the model-states file
+        files = sorted(path.glob("*/mp_rank_00_model_states.pt")) + sorted(path.glob("*/zero_pp_rank_0_mp_rank_00_model_states.pt"))
+        if not files:
+            return None
+        path = files[0]
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"output.resume: could not read checkpoint {path}: {error}") from None
+    return checkpoint.get("gatekv")
+
+
+def _build_strategy(config: TrainConfig):
+    if config.trainer.strategy != "deepspeed":
+        return config.trainer.strategy
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    ds_config = load_deepspeed_config(config.trainer.deepspeed_config)
+    ds_config.setdefault("train_micro_batch_size_per_gpu", config.data.batch_size)
+    return DeepSpeedStrategy(config=ds_config, exclude_frozen_parameters=True)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _save_config(config: TrainConfig, out: Path, resume_step: int | None) -> None:
+    text = dump_yaml(config)
+    path = out / "config.yaml"
+    if path.is_file() and path.read_text(encoding="utf-8") != text:
+        if resume_step is None:
+            backup = out / f"config.before-{int(time.time())}.yaml"
+            os.replace(path, backup)  # an older run's config is kept, never lost
+            log.warning("the run directory had a different config.yaml; kept as %s", backup.name)
+        else:
+            _write_text_atomic(out / f"config.resume-{resume_step}.yaml", text)
+            log.warning("resuming with a changed config: written to config.resume-%d.yaml", resume_step)
+            return
+    _write_text_atomic(path, text)
+
+
+def _wrap_lora(model, config: TrainConfig):
+    import copy
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    lora = config.target.lora
+    names = {name.split(".")[-1] for name, _ in model.named_modules()}
+    missing = [m for m in lora.target_modules if m not in names]
+    if missing:
+        raise ValueError(f"target.lora.target_modules: {missing} not found in {type(model).__name__}")
+    base = copy.deepcopy(model)  # the loaded model may be shared (gatekv.smollm2 caches it): never modify it
+    peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules))
+    wrapped = get_peft_model(base, peft_config)
+    wrapped.eval()
+    return wrapped
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train heads as configured; resumable; exports the adapter. See the module docstring for what is written."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gatekv.heads import HeadConfig, build_heads
+    from gatekv.training.data import load_records, pad_token_id, prepare_samples, split_train_val
+    from gatekv.training.models import load_base_model
+    from gatekv.training.module import (
+        AtomicCheckpointIO,
+        HeadDataModule,
+        HeadTrainingModule,
+        MetricsRecorder,
+        check_checkpoint_meta,
+        peak_rss_mib,
+        read_metrics,
+    )
+    from gatekv.training.objective import FeatureCache, HeadObjective
+
+    check_files(config)
+    if config.trainer.threads is not None:
+        torch.set_num_threads(config.trainer.threads)
+    out = Path(config.output.dir)
+    checkpoint_dir = out / "checkpoints"
+    resume = _resolve_resume(config, checkpoint_dir)
+
+    # -- model, heads ------------------------------------------------------------------------------------------------
+    model, tokenizer, model_id = load_base_model(config.model)
+    head_options = {
+        "hidden": config.heads.hidden,
+        "gate_heads": config.heads.gate_heads,
+        "gate_head_dim": config.heads.gate_head_dim,
+        "init_keep_logit": config.heads.init_keep_logit,
+    }
+    if config.heads.act is not None:
+        head_options["act"] = config.heads.act
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        heads = build_heads(config.heads.type, model, **head_options)
+    head_config: HeadConfig = heads.config
+    meta = {
+        "head_type": head_config.type,
+        "fingerprint": dict(head_config.fingerprint.__dict__),
+        "head_config": {k: v for k, v in head_config.to_dict().items() if k not in ("fingerprint", "extra")},
+        "target": config.target.kind,
+        "base_model": model_id,
+    }
+    resume_step = None
+    if resume is not None:
+        saved = _read_checkpoint_meta(resume)
+        check_checkpoint_meta(saved, meta, f"checkpoint {resume}")
+        match = _STEP_FILE.match(resume.name)
+        resume_step = int(match.group(1)) if match else None
+    out.mkdir(parents=True, exist_ok=True)
+    _save_config(config, out, resume_step)
+
+    backbone = _wrap_lora(model, config) if config.target.lora.enabled else model
+    feature_cache = None
+    if config.data.feature_cache is not None:
+        dtype = getattr(torch, config.data.feature_cache_dtype)
+        feature_cache = FeatureCache(config.data.feature_cache, head_config.fingerprint, model_id, head_config.type, dtype)
+    objective = HeadObjective(backbone, heads, config.target, feature_cache, lora=config.target.lora.enabled)
+
+    # -- data --------------------------------------------------------------------------------------------------------
+    samples, stats = prepare_samples(load_records(config.data), tokenizer, config.data)
+    train_samples, val_samples = split_train_val(samples, config.data, config.seed)
+    print(f"[gatekv train] data: {stats.summary()}; {len(train_samples)} train / {len(val_samples)} validation samples")
+    datamodule = HeadDataModule(train_samples, val_samples, config.data.batch_size, pad_token_id(tokenizer), config.seed)
+
+    # -- trainer -----------------------------------------------------------------------------------------------------
+    module = HeadTrainingModule(objective, config, meta)
+    trainer_cfg = config.trainer
+    deepspeed = trainer_cfg.strategy == "deepspeed"
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=str(checkpoint_dir), filename="step-{step:06d}", auto_insert_metric_name=False,
+            every_n_train_steps=trainer_cfg.checkpoint_every_n_steps, save_top_k=1, save_last=False,
+        ),
+        MetricsRecorder(out / "metrics.jsonl", trainer_cfg.log_every_n_steps),
+    ]
+    if trainer_cfg.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    loggers = []
+    if "csv" in config.output.loggers:
+        loggers.append(CSVLogger(save_dir=str(out), name="logs", version=f"run-{resume_step or 0}"))
+    if "tensorboard" in config.output.loggers:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=f"run-{resume_step or 0}"))
+    val_every = trainer_cfg.val_every_n_steps
+    trainer = L.Trainer(
+        max_steps=trainer_cfg.max_steps,
+        accelerator=trainer_cfg.accelerator,
+        devices=trainer_cfg.devices,
+        num_nodes=trainer_cfg.num_nodes,
+        strategy=_build_strategy(config),
+        precision=trainer_cfg.precision,
+        accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
+        gradient_clip_val=config.optim.grad_clip,
+        gradient_clip_algorithm=None if deepspeed else config.optim.grad_clip_algorithm,
+        log_every_n_steps=trainer_cfg.log_every_n_steps,
+        val_check_interval=min(val_every, trainer_cfg.max_steps) if val_every and val_samples else None,
+        check_val_every_n_epoch=None if val_every and val_samples else 1,
+        limit_val_batches=1.0 if val_samples else 0,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        logger=loggers or False,
+        enable_progress_bar=trainer_cfg.progress_bar,
+        enable_model_summary=False,
+        deterministic=trainer_cfg.deterministic,
+        plugins=None if deepspeed else [AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # the loaders shard batches per process themselves (resumable)
+        default_root_dir=str(out),
+    )
+    if resume is not None:
+        print(f"[gatekv train] resuming from {resume}")
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        # the frozen backbone is in eval mode on purpose (Lightning warns about it) and the val loader is tiny
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None)
+    wall = time.perf_counter() - start
+    if trainer.interrupted:
+        raise RuntimeError("training was interrupted; rerun with output.resume=auto to continue")
+    last_val = max((r["step"] for r in read_metrics(out / "metrics.jsonl") if r["stage"] == "val"), default=-1)
+    if val_samples and last_val != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # final validation, recorded like the others
+
+    # -- export and report -------------------------------------------------------------------------------------------
+    curve = read_metrics(out / "metrics.jsonl")
+    recorder = callbacks[1]
+    summary = {
+        "base_model": model_id,
+        "head_type": head_config.type,
+        "target": config.target.kind,
+        "steps": trainer.global_step,
+        "data": stats.to_dict(),
+        "train_samples": len(train_samples),
+        "val_samples": len(val_samples),
+        "wall_seconds": wall,
+        "train_tokens_per_s": recorder.tokens / max(recorder.seconds, 1e-9) if recorder.seconds else None,
+        "peak_rss_mib": peak_rss_mib(),
+        "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "trainable_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "final": {k: v for k, v in (curve[-1] if curve else {}).items()},
+        "final_val": next((r for r in reversed(curve) if r["stage"] == "val"), None),
+        "feature_cache": None if feature_cache is None else {"hits": feature_cache.hits, "misses": feature_cache.misses},
+    }
+    adapter_dir = None
+    if trainer.is_global_zero:
+        if config.output.export_adapter:
+            adapter_dir = out / "adapter"
+            _export(module, heads, adapter_dir, config, model_id, summary, deepspeed)
+        _write_text_atomic(out / "summary.json", json.dumps({**summary, "curve": curve}, indent=2) + "\n")
+        print(format_curve(curve))
+        print(
+            f"[gatekv train] {trainer.global_step} steps in {wall:.0f} s; "
+            f"{summary['train_tokens_per_s'] or 0:.0f} tokens/s; peak RSS {summary['peak_rss_mib']:.0f} MiB"
+            + (f"; adapter: {adapter_dir}" if adapter_dir else "")
+        )
+    heads.eval()
+    return TrainResult(out, adapter_dir, trainer.global_step, str(resume) if resume else None, curve, summary,
+                       heads, backbone)
+
+
+def _export(module, heads, adapter_dir: Path, config: TrainConfig, model_id: str, summary: dict, deepspeed: bool) -> None:
+    import contextlib
+
+    gathered = contextlib.nullcontext()
+    if deepspeed:  # ZeRO-3 partitions every parameter: gather the heads before reading them
+        import deepspeed as ds
+
+        if any(hasattr(p, "ds_id") for p in heads.parameters()):
+            gathered = ds.zero.GatheredParameters(list(heads.parameters()))
+    with gathered:
+        heads.save_adapter(
+            adapter_dir,
+            base_model=model_id,
+            target=config.target.kind,
+            training={k: summary[k] for k in ("steps", "train_samples", "final_val") if k in summary},
+            config=to_dict(config),
+        )
+    if config.target.lora.enabled:
+        module.objective.backbone.save_pretrained(str(adapter_dir / "lora"), safe_serialization=True)
+
+
+def format_curve(curve: list[dict], width: int = 40) -> str:
+    """The loss curve and top-k overlap as a small text table (train rows at logged steps, val rows marked)."""
+    if not curve:
+        return "(no metrics logged)"
+    lines = ["step  stage  loss      top-k overlap  " + ("kl        evict" if any("train/kl" in r for r in curve) else "")]
+    losses = [r.get("train/loss") for r in curve if r["stage"] == "train" and r.get("train/loss") is not None]
+    top = max(losses) if losses else 1.0
+    for r in curve:
+        stage = r["stage"]
+        loss = r.get(f"{stage}/loss")
+        overlap = r.get(f"{stage}/topk_overlap")
+        bar = "#" * max(1, round(width * loss / top)) if loss is not None and top > 0 and stage == "train" else ""
+        extra = ""
+        if f"{stage}/kl" in r:
+            extra = f"{r[f'{stage}/kl']:<9.4f} {r.get(f'{stage}/eviction_rate', float('nan')):.3f}"
+        lines.append(
+            f"{r['step']:<5d} {stage:<6} {loss if loss is not None else float('nan'):<9.4f} "
+            f"{overlap if overlap is not None else float('nan'):<14.3f} {extra} {bar}"
+        )
+    return "\n".join(lines)

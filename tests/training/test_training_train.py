@@ -1,0 +1,170 @@
+"""End to end through ``train()``: the backbone stays bit-identical, the heads learn, checkpoints hold only what is
+trained, the trained heads work inside compress(), resume refuses foreign checkpoints, and a run killed with SIGKILL
+resumes to the very same weights as an uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("lightning", reason="needs the train extra: pip install 'gatekv[train]'")
+pytest.importorskip("datasets", reason="needs the train extra: pip install 'gatekv[train]'")
+import torch
+from safetensors.torch import load_file
+
+from _training_helpers import REPO, TINY_DATA, tiny_config
+from gatekv import compress
+from gatekv.heads import build_heads, load_adapter
+from gatekv.training.models import tiny_model
+from gatekv.training.runner import find_resume_checkpoint, train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    config = tiny_config(
+        out,
+        optim={"lr": 1e-2, "warmup_steps": 2},
+        trainer={"max_steps": 30, "log_every_n_steps": 3, "val_every_n_steps": 10, "checkpoint_every_n_steps": 10},
+    )
+    threads = torch.get_num_threads()
+    try:
+        result = train(config)
+    finally:
+        torch.set_num_threads(threads)
+    return config, result
+
+
+def test_backbone_is_bit_identical_after_training(trained):
+    _, result = trained
+    fresh = tiny_model("llama")
+    trained_state = result.backbone.state_dict()
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(trained_state[name], tensor), name
+    assert not result.backbone.training and not any(p.requires_grad for p in result.backbone.parameters())
+
+
+def test_head_weights_change_and_loss_falls(trained):
+    config, result = trained
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        initial = build_heads("retaining_head", tiny_model("llama"), hidden=16)
+    for (name, before), after in zip(initial.state_dict().items(), result.heads.state_dict().values()):
+        assert not torch.equal(before, after), f"{name} did not change"
+    losses = [r["train/loss"] for r in result.curve if r["stage"] == "train"]
+    assert len(losses) == 10
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    vals = [r for r in result.curve if r["stage"] == "val"]
+    assert [r["step"] for r in vals] == [10, 20, 30] and all(0 <= r["val/topk_overlap"] <= 1 for r in vals)
+    assert result.summary["train_tokens_per_s"] > 0 and result.summary["peak_rss_mib"] > 0
+
+
+def test_checkpoint_holds_only_trainable_weights(trained):
+    _, result = trained
+    path = find_resume_checkpoint(result.output_dir / "checkpoints")
+    assert path.name == "step-000030.ckpt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    keys = set(checkpoint["state_dict"])
+    assert keys and all(k.startswith("objective.heads.") for k in keys)
+    assert checkpoint["global_step"] == 30 and checkpoint["optimizer_states"]
+    assert checkpoint["gatekv"]["head_type"] == "retaining_head"
+    assert not list((result.output_dir / "checkpoints").glob(".*"))  # no temp files
+    assert (result.output_dir / "config.yaml").is_file() and (result.output_dir / "summary.json").is_file()
+
+
+def test_trained_adapter_is_a_scorer_inside_compress(trained):
+    _, result = trained
+    model = tiny_model("llama")
+    heads = load_adapter(result.adapter_dir, model=model)
+    for name, tensor in result.heads.state_dict().items():
+        assert torch.equal(heads.state_dict()[name], tensor)
+    ids = torch.randint(4, 100, (2, 48))
+    with compress(model, heads, "adakv", budget=0.25, window=4, sinks=2) as session:
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 51)
+    assert session.stats.kept_tokens.float().mean() <= 12.5
+
+
+def test_resume_refuses_a_checkpoint_of_another_head_type(trained):
+    config, result = trained
+    before = sorted(p.name for p in (result.output_dir / "checkpoints").iterdir())
+    other = tiny_config(result.output_dir, heads={"type": "attention_gate"})
+    with pytest.raises(ValueError, match=r"belongs to a different run: head type 'retaining_head' \(checkpoint\) vs "
+                                         r"'attention_gate' \(config\)"):
+        train(other)
+    never = tiny_config(result.output_dir, output={"resume": "never"})
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(never)
+    assert sorted(p.name for p in (result.output_dir / "checkpoints").iterdir()) == before
+
+
+def test_lora_run_saves_lora_and_heads_only(tmp_path):
+    config = tiny_config(
+        tmp_path,
+        model={"name": "tiny:phi3"},
+        heads={"type": "linear_gate", "hidden": 0},
+        target={"kind": "distill", "window": 8, "eviction_ramp_steps": 2,
+                "lora": {"enabled": True, "r": 2, "alpha": 4, "target_modules": ["qkv_proj"]}},
+        data={"val_fraction": 0.0},
+        trainer={"max_steps": 4, "checkpoint_every_n_steps": 2, "val_every_n_steps": None},
+    )
+    threads = torch.get_num_threads()
+    try:
+        result = train(config)
+    finally:
+        torch.set_num_threads(threads)
+    keys = set(torch.load(find_resume_checkpoint(tmp_path / "checkpoints"), weights_only=True)["state_dict"])
+    assert any("lora_" in k for k in keys) and any(k.startswith("objective.heads.") for k in keys)
+    assert all("lora_" in k or k.startswith("objective.heads.") for k in keys)
+    assert (result.adapter_dir / "lora" / "adapter_model.safetensors").is_file()
+
+
+def _command(out_dir):
+    return [sys.executable, "-m", "gatekv.training.cli", str(REPO / "configs" / "train" / "tiny-qwen3-attention-gate.yaml"),
+            f"output.dir={out_dir}", f"data.path={TINY_DATA}", "trainer.max_steps=40", "trainer.checkpoint_every_n_steps=3",
+            "trainer.val_every_n_steps=10", "trainer.progress_bar=false", "trainer.threads=1"]
+
+
+def test_kill_and_resume_ends_with_the_same_weights(tmp_path):
+    """SIGKILL mid-run, rerun the same command (resume: auto): the final weights equal an uninterrupted run's,
+    bit for bit (attention gates + Gumbel noise: the per-step reseed and the resumable loader are both needed)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    straight = subprocess.Popen(_command(tmp_path / "a"), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed = subprocess.Popen(_command(tmp_path / "b"), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "b" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and killed.poll() is None and find_resume_checkpoint(checkpoints) is None:
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    at_kill = find_resume_checkpoint(checkpoints)
+    assert at_kill is not None and not (tmp_path / "b" / "adapter").exists()
+    resumed = subprocess.run(_command(tmp_path / "b"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {at_kill}" in resumed.stdout
+    _, err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, err[-3000:]
+    a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    first = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    fresh = build_heads("attention_gate", tiny_model("qwen3"), gate_heads=2, gate_head_dim=8)
+    assert any(not torch.equal(first[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_unsupported_base_model_is_named(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    config = tiny_config(tmp_path / "out", model={"name": str(tmp_path / "gpt2")})
+    with pytest.raises(ValueError, match=r"model.name: .*gpt2.* is a 'gpt2' model; gatekv heads support"):
+        train(config)
+    assert not (tmp_path / "out" / "checkpoints").exists()

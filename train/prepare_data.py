@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Build long-context SFT data for ``gatekv train`` (JSONL of chat samples).
+
+Offline (default): synthetic retrieval / QA over the interpreter's own documentation (``pydoc_data.topics``), see
+``gatekv.training.synthetic``: contexts of 512-2000 tokens with 1-4 inserted facts, multi-turn questions and answers.
+Training text = the first 70% of the sorted topics, seeds from 1_000_000 up; evaluation uses the other 30% and seeds
+below 1_000_000, so the two never share text or seeds.
+
+    python train/prepare_data.py --out data/smollm2-train.jsonl --num-samples 160
+    python train/prepare_data.py --tokenizer char --out tests_data.jsonl --num-samples 8 --min-tokens 100 --max-tokens 200
+
+Online: convert a Hub dataset (e.g. LongAlpaca) into the same JSONL (Alpaca records become user/assistant chats)::
+
+    python train/prepare_data.py --hub-id Yukang/LongAlpaca-12k --out data/longalpaca.jsonl --num-samples 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _counter(name: str):
+    from gatekv.training import synthetic
+
+    if name == "none":
+        return synthetic.char_estimate
+    if name == "char":
+        from gatekv.training.models import char_tokenizer
+
+        return synthetic.tokenizer_counter(char_tokenizer())
+    if name == "smollm2":
+        from transformers import AutoTokenizer
+
+        from gatekv.smollm2 import find_smollm2_gguf
+
+        path = find_smollm2_gguf()
+        return synthetic.tokenizer_counter(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
+    from transformers import AutoTokenizer
+
+    return synthetic.tokenizer_counter(AutoTokenizer.from_pretrained(name))
+
+
+def _from_hub(args) -> list[dict]:
+    import datasets
+
+    from gatekv.training.config import DataConfig
+    from gatekv.training.data import detect_format, record_messages
+
+    dataset = datasets.load_dataset(args.hub_id, args.hub_config, split=args.hub_split)
+    kind = detect_format(list(dataset.column_names), DataConfig(hub_id=args.hub_id))
+    records = []
+    for record in dataset:
+        if len(records) >= args.num_samples:
+            break
+        try:
+            records.append({"messages": record_messages(record, kind), "meta": {"source": args.hub_id}})
+        except ValueError:
+            continue
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gatekv.training import synthetic
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output .jsonl path")
+    parser.add_argument("--num-samples", type=int, default=160, help="samples to write (default 160)")
+    parser.add_argument("--min-tokens", type=int, default=512, help="shortest context in tokens (default 512)")
+    parser.add_argument("--max-tokens", type=int, default=2000, help="longest context in tokens (default 2000)")
+    parser.add_argument("--seed-base", type=int, default=synthetic.TRAIN_SEED_BASE,
+                        help=f"first seed (default {synthetic.TRAIN_SEED_BASE}; must stay >= it for training data)")
+    parser.add_argument("--tokenizer", default="smollm2",
+                        help="token counting: smollm2 (default), char (the tiny test tokenizer), none (4 chars/token), "
+                        "or a Hub tokenizer id")
+    parser.add_argument("--hub-id", help="convert this Hub dataset instead of generating (needs network)")
+    parser.add_argument("--hub-config", default=None, help="Hub dataset configuration")
+    parser.add_argument("--hub-split", default="train", help="Hub dataset split (default train)")
+    args = parser.parse_args(argv)
+    if args.num_samples < 1 or args.min_tokens < 16 or args.max_tokens < args.min_tokens:
+        parser.error("need --num-samples >= 1 and 16 <= --min-tokens <= --max-tokens")
+    start = time.perf_counter()
+    if args.hub_id:
+        records = _from_hub(args)
+        if not records:
+            print(f"prepare_data: no usable records in {args.hub_id}", file=sys.stderr)
+            return 2
+    else:
+        count = _counter(args.tokenizer)
+        samples = synthetic.make_samples(
+            args.num_samples, count, seed_base=args.seed_base, min_tokens=args.min_tokens, max_tokens=args.max_tokens
+        )
+        records = [s.to_record() for s in samples]
+    path = synthetic.write_jsonl(records, args.out)
+    print(f"wrote {len(records)} samples to {path} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
