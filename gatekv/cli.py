@@ -2,6 +2,8 @@
 
     gatekv bench decode --length 8192 --budget 0.1 --steps 32 --device cpu
     gatekv generate --scorer snapkv --budget 0.1 --prompt-file doc.txt --question "Who ...?" --max-new-tokens 64
+    gatekv train configs/train/smollm2-135m-retaining-head.yaml trainer.max_steps=100
+    gatekv validate configs/train/smollm2-135m-retaining-head.yaml
 """
 
 from __future__ import annotations
@@ -78,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--window", type=int, default=32, help="recent tokens always kept (default 32)")
     generate.add_argument("--sinks", type=int, default=4, help="first tokens always kept (default 4)")
+    for name, text in (
+        ("train", "train retaining heads / gates: gatekv train CONFIG.yaml [key.sub=value ...]"),
+        ("validate", "check a training config without running it: gatekv validate CONFIG.yaml [key=value ...]"),
+    ):
+        sub = commands.add_parser(name, help=text, add_help=False)
+        sub.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the training entry point")
     return parser
 
 
@@ -135,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         return _run_bench_decode(args)
     if args.command == "generate":
         return _run_generate(args)
+    if args.command in ("train", "validate"):
+        # Lightning and DeepSpeed are imported only here, never by inference code paths.
+        from gatekv.training import cli as training_cli
+
+        entry = training_cli.train_main if args.command == "train" else training_cli.validate_main
+        return entry(list(args.args))
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown commands first
 
 
