@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Run as a script, this folder is sys.path[0], and transformers probes for a top-level package named `kernels`:
-# benchmarks/kernels.py would be imported in its place. Keep this folder off the import path.
+# a module named like a package (e.g. kernels.py) would shadow it. Keep this folder off the import path.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402

@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     decode.add_argument("--seed", type=int, default=0, help="prompt / random weights seed (default 0)")
 
+    kernels = bench_kinds.add_parser(
+        "kernels",
+        help="compact / append / decode kernels: bandwidth vs device copy and decode vs full-cache SDPA",
+        add_help=False,
+    )
+    kernels.add_argument("args", nargs=argparse.REMAINDER, help="see gatekv bench kernels --help")
+
     generate = commands.add_parser(
         "generate",
         help="answer a question about a document with SmolLM2 and a compressed cache",
@@ -137,18 +144,31 @@ def _run_generate(args) -> int:
     return 0
 
 
+def _passthrough(argv: list[str]):
+    """Commands whose arguments belong to another entry point (its own parser): (entry, remaining argv)."""
+    if argv[:1] in (["train"], ["validate"]):
+        # Lightning and DeepSpeed are imported only here, never by inference code paths.
+        from gatekv.training import cli as training_cli
+
+        entry = training_cli.train_main if argv[0] == "train" else training_cli.validate_main
+        return entry, argv[1:]
+    if argv[:2] == ["bench", "kernels"]:
+        from gatekv.bench_kernels import main as bench_kernels_main
+
+        return bench_kernels_main, argv[2:]
+    return None, argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    entry, rest = _passthrough(argv)
+    if entry is not None:
+        return entry(rest)
     args = build_parser().parse_args(argv)
     if args.command == "bench" and args.bench == "decode":
         return _run_bench_decode(args)
     if args.command == "generate":
         return _run_generate(args)
-    if args.command in ("train", "validate"):
-        # Lightning and DeepSpeed are imported only here, never by inference code paths.
-        from gatekv.training import cli as training_cli
-
-        entry = training_cli.train_main if args.command == "train" else training_cli.validate_main
-        return entry(list(args.args))
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown commands first
 
 

@@ -13,7 +13,7 @@ full-cache step. Times come from ``triton.testing.do_bench`` (L2 flushed between
 Without a GPU it runs a small shape through Triton's interpreter against the PyTorch reference (correctness
 only) and says so.
 
-    python benchmarks/kernels.py [--contexts 8192 32768 131072] [--budget 0.1] [--batch 1] [--json out.json]
+    gatekv bench kernels [--contexts 8192 32768 131072] [--budget 0.1] [--batch 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,11 +26,8 @@ import time
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
-
-from gatekv.kernels import dispatch, reference  # noqa: E402
-from gatekv.kernels.reference import layout_from_caps  # noqa: E402
+from gatekv.kernels import dispatch, reference
+from gatekv.kernels.reference import layout_from_caps
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 GROWTH = 256  # decode room per segment after compaction
@@ -266,6 +263,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        # The Triton kernels are imported lazily by the dispatch, so this still takes effect here.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     report = gpu_main(args) if torch.cuda.is_available() else cpu_main(args)
     if args.json:
         with open(args.json, "w") as f:
