@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Run as a script, this folder is sys.path[0], and transformers probes for a top-level package named `kernels`:
