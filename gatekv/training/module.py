@@ -82,11 +82,12 @@ class HeadTrainingModule(L.LightningModule):
     def _log(self, stage: str, loss, metrics, batch) -> None:
         size = int(batch["lengths"].numel())
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, batch_size=size, on_step=on_step, on_epoch=not on_step)
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, batch_size=size, on_step=on_step, on_epoch=not on_step,
+                 sync_dist=not on_step)
         for name, values in metrics.items():
             value = values.float().nanmean() if values.numel() else values
             self.log(f"{stage}/{name}", value, prog_bar=name == "topk_overlap", batch_size=size, on_step=on_step,
-                     on_epoch=not on_step)
+                     on_epoch=not on_step, sync_dist=not on_step)
 
     def configure_optimizers(self):
         optim = self.config.optim
@@ -164,7 +165,9 @@ class HeadDataModule(L.LightningDataModule):
         if not self.val_samples:
             return []
         rank, world_size = self._rank()
-        batches = length_sorted_batches(self.val_samples, self.batch_size)[rank::world_size]
+        batches = length_sorted_batches(self.val_samples, self.batch_size)
+        if len(batches) >= world_size:  # every process runs the same number of batches (DDP forwards are collective)
+            batches = batches[rank::world_size][: len(batches) // world_size]
         return DataLoader(batches, batch_size=None, collate_fn=_Collator(self.val_samples, self.pad_id), num_workers=0)
 
 

@@ -116,6 +116,11 @@ def _read_checkpoint_meta(path: Path) -> dict | None:
 
 
 def _build_strategy(config: TrainConfig):
+    if config.trainer.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # the frozen backbone's buffers (RoPE tables) never change: do not broadcast them at every forward
+        return DDPStrategy(broadcast_buffers=False)
     if config.trainer.strategy != "deepspeed":
         return config.trainer.strategy
     from lightning.pytorch.strategies import DeepSpeedStrategy
