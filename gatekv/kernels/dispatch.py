@@ -111,13 +111,17 @@ def ragged_attention(
         return _triton_kernels.ragged_attention(
             query, query_positions, keys, values, positions, starts, lengths, scale, sliding_window
         )
-    if unmasked:
-        from gatekv.kernels.torch_ragged import ragged_decode_unmasked
+    if _backend == "reference":
+        return reference.ragged_attention_reference(
+            query, query_positions, keys, values, positions, starts, lengths, scale, sliding_window
+        )
+    from gatekv.kernels import torch_ragged
 
-        starts_list, lengths_list = host_layout if host_layout is not None else (starts.tolist(), lengths.tolist())
-        return ragged_decode_unmasked(query, keys, values, starts_list, lengths_list, scale)
-    return reference.ragged_attention_reference(
-        query, query_positions, keys, values, positions, starts, lengths, scale, sliding_window
+    starts_list, lengths_list = host_layout if host_layout is not None else (starts.tolist(), lengths.tolist())
+    if unmasked:
+        return torch_ragged.ragged_decode_unmasked(query, keys, values, starts_list, lengths_list, scale)
+    return torch_ragged.ragged_attention_sdpa(
+        query, query_positions, keys, values, positions, starts_list, lengths_list, scale, sliding_window
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ragged_decode_unmasked"]
+__all__ = ["ragged_attention_sdpa", "ragged_decode_unmasked"]
 
 
 def ragged_decode_unmasked(
@@ -46,4 +46,50 @@ def ragged_decode_unmasked(
         v = values[start : start + length].unsqueeze(0).unsqueeze(0)
         attended = F.scaled_dot_product_attention(grouped[b, h][None].to(k.dtype), k, v, scale=scale)
         out[b, h * group : (h + 1) * group, 0] = attended[0, 0].to(out.dtype)
+    return out
+
+
+def ragged_attention_sdpa(
+    query: torch.Tensor,
+    query_positions: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    starts: list[int],
+    lengths: list[int],
+    scale: float,
+    sliding_window: int | None = None,
+    query_block: int = 2048,
+) -> torch.Tensor:
+    """Masked causal GQA attention of several queries per row (prefill chunks) over the ragged cache.
+
+    Same contract as ``reference.ragged_attention_reference``; each segment is read in place and handed to
+    ``scaled_dot_product_attention`` (fused, no logits materialised by us) with a boolean (q, L) mask built from
+    positions. The G query heads of a group share the segment's keys (``enable_gqa``).
+    """
+    batch, num_q_heads, q_len, _ = query.shape
+    num_segments = len(starts)
+    num_kv_heads = num_segments // batch
+    group = num_q_heads // num_kv_heads
+    out = query.new_zeros(batch, num_q_heads, q_len, values.shape[-1])
+    for s in range(num_segments):
+        length = lengths[s]
+        if length == 0:
+            continue
+        b, h = divmod(s, num_kv_heads)
+        start = starts[s]
+        k = keys[start : start + length][None, None]
+        v = values[start : start + length][None, None]
+        key_positions = positions[start : start + length]
+        for q0 in range(0, q_len, query_block):
+            q1 = min(q_len, q0 + query_block)
+            query_pos = query_positions[b, q0:q1]
+            rel = query_pos[:, None] - key_positions[None, :]
+            allowed = (key_positions[None, :] >= 0) & (rel >= 0)
+            if sliding_window is not None:
+                allowed &= rel < sliding_window
+            q = query[b, h * group : (h + 1) * group, q0:q1][None].to(k.dtype)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[None, None], scale=scale, enable_gqa=True)
+            attended = torch.where(allowed.any(-1)[None, None, :, None], attended, torch.zeros_like(attended))
+            out[b, h * group : (h + 1) * group, q0:q1] = attended[0].to(out.dtype)
     return out
