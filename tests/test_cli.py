@@ -10,9 +10,12 @@ import pytest
 from gatekv.cli import build_parser, main
 
 
-def test_validate_dispatches(tmp_path, capsys):
-    assert main(["validate", "configs/train/smollm2-135m-retaining-head.yaml"]) == 0
+def test_validate_dispatches(capsys):
+    assert main(["validate", "configs/train/tiny-llama-retaining-head.yaml"]) == 0
     assert "ok" in capsys.readouterr().out
+    # overrides reach the training config parser, and its errors name the key
+    assert main(["validate", "configs/train/tiny-llama-retaining-head.yaml", "trainer.max_steps=-3"]) != 0
+    assert "max_steps" in capsys.readouterr().err
 
 
 def test_validate_missing_file_names_it():
