@@ -4,6 +4,7 @@ import torch
 
 from gatekv.allocators.base import (
     AllocationInput,
+    candidate_counts,
     Allocator,
     ranking_scores,
     register_allocator,
@@ -32,7 +33,7 @@ class AdaKVAllocator(Allocator):
     def _layer(self, scores: torch.Tensor, protected: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
         batch, heads, t = scores.shape
         ranked = ranking_scores(scores, protected)
-        candidates = (scores > float("-inf")).sum(-1)
+        candidates = candidate_counts(scores)
         protected_counts = protected.sum(-1)
         counts = torch.zeros(batch, heads, dtype=torch.long, device=scores.device)
         for b in range(batch):

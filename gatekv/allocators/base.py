@@ -18,6 +18,7 @@ __all__ = [
     "Budget",
     "KeepPlan",
     "available_allocators",
+    "candidate_counts",
     "get_allocator",
     "plan_from_counts",
     "ranking_scores",
@@ -99,16 +100,9 @@ class AllocationInput:
     budget: torch.Tensor
     window: int = 0
 
-    def candidate_counts(self, layer: int) -> torch.Tensor:
-        """(B, H_kv) number of candidate slots."""
-        return _candidate_counts(self.scores[layer])
 
-    def protected_counts(self, layer: int) -> torch.Tensor:
-        """(B, H_kv) number of protected slots."""
-        return self.protected[layer].sum(-1)
-
-
-def _candidate_counts(scores: torch.Tensor) -> torch.Tensor:
+def candidate_counts(scores: torch.Tensor) -> torch.Tensor:
+    """(B, H) number of candidate slots (score > -inf) of scores (B, H, T)."""
     return (scores > float("-inf")).sum(-1)
 
 
@@ -153,7 +147,7 @@ class Allocator:
         counts = self.layer_counts(inputs)
         indices, kept = [], []
         for layer, layer_counts in enumerate(counts):
-            cand = _candidate_counts(inputs.scores[layer])
+            cand = candidate_counts(inputs.scores[layer])
             prot = inputs.protected[layer].sum(-1)
             layer_counts = torch.minimum(torch.maximum(layer_counts, prot), cand)
             # a row whose budget covers every candidate keeps them all, whatever the allocator's schedule

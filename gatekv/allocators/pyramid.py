@@ -2,7 +2,7 @@
 
 import torch
 
-from gatekv.allocators.base import AllocationInput, Allocator, register_allocator
+from gatekv.allocators.base import AllocationInput, Allocator, candidate_counts, register_allocator
 
 
 @register_allocator("pyramid")
@@ -22,7 +22,7 @@ class PyramidAllocator(Allocator):
         w = inputs.window
         counts = []
         for layer in range(num_layers):
-            candidates = (inputs.scores[layer] > float("-inf")).sum(-1)  # (B, H)
+            candidates = candidate_counts(inputs.scores[layer])  # (B, H)
             length = candidates.max(dim=-1).values.double()  # (B,)
             base = (inputs.budget.double() - w).clamp(min=0)
             low = base / self.beta
