@@ -3,16 +3,19 @@
 from gatekv.allocators import Allocator, Budget, KeepPlan, available_allocators, get_allocator
 from gatekv.cache import CompressedCache
 from gatekv.compress import CompressionSession, CompressionStats, compress
+from gatekv.inference import Answer, GateKV
 from gatekv.scorers import LayerContext, Scorer, available_scorers, get_scorer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Allocator",
+    "Answer",
     "Budget",
     "CompressedCache",
     "CompressionSession",
     "CompressionStats",
+    "GateKV",
     "KeepPlan",
     "LayerContext",
     "Scorer",

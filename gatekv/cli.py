@@ -2,6 +2,8 @@
 
     gatekv bench decode --length 8192 --budget 0.1 --steps 32 --device cpu
     gatekv generate --scorer snapkv --budget 0.1 --prompt-file doc.txt --question "Who ...?" --max-new-tokens 64
+    gatekv generate --adapter checkpoints/smollm2-135m-retaining-heads --budget 0.1 --prompt-file doc.txt --question Q
+    gatekv export runs/smollm2-135m-retaining-head out/adapter
     gatekv train configs/train/smollm2-135m-retaining-head.yaml trainer.max_steps=100
     gatekv validate configs/train/smollm2-135m-retaining-head.yaml
 """
@@ -70,15 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser(
         "generate",
-        help="answer a question about a document with SmolLM2 and a compressed cache",
-        description="Runs SmolLM2-135M-Instruct (the embedded model) with gatekv.compress() and prints the answer "
-        "and one stats line.",
+        help="answer a question about a document with a compressed cache (trained adapter or training-free scorer)",
+        description="Runs a model with gatekv's compressed cache and prints the answer, then one stats line "
+        "(tokens kept, KV bytes vs the full cache, time) on stderr.",
     )
-    generate.add_argument("--prompt-file", required=True, help="text file with the document (the context)")
-    generate.add_argument("--question", required=True, help="question asked after the document")
-    generate.add_argument("--scorer", default="snapkv", help="scorer name, or 'none' for the full cache (default snapkv)")
+    generate.add_argument(
+        "--model", default=None, help="base model: smollm2 (embedded), a Hub id or a path (default: the adapter's own "
+        "base model, else smollm2)"
+    )
+    what = generate.add_mutually_exclusive_group()
+    what.add_argument("--adapter", default=None, help="trained adapter: a directory or a Hub id")
+    what.add_argument("--scorer", default=None, help="training-free scorer name, or 'none' for the full cache "
+                      "(default snapkv when no adapter is given)")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt-file", help="text file with the document/prompt ('-' = standard input)")
+    source.add_argument("--prompt", help="the document/prompt text itself")
+    generate.add_argument("--question", default=None, help="question asked after the document (default: none)")
     generate.add_argument("--allocator", default="uniform", help="allocator name (default uniform)")
     generate.add_argument("--budget", type=_budget, default=0.1, help="ratio or token count per KV head (default 0.1)")
+    generate.add_argument("--prefill", choices=["one_shot", "chunked"], default="one_shot", help="prefill mode")
     generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     generate.add_argument(
         "--query-agnostic",
@@ -87,6 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--window", type=int, default=32, help="recent tokens always kept (default 32)")
     generate.add_argument("--sinks", type=int, default=4, help="first tokens always kept (default 4)")
+    generate.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    generate.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                          help="model dtype (default float32; use bfloat16 on GPUs)")
+    generate.add_argument("--revision", default=None, help="base model revision (Hub)")
+
+    export = commands.add_parser(
+        "export",
+        help="turn a training checkpoint (or a run directory's newest) into an adapter directory",
+        description="Writes gatekv_config.json, adapter_model.safetensors and README.md (+ lora/ when LoRA was "
+        "trained) from a gatekv train checkpoint; the base model is not needed.",
+    )
+    export.add_argument("checkpoint", help="step-N.ckpt file, DeepSpeed checkpoint directory, or run directory")
+    export.add_argument("out_dir", help="adapter directory to write")
+    export.add_argument("--summary", default=None, help="summary.json of the run (default: the run directory's)")
     for name, text in (
         ("train", "train retaining heads / gates: gatekv train CONFIG.yaml [key.sub=value ...]"),
         ("validate", "check a training config without running it: gatekv validate CONFIG.yaml [key=value ...]"),
@@ -116,31 +143,59 @@ def _run_bench_decode(args) -> int:
 
 
 def _run_generate(args) -> int:
-    from gatekv.smollm2 import generate_chat, load_smollm2
+    import torch
 
-    with open(args.prompt_file, encoding="utf-8") as handle:
-        context = handle.read()
-    model, tokenizer = load_smollm2()
-    result = generate_chat(
+    from gatekv.inference import GateKV
+
+    if args.prompt is not None:
+        context = args.prompt
+    elif args.prompt_file == "-":
+        context = sys.stdin.read()
+    else:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as handle:
+                context = handle.read()
+        except OSError as error:
+            raise SystemExit(f"gatekv generate: --prompt-file {args.prompt_file}: {error.strerror}")
+    scorer = args.scorer if args.scorer is not None else (None if args.adapter else "snapkv")
+    if scorer is not None and scorer.lower() in ("none", "full"):
+        scorer = None
+    model = args.model if args.model is not None else (None if args.adapter else "smollm2")
+    kv = GateKV.from_pretrained(
         model,
-        tokenizer,
-        context,
-        args.question,
-        scorer=None if args.scorer.lower() == "none" else args.scorer,
-        allocator=args.allocator,
+        adapter=args.adapter,
+        scorer=scorer,
         budget=args.budget,
-        max_new_tokens=args.max_new_tokens,
-        query_agnostic=args.query_agnostic,
+        allocator=args.allocator,
+        prefill=args.prefill,
+        revision=args.revision,
+        dtype=getattr(torch, args.dtype),
+        device=args.device,
         window=args.window,
         sinks=args.sinks,
     )
-    print(result.text)
-    print(
-        f"[gatekv] {result.prompt_tokens} prompt tokens, {result.new_tokens} new, {result.seconds:.2f} s; "
-        f"KV {result.kv_bytes / 2**20:.2f} MiB vs full {result.full_kv_bytes / 2**20:.2f} MiB "
-        f"({result.kv_bytes / max(result.full_kv_bytes, 1):.3f}x); {result.summary}",
-        file=sys.stderr,
+    streamer = None
+    if args.stream:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(kv.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result = kv.answer(
+        context, args.question, query_aware=not args.query_agnostic, max_new_tokens=args.max_new_tokens, streamer=streamer
     )
+    if not args.stream:
+        print(result.text)
+    what = kv.adapter.describe() if kv.adapter else (scorer or "full cache")
+    print(f"[gatekv] {what}; {args.allocator} budget {args.budget}: {result.stats_line()}", file=sys.stderr)
+    return 0
+
+
+def _run_export(args) -> int:
+    try:
+        from gatekv.training.export import export_checkpoint
+    except ImportError as error:  # the train extra is needed to read training checkpoints
+        raise SystemExit(f"gatekv export needs the training extra (pip install 'gatekv[train]'): {error}")
+    out = export_checkpoint(args.checkpoint, args.out_dir, summary=args.summary)
+    print(f"[gatekv export] adapter written to {out}")
     return 0
 
 
@@ -167,8 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench" and args.bench == "decode":
         return _run_bench_decode(args)
-    if args.command == "generate":
-        return _run_generate(args)
+    try:
+        if args.command == "generate":
+            return _run_generate(args)
+        if args.command == "export":
+            return _run_export(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"gatekv {args.command}: error: {error}", file=sys.stderr)
+        return 2
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown commands first
 
 

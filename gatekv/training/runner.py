@@ -216,6 +216,8 @@ def train(config: TrainConfig) -> TrainResult:
         "head_config": {k: v for k, v in head_config.to_dict().items() if k not in ("fingerprint", "extra")},
         "target": config.target.kind,
         "base_model": model_id,
+        "base_name": config.model.name,
+        "base_revision": config.model.revision,
     }
     resume_step = None
     if resume is not None:
@@ -227,6 +229,10 @@ def train(config: TrainConfig) -> TrainResult:
     _save_config(config, out, resume_step)
 
     backbone = _wrap_lora(model, config) if config.target.lora.enabled else model
+    if config.target.lora.enabled:  # what an export from a checkpoint needs to rebuild peft's adapter_config.json
+        from gatekv.training.export import jsonable
+
+        meta["lora"] = jsonable(backbone.peft_config["default"].to_dict())
     feature_cache = None
     if config.data.feature_cache is not None:
         dtype = getattr(torch, config.data.feature_cache_dtype)
@@ -323,7 +329,7 @@ def train(config: TrainConfig) -> TrainResult:
     if trainer.is_global_zero:
         if config.output.export_adapter:
             adapter_dir = out / "adapter"
-            _export(module, heads, adapter_dir, config, model_id, summary, deepspeed)
+            _export(module, heads, adapter_dir, config, summary, deepspeed)
         _write_text_atomic(out / "summary.json", json.dumps({**summary, "curve": curve}, indent=2) + "\n")
         print(format_curve(curve))
         print(
@@ -336,8 +342,11 @@ def train(config: TrainConfig) -> TrainResult:
                        heads, backbone)
 
 
-def _export(module, heads, adapter_dir: Path, config: TrainConfig, model_id: str, summary: dict, deepspeed: bool) -> None:
+def _export(module, heads, adapter_dir: Path, config: TrainConfig, summary: dict, deepspeed: bool) -> None:
     import contextlib
+
+    from gatekv.heads import Adapter
+    from gatekv.training.export import lora_from_peft
 
     gathered = contextlib.nullcontext()
     if deepspeed:  # ZeRO-3 partitions every parameter: gather the heads before reading them
@@ -346,15 +355,15 @@ def _export(module, heads, adapter_dir: Path, config: TrainConfig, model_id: str
         if any(hasattr(p, "ds_id") for p in heads.parameters()):
             gathered = ds.zero.GatheredParameters(list(heads.parameters()))
     with gathered:
-        heads.save_adapter(
-            adapter_dir,
-            base_model=model_id,
+        adapter = Adapter(
+            heads,
+            base_model=config.model.name,
+            base_revision=config.model.revision,
             target=config.target.kind,
-            training={k: summary[k] for k in ("steps", "train_samples", "final_val") if k in summary},
-            config=to_dict(config),
+            training={k: summary[k] for k in ("steps", "train_samples", "final_val", "wall_seconds") if k in summary},
+            lora=lora_from_peft(module.objective.backbone) if config.target.lora.enabled else None,
         )
-    if config.target.lora.enabled:
-        module.objective.backbone.save_pretrained(str(adapter_dir / "lora"), safe_serialization=True)
+        adapter.save_pretrained(adapter_dir)
 
 
 def format_curve(curve: list[dict], width: int = 40) -> str:

@@ -127,9 +127,10 @@ def test_heads_score_inside_compress(models, family, head_type, tmp_path):
 def test_adapter_round_trip_is_exact(models, tmp_path):
     model = models["qwen3"]
     heads = build_heads("attention_gate", model, gate_heads=3, gate_head_dim=4)
-    heads.save_adapter(tmp_path, base_model="tiny:qwen3", note={"x": 1})
+    heads.save_adapter(tmp_path, base_model="tiny:qwen3", training={"x": 1})
     document = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
-    assert document["format"] == "gatekv-adapter" and document["metadata"]["base_model"] == "tiny:qwen3"
+    assert document["format"] == "gatekv-adapter" and document["base_model"] == "tiny:qwen3"
+    assert document["training"] == {"x": 1}
     assert document["head"]["fingerprint"]["model_type"] == "qwen3"
     loaded = load_adapter(tmp_path, model=model)
     assert isinstance(loaded, AttentionGate)

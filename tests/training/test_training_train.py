@@ -90,6 +90,22 @@ def test_trained_adapter_is_a_scorer_inside_compress(trained):
     assert session.stats.kept_tokens.float().mean() <= 12.5
 
 
+def test_export_from_a_checkpoint_equals_the_run_adapter(trained, tmp_path):
+    from gatekv.cli import main
+    from gatekv.heads import Adapter
+
+    _, result = trained
+    assert main(["export", str(result.output_dir), str(tmp_path / "exported")]) == 0
+    exported = Adapter.from_pretrained(tmp_path / "exported")
+    final = Adapter.from_pretrained(result.adapter_dir)
+    for name, tensor in final.heads.state_dict().items():
+        assert torch.equal(exported.heads.state_dict()[name], tensor), name
+    assert exported.base_model == final.base_model == "tiny:llama"
+    assert exported.training["steps"] == 30 and exported.training["final_val"] == final.training["final_val"]
+    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+
+
 def test_resume_refuses_a_checkpoint_of_another_head_type(trained):
     config, result = trained
     before = sorted(p.name for p in (result.output_dir / "checkpoints").iterdir())
@@ -122,6 +138,26 @@ def test_lora_run_saves_lora_and_heads_only(tmp_path):
     assert any("lora_" in k for k in keys) and any(k.startswith("objective.heads.") for k in keys)
     assert all("lora_" in k or k.startswith("objective.heads.") for k in keys)
     assert (result.adapter_dir / "lora" / "adapter_model.safetensors").is_file()
+
+    # the adapter carries the LoRA in peft's format: peft alone loads it, and GateKV's merge gives the same outputs
+    import copy
+
+    from peft import PeftModel
+
+    from gatekv.heads import Adapter
+    from gatekv.training.export import adapter_from_checkpoint
+
+    adapter = Adapter.from_pretrained(result.adapter_dir)
+    base = tiny_model("phi3")
+    ids = torch.randint(4, 100, (1, 20))
+    reference = PeftModel.from_pretrained(copy.deepcopy(base), str(result.adapter_dir / "lora")).eval()
+    with adapter.lora.applied(base):
+        merged = base(ids).logits
+    torch.testing.assert_close(merged, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    exported = adapter_from_checkpoint(tmp_path)
+    assert exported.lora.pairs.keys() == adapter.lora.pairs.keys() and exported.lora.scale == adapter.lora.scale
+    for module, (a, b) in adapter.lora.pairs.items():
+        assert torch.equal(exported.lora.pairs[module][0], a) and torch.equal(exported.lora.pairs[module][1], b)
 
 
 def _command(out_dir):

@@ -1,0 +1,552 @@
+"""Adapters: trained heads (and optional LoRA weights) as a directory that the Hugging Face Hub can host.
+
+Layout (exactly these files; ``lora/`` only when LoRA was trained with the heads)::
+
+    gatekv_config.json           format + version, head type and dims, base model id/revision + shape fingerprint,
+                                 target, training summary, evaluation table, library version
+    adapter_model.safetensors    the heads' weights only
+    README.md                    model card: YAML metadata (library_name: gatekv, base_model, tags, license) + text
+    lora/adapter_config.json     peft's own LoRA format (``PeftModel.from_pretrained(base, "<dir>/lora")`` loads it)
+    lora/adapter_model.safetensors
+
+Typical use::
+
+    adapter = Adapter.from_pretrained("user/smollm2-retaining-heads")      # local path, then HF cache, then Hub
+    heads = adapter.heads_for(model)                                          # refuses a different base model
+    adapter.save_pretrained("out/")  ;  adapter.push_to_hub("user/name")
+
+Security: weights are read only from safetensors (a ``.bin``/``.pt``/``.pkl`` file in the directory is ignored and a
+warning says so); everything is validated (format version, types, tensor names, shapes, dtypes) before any weight is
+put anywhere, so a bad adapter never leaves a half-loaded model behind. The Hub side is ``huggingface_hub``
+(``ModelHubMixin``, ``snapshot_download``, ``upload_folder``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, snapshot_download
+
+from gatekv.heads.config import HeadConfig, ModelFingerprint
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_FORMAT",
+    "ADAPTER_FORMAT_VERSION",
+    "ADAPTER_WEIGHTS",
+    "Adapter",
+    "LoraWeights",
+    "SMOLLM2_HUB_ID",
+]
+
+ADAPTER_CONFIG = "gatekv_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MODEL_CARD = "README.md"
+LORA_DIR = "lora"
+ADAPTER_FORMAT = "gatekv-adapter"
+ADAPTER_FORMAT_VERSION = 1
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""Hub id of the embedded default model (``base_model: smollm2`` in an adapter means this model)."""
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_HUB_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD, f"{LORA_DIR}/*"]
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LoRA weights in peft's format, applied by merging inside a context manager (exactly undone on exit)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoraWeights:
+    """Plain LoRA weights in peft's on-disk format (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    pairs: ``{module path in the causal LM ("model.layers.0.self_attn.q_proj"): (A (r, in), B (out, r))}``
+    scale: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)
+    peft_config: the ``adapter_config.json`` document, written back unchanged
+    """
+
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scale: float
+    peft_config: dict
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "LoraWeights":
+        """Read and validate a peft LoRA directory (``ValueError`` naming the file and the problem)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise ValueError(f"LoRA file missing: {path}")
+        _warn_pickles(directory)
+        config = _read_json(config_path)
+        if config.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
+        for key in ("use_dora", "fan_in_fan_out"):
+            if config.get(key):
+                raise ValueError(f"{config_path}: {key}=true is not supported (plain LoRA only)")
+        if config.get("bias", "none") != "none":
+            raise ValueError(f"{config_path}: bias={config['bias']!r} is not supported (only 'none')")
+        r, alpha = config.get("r"), config.get("lora_alpha")
+        for name, value in (("r", r), ("lora_alpha", alpha)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{config_path}: {name} must be a positive number, got {value!r}")
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise ValueError(f"{config_path}: rank_pattern/alpha_pattern are not supported")
+        scale = alpha / (r**0.5 if config.get("use_rslora") else r)
+        tensors = _read_safetensors(weights_path)
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
+            if match is None:
+                raise ValueError(f"{weights_path}: unexpected tensor {key!r} (plain LoRA A/B weights only)")
+            pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
+        out = {}
+        for module, found in sorted(pairs.items()):
+            if set(found) != {"A", "B"}:
+                raise ValueError(f"{weights_path}: {module} lacks lora_{'B' if 'A' in found else 'A'}.weight")
+            a, b = found["A"], found["B"]
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] != r:
+                raise ValueError(
+                    f"{weights_path}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; expected "
+                    f"(r={r}, in) and (out, r={r})"
+                )
+            out[module] = (a, b)
+        if not out:
+            raise ValueError(f"{weights_path}: holds no LoRA weights")
+        return cls(out, float(scale), config)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write peft's format into ``directory`` (each file atomically)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for module, (a, b) in self.pairs.items():
+            tensors[f"base_model.model.{module}.lora_A.weight"] = a.detach().cpu().contiguous()
+            tensors[f"base_model.model.{module}.lora_B.weight"] = b.detach().cpu().contiguous()
+        _write_safetensors(directory / "adapter_model.safetensors", tensors, {"format": "pt"})
+        _write_text(directory / "adapter_config.json", json.dumps(self.peft_config, indent=2, sort_keys=True) + "\n")
+
+    def check_model(self, model) -> None:
+        """``ValueError`` unless every LoRA module exists in ``model`` as a Linear of matching shape."""
+        problems = []
+        for module_path, (a, b) in self.pairs.items():
+            try:
+                module = model.get_submodule(module_path)
+            except AttributeError:
+                problems.append(f"{module_path}: not in the model")
+                continue
+            weight = getattr(module, "weight", None)
+            if not isinstance(module, torch.nn.Linear) or weight is None:
+                problems.append(f"{module_path}: is a {type(module).__name__}, not a Linear layer")
+            elif tuple(weight.shape) != (b.shape[0], a.shape[1]):
+                problems.append(f"{module_path}: weight {tuple(weight.shape)} vs LoRA {(b.shape[0], a.shape[1])}")
+        if problems:
+            raise ValueError("the LoRA weights do not fit the model: " + "; ".join(problems))
+
+    @contextlib.contextmanager
+    def applied(self, model):
+        """Merge ``W += scale * B @ A`` into the model's Linear weights for the duration of the block; on exit the
+        original weights are copied back bit for bit (even after an exception)."""
+        self.check_model(model)
+        saved = []
+        try:
+            with torch.no_grad():
+                for module_path, (a, b) in self.pairs.items():
+                    weight = model.get_submodule(module_path).weight
+                    original = weight.detach().clone()
+                    saved.append((weight, original))
+                    delta = (b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)) * self.scale
+                    weight.copy_((original.float() + delta).to(weight.dtype))
+            yield model
+        finally:
+            with torch.no_grad():
+                for weight, original in saved:
+                    weight.copy_(original)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the adapter
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class Adapter(
+    ModelHubMixin,
+    library_name="gatekv",
+    tags=["gatekv", "kv-cache-compression", "long-context"],
+    repo_url="https://github.com/gatekv/gatekv",
+):
+    """Trained heads + what is known about them, savable to / loadable from a directory or the Hub.
+
+    heads:         the trained :class:`~gatekv.heads.HeadsScorer`
+    base_model:    what the heads were trained on: ``"smollm2"`` (the embedded SmolLM2-135M-Instruct), a Hub id or path
+    base_revision: the base model's revision (commit, tag) if known
+    target:        the training target (``cis``, ``distill``)
+    training:      training summary (steps, samples, final validation metrics), JSON-serialisable
+    evaluation:    ``{"markdown": table, "command": how it was made, ...}`` shown on the model card, or None
+    lora:          LoRA weights trained with the heads (they change the base model's outputs), or None
+    license:       the card's license
+    """
+
+    def __init__(
+        self,
+        heads,
+        base_model: str | None = None,
+        base_revision: str | None = None,
+        target: str | None = None,
+        training: dict | None = None,
+        evaluation: dict | None = None,
+        lora: LoraWeights | None = None,
+        license: str = "apache-2.0",
+    ):
+        from gatekv.heads.base import HeadsScorer
+
+        if not isinstance(heads, HeadsScorer):
+            raise TypeError(f"heads must be a gatekv HeadsScorer, got {type(heads).__name__}")
+        self.heads = heads
+        self.base_model = base_model
+        self.base_revision = base_revision
+        self.target = target
+        self.training = dict(training or {})
+        self.evaluation = evaluation
+        self.lora = lora
+        self.license = license
+        # gatekv_config.json is our config; the mixin's own config.json (built from init arguments) would be a
+        # fourth, redundant file in every saved or uploaded folder.
+        self._hub_mixin_config = None
+
+    @property
+    def config(self) -> HeadConfig:
+        return self.heads.config
+
+    @property
+    def fingerprint(self) -> ModelFingerprint:
+        return self.heads.config.fingerprint
+
+    @property
+    def base_model_hub_id(self) -> str | None:
+        """The base model as a Hub id for the card's ``base_model`` (None for tiny test models and paths)."""
+        if self.base_model in (None, ""):
+            return None
+        if self.base_model == "smollm2":
+            return SMOLLM2_HUB_ID
+        if self.base_model.startswith("tiny:") or os.path.isabs(self.base_model) or self.base_model.startswith("."):
+            return None
+        return self.base_model
+
+    def describe(self) -> str:
+        fp = self.fingerprint
+        params = sum(p.numel() for p in self.heads.parameters())
+        lora = f", LoRA on {len(self.lora.pairs)} modules" if self.lora else ""
+        return (
+            f"{self.config.type} adapter for {self.base_model or 'an unnamed base model'} ({fp.model_type}, "
+            f"{fp.num_layers} layers x {fp.num_kv_heads} KV heads), {params:,} parameters{lora}"
+        )
+
+    def __repr__(self) -> str:
+        return f"Adapter({self.describe()})"
+
+    # -- using it ----------------------------------------------------------------------------------------------------
+    def heads_for(self, model, allow_mismatch: bool = False):
+        """The heads, checked against ``model``'s fingerprint and moved to its device (eval mode, no grad).
+
+        allow_mismatch: skip the fingerprint check (the shapes of the layers must still fit)
+        """
+        from gatekv.heads.config import ModelFingerprint
+
+        if not allow_mismatch:
+            self.fingerprint.check_matches(ModelFingerprint.from_model(model))
+        device = next(model.parameters()).device
+        return self.heads.to(device).eval().requires_grad_(False)
+
+    # -- saving ------------------------------------------------------------------------------------------------------
+    def config_document(self) -> dict:
+        """The ``gatekv_config.json`` document."""
+        import gatekv
+
+        weights_dtype = next(self.heads.parameters()).dtype
+        return {
+            "format": ADAPTER_FORMAT,
+            "format_version": ADAPTER_FORMAT_VERSION,
+            "library_version": gatekv.__version__,
+            "head": self.config.to_dict(),
+            "weights_dtype": str(weights_dtype).removeprefix("torch."),
+            "base_model": self.base_model,
+            "base_revision": self.base_revision,
+            "target": self.target,
+            "training": self.training,
+            "evaluation": self.evaluation,
+            "lora": None if self.lora is None else {"path": LORA_DIR, "modules": len(self.lora.pairs)},
+            "license": self.license,
+        }
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """ModelHubMixin hook: write the adapter files (each atomically) into ``save_directory``."""
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.heads.state_dict().items()}
+        _write_safetensors(save_directory / ADAPTER_WEIGHTS, tensors, {"format": "pt", "gatekv_head_type": self.config.type})
+        if self.lora is not None:
+            self.lora.save(save_directory / LORA_DIR)
+        elif (save_directory / LORA_DIR).exists():
+            raise ValueError(f"{save_directory / LORA_DIR} exists but this adapter has no LoRA weights; use an empty directory")
+        _write_text(save_directory / MODEL_CARD, str(self.generate_model_card()))
+        # the config last: a directory with a config is a complete adapter
+        _write_text(save_directory / ADAPTER_CONFIG, json.dumps(self.config_document(), indent=2, sort_keys=True) + "\n")
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        """The model card: YAML metadata (library_name, base_model, tags, license) + usage, training, evaluation."""
+        fp = self.fingerprint
+        tags = ["gatekv", "kv-cache-compression", "long-context", self.config.type.replace("_", "-")]
+        if self.lora is not None:
+            tags.append("lora")
+        data = ModelCardData(library_name="gatekv", base_model=self.base_model_hub_id, tags=tags, license=self.license)
+        loader = f'"{self.base_model}"' if self.base_model else "model"
+        lines = [
+            f"# gatekv {self.config.type.replace('_', ' ')} adapter"
+            + (f" for {self.base_model_hub_id}" if self.base_model_hub_id else ""),
+            "",
+            "Small trained modules that score which KV-cache entries to keep, for "
+            "[gatekv](https://github.com/gatekv/gatekv). At inference the scores drive gatekv's budget allocators "
+            "(uniform, Ada-KV, PyramidKV) and the physically compacted cache, like any training-free scorer.",
+            "",
+            f"- module: `{self.config.type}` ({sum(p.numel() for p in self.heads.parameters()):,} parameters, "
+            f"one per layer)",
+            f"- base model: `{self.base_model or 'unknown'}`" + (f" @ `{self.base_revision}`" if self.base_revision else ""),
+            f"- shapes: {fp.model_type}, {fp.num_layers} layers, {fp.num_q_heads} query / {fp.num_kv_heads} KV heads, "
+            f"head dim {fp.head_dim}",
+            f"- training target: `{self.target or 'unknown'}`",
+            "",
+            "## Use",
+            "",
+            "```python",
+            "from gatekv import GateKV",
+            "",
+            f"kv = GateKV.from_pretrained({loader}, adapter=\"<this repo or directory>\", budget=0.1, allocator=\"adakv\")",
+            "print(kv.answer(long_document, question, query_aware=False).text)",
+            "```",
+            "",
+        ]
+        if self.lora is not None:
+            lines += [
+                "**This adapter also carries LoRA weights (`lora/`, peft format) trained with the modules: loading it "
+                "applies them, so the base model's outputs change (inside gatekv calls only; the model is restored "
+                "afterwards).**",
+                "",
+            ]
+        if self.training:
+            lines += ["## Training", ""]
+            lines += [f"- {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in sorted(self.training.items())]
+            lines.append("")
+        if self.evaluation and self.evaluation.get("markdown"):
+            lines += ["## Evaluation", ""]
+            if self.evaluation.get("description"):
+                lines += [self.evaluation["description"], ""]
+            lines += [self.evaluation["markdown"].rstrip(), ""]
+            if self.evaluation.get("command"):
+                lines += [f"Command: `{self.evaluation['command']}`", ""]
+        return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+    # -- loading -----------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        **kwargs,
+    ) -> "Adapter":
+        """An adapter from a local directory, else the Hugging Face cache, else the Hub (``snapshot_download``;
+        works offline with ``HF_HUB_OFFLINE=1`` when the revision is cached). Only the adapter files are fetched."""
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        return cls._from_pretrained(
+            model_id=str(pretrained_model_name_or_path),
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+        )
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id, revision, cache_dir, force_download, local_files_only, token, **_) -> "Adapter":
+        path = Path(model_id).expanduser()
+        if path.is_dir():
+            return cls.load_directory(path)
+        if path.exists() or model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+            raise FileNotFoundError(f"adapter directory not found: {model_id}")
+        folder = snapshot_download(
+            repo_id=model_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            allow_patterns=_HUB_FILES,
+        )
+        return cls.load_directory(folder)
+
+    @classmethod
+    def load_directory(cls, directory: str | os.PathLike) -> "Adapter":
+        """Read and validate an adapter directory; nothing is built until every check passed."""
+        from gatekv.heads.base import head_class
+
+        directory = Path(directory)
+        config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"adapter file missing: {path}")
+        _warn_pickles(directory)
+        document = _read_json(config_path)
+        if document.get("format") != ADAPTER_FORMAT:
+            raise ValueError(f"{config_path} is not a gatekv adapter config (format must be {ADAPTER_FORMAT!r})")
+        version = document.get("format_version")
+        if version != ADAPTER_FORMAT_VERSION:
+            raise ValueError(
+                f"{config_path}: unknown format_version {version!r}; this gatekv reads version {ADAPTER_FORMAT_VERSION} "
+                "(a newer adapter needs a newer gatekv)"
+            )
+        _check_types(
+            config_path,
+            document,
+            {
+                "head": dict,
+                "weights_dtype": str,
+                "base_model": (str, type(None)),
+                "base_revision": (str, type(None)),
+                "target": (str, type(None)),
+                "training": (dict, type(None)),
+                "evaluation": (dict, type(None)),
+                "lora": (dict, type(None)),
+                "license": (str, type(None)),
+            },
+        )
+        try:
+            config = HeadConfig.from_dict(document["head"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{config_path}: head: {error}") from None
+        dtype = _DTYPES.get(document["weights_dtype"])
+        if dtype is None:
+            raise ValueError(f"{config_path}: weights_dtype {document['weights_dtype']!r} is not one of {sorted(_DTYPES)}")
+        tensors = _read_safetensors(weights_path)
+        heads = head_class(config.type)(config).to(dtype)
+        expected = heads.state_dict()
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{weights_path} does not fit {config.type} heads: missing {missing}, unexpected {unexpected}")
+        for name, tensor in tensors.items():
+            if tensor.shape != expected[name].shape:
+                raise ValueError(
+                    f"{weights_path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
+                )
+            if tensor.dtype != expected[name].dtype:
+                raise ValueError(f"{weights_path}: {name} is {tensor.dtype}, the config says {dtype}")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{weights_path}: {name} holds NaN or infinite values")
+        lora = None
+        if document.get("lora") is not None:
+            lora = LoraWeights.load(directory / document["lora"].get("path", LORA_DIR))
+        elif (directory / LORA_DIR).exists():
+            warnings.warn(f"{directory / LORA_DIR} is ignored: {config_path} does not declare LoRA weights", stacklevel=2)
+        heads.load_state_dict(tensors)
+        heads.eval().requires_grad_(False)
+        return cls(
+            heads,
+            base_model=document.get("base_model"),
+            base_revision=document.get("base_revision"),
+            target=document.get("target"),
+            training=document.get("training"),
+            evaluation=document.get("evaluation"),
+            lora=lora,
+            license=document.get("license") or "apache-2.0",
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# file helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _warn_pickles(directory: Path) -> None:
+    ignored = sorted(p.name for p in directory.iterdir() if p.is_file() and p.suffix.lower() in _PICKLE_SUFFIXES)
+    if ignored:
+        warnings.warn(
+            f"ignoring {ignored} in {directory}: gatekv reads weights from safetensors only, never from pickle files",
+            stacklevel=3,
+        )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(document).__name__}")
+    return document
+
+
+def _check_types(path: Path, document: dict, types: dict[str, Any]) -> None:
+    for key, expected in types.items():
+        if key not in document:
+            if type(None) in (expected if isinstance(expected, tuple) else (expected,)):
+                continue
+            raise ValueError(f"{path}: missing key {key!r}")
+        if not isinstance(document[key], expected):
+            names = "/".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+            raise ValueError(f"{path}: {key} must be {names}, got {type(document[key]).__name__} {document[key]!r}")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{path} could not be read as safetensors (truncated or corrupt?): {error}") from None
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        _fsync_replace(Path(tmp), path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        _fsync_replace(Path(tmp), path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)

@@ -1,0 +1,350 @@
+"""``GateKV``: a model + a scorer (trained adapter or training-free name) + a budget, with ``generate`` and ``answer``.
+
+    from gatekv import GateKV
+
+    kv = GateKV.from_pretrained("smollm2", adapter="checkpoints/smollm2-135m-retaining-heads", budget=0.1,
+                                allocator="adakv")
+    result = kv.answer(document, "What is the access code?", query_aware=False)
+    print(result.text, result.stats.summary())
+
+    kv = GateKV(model, tokenizer, scorer="snapkv", budget=0.2)        # an already-loaded model, any dtype/device
+    out = kv.generate(input_ids, attention_mask=mask, max_new_tokens=64, streamer=streamer)
+
+Everything runs inside ``gatekv.compress`` (and, for adapters trained with LoRA, inside ``LoraWeights.applied``), so
+the model is exactly as it was after every call. ``scorer=None`` without an adapter is the full cache (plain
+``model.generate``), which makes comparisons one argument apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from gatekv.compress import CompressionSession, CompressionStats, compress
+
+__all__ = ["Answer", "GateKV", "load_base_model"]
+
+
+@dataclass
+class Answer:
+    """What :meth:`GateKV.answer` produced for one (context, question)."""
+
+    text: str
+    """The generated answer, special tokens removed."""
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    """Wall time of compression + generation."""
+    kv_bytes: int
+    """KV bytes held at the end (keys + values, capacity included); the full cache's when not compressed."""
+    full_kv_bytes: int
+    """KV bytes a full cache would hold at the end, same dtype."""
+    stats: CompressionStats | None = field(default=None, repr=False)
+    """The compression session's stats (None for the full cache)."""
+
+    def stats_line(self) -> str:
+        """One line: tokens, time, KV bytes vs full."""
+        ratio = self.kv_bytes / max(self.full_kv_bytes, 1)
+        kept = ""
+        if self.stats is not None and self.stats.events:
+            tokens = self.stats.events[-1].kept_tokens.double()
+            kept = f"kept {tokens.mean():.0f} tokens per KV head (min {int(tokens.min())}, max {int(tokens.max())}); "
+        elif self.stats is not None and self.stats.noop:
+            kept = "budget covers the prompt (no compression); "
+        return (
+            f"{self.prompt_tokens} prompt + {self.new_tokens} new tokens in {self.seconds:.2f} s; {kept}"
+            f"KV {self.kv_bytes / 2**20:.2f} MiB vs full {self.full_kv_bytes / 2**20:.2f} MiB ({ratio:.3f}x)"
+        )
+
+
+def load_base_model(name_or_path: str, revision: str | None = None, dtype: torch.dtype | None = None, device=None):
+    """``(model, tokenizer)``: ``"smollm2"`` (or its Hub id when offline/not cached) = the embedded SmolLM2; anything
+    else goes to transformers' ``from_pretrained`` (local path, HF cache, Hub)."""
+    from gatekv.heads.adapter import SMOLLM2_HUB_ID
+
+    dtype = dtype or torch.float32
+    device = torch.device(device or "cpu")
+    if name_or_path == "smollm2" or (name_or_path == SMOLLM2_HUB_ID and _prefer_embedded(SMOLLM2_HUB_ID, revision)):
+        from gatekv.smollm2 import load_smollm2
+
+        return load_smollm2(dtype=dtype, device=device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.to(device).eval().requires_grad_(False), tokenizer
+
+
+def _prefer_embedded(hub_id: str, revision: str | None) -> bool:
+    """True when the Hub copy is not usable here (offline and not in the cache)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(hub_id, "config.json", revision=revision)
+    return not isinstance(cached, str)
+
+
+class GateKV:
+    """A causal LM with a compressed KV cache.
+
+    model:      a supported transformers causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3), any dtype and device
+    tokenizer:  its tokenizer (needed by :meth:`answer`; left padding is used for batches)
+    scorer:     a training-free scorer name or instance, or None for the full cache (ignored with ``adapter``)
+    adapter:    an :class:`~gatekv.heads.Adapter`, or a directory / Hub id of one: its trained heads are the scorer
+    allocator:  ``uniform``, ``adakv``, ``pyramid`` (name or instance)
+    budget:     tokens kept per KV head: a ratio of the prompt (0.1) or a count (512)
+    prefill:    ``one_shot`` or ``chunked``
+    allow_mismatch: accept an adapter made for a model with a different fingerprint (expert use)
+    compress_options: further :func:`gatekv.compress` arguments (window, sinks, chunk_size, decode_budget, reserve)
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        scorer=None,
+        adapter=None,
+        allocator="uniform",
+        budget: float | int = 0.1,
+        prefill: str = "one_shot",
+        allow_mismatch: bool = False,
+        **compress_options,
+    ):
+        from gatekv.heads.adapter import Adapter
+
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a loaded transformers model, got {type(model).__name__}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter: Adapter | None = None
+        if adapter is not None:
+            self.adapter = adapter if isinstance(adapter, Adapter) else Adapter.from_pretrained(adapter)
+            scorer = self.adapter.heads_for(model, allow_mismatch=allow_mismatch)
+            if self.adapter.lora is not None:
+                self.adapter.lora.check_model(model)
+        self.scorer = scorer
+        self.allocator = allocator
+        self.budget = budget
+        self.prefill = prefill
+        self.compress_options = compress_options
+        self.last_stats: CompressionStats | None = None
+        if scorer is not None:  # validate scorer, allocator, budget and options now, not at the first call
+            CompressionSession(model, scorer, allocator, budget, prefill, **compress_options)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model_or_id=None,
+        adapter=None,
+        *,
+        scorer=None,
+        budget: float | int = 0.1,
+        allocator="uniform",
+        prefill: str = "one_shot",
+        tokenizer=None,
+        revision: str | None = None,
+        adapter_revision: str | None = None,
+        dtype: torch.dtype | None = None,
+        device=None,
+        allow_mismatch: bool = False,
+        **compress_options,
+    ) -> "GateKV":
+        """Build from a loaded model or a model name (``"smollm2"``, Hub id, path) and an adapter or a scorer name.
+
+        base_model_or_id: a loaded model (used as is), a name/path, or None = the adapter's own ``base_model``
+        adapter:          an :class:`Adapter`, a local directory or a Hub id (``adapter_revision``)
+        """
+        from gatekv.heads.adapter import Adapter
+
+        if adapter is not None and not isinstance(adapter, Adapter):
+            adapter = Adapter.from_pretrained(adapter, revision=adapter_revision)
+        if isinstance(base_model_or_id, torch.nn.Module):
+            model = base_model_or_id
+        else:
+            name = base_model_or_id
+            if name is None:
+                if adapter is None or not adapter.base_model:
+                    raise ValueError("base_model_or_id is required (the adapter does not name its base model)")
+                name, revision = adapter.base_model, revision or adapter.base_revision
+            if isinstance(name, os.PathLike):
+                name = str(name)
+            model, loaded_tokenizer = load_base_model(name, revision=revision, dtype=dtype, device=device)
+            tokenizer = tokenizer or loaded_tokenizer
+        return cls(
+            model,
+            tokenizer,
+            scorer=scorer,
+            adapter=adapter,
+            allocator=allocator,
+            budget=budget,
+            prefill=prefill,
+            allow_mismatch=allow_mismatch,
+            **compress_options,
+        )
+
+    # -- the context everything runs in ---------------------------------------------------------------------------------
+    @property
+    def compresses(self) -> bool:
+        """False for the full cache (no scorer, no adapter)."""
+        return self.scorer is not None
+
+    @contextlib.contextmanager
+    def session(self, **overrides):
+        """LoRA applied (if the adapter has it) + ``gatekv.compress`` with this wrapper's settings (``overrides``
+        replace any of budget/allocator/prefill/window/...). Yields the session, or None for the full cache."""
+        options = dict(
+            scorer=self.scorer, allocator=self.allocator, budget=self.budget, prefill=self.prefill, **self.compress_options
+        )
+        options.update(overrides)
+        with contextlib.ExitStack() as stack:
+            if self.adapter is not None and self.adapter.lora is not None:
+                stack.enter_context(self.adapter.lora.applied(self.model))
+            if options["scorer"] is None:
+                yield None
+                return
+            session = stack.enter_context(compress(self.model, **options))
+            yield session
+            self.last_stats = session.stats
+
+    # -- generation -------------------------------------------------------------------------------------------------------
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs):
+        """``model.generate`` with the compressed cache (batch > 1 with left padding, streamers, any decoding options).
+
+        Returns what ``model.generate`` returns; the session's stats are in :attr:`last_stats`.
+        """
+        if "past_key_values" in generate_kwargs:
+            raise ValueError("past_key_values: GateKV creates the compressed cache itself")
+        overrides = {k: generate_kwargs.pop(k) for k in ("budget", "allocator", "prefill") if k in generate_kwargs}
+        device = next(self.model.parameters()).device
+        input_ids = input_ids.to(device)
+        if attention_mask is not None:
+            generate_kwargs["attention_mask"] = attention_mask.to(device)
+        self._default_stop(generate_kwargs)
+        with torch.no_grad(), self.session(**overrides):
+            return self.model.generate(input_ids, **generate_kwargs)
+
+    def answer(
+        self,
+        context: str,
+        question: str,
+        *,
+        query_aware: bool = True,
+        max_new_tokens: int = 64,
+        chat: bool | None = None,
+        streamer=None,
+        **overrides,
+    ) -> Answer:
+        """Answer ``question`` about ``context`` greedily (the long-context QA pattern).
+
+        query_aware: True = the question is at the end of the prompt when the cache is compressed (inside the scorers'
+                     observation window); False = the context is compressed before the question is seen (cache
+                     reuse across questions), then the question is appended to the compressed cache
+        chat:        wrap in the tokenizer's chat template as one user turn (default: when it has one)
+        overrides:   budget / allocator / prefill / window / ... for this call
+        """
+        if self.tokenizer is None:
+            raise ValueError("answer() needs a tokenizer: pass one to GateKV(model, tokenizer, ...)")
+        if not isinstance(context, str) or not isinstance(question, (str, type(None))):
+            raise TypeError("context must be a string and question a string or None")
+        context_ids, question_ids = prompt_ids(self.tokenizer, context, question or "", chat=chat)
+        if question_ids.shape[1] == 0:
+            query_aware = True  # nothing follows the context: compressing "before the question" is the same thing
+        device = next(self.model.parameters()).device
+        context_ids, question_ids = context_ids.to(device), question_ids.to(device)
+        full_ids = torch.cat([context_ids, question_ids], dim=1)
+        options = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, streamer=streamer)
+        self._default_stop(options)
+        start = time.perf_counter()
+        stats = None
+        with torch.no_grad(), self.session(**overrides) as session:
+            if session is None:
+                output = self.model.generate(full_ids, **options)
+                held = _dense_cache_bytes(output.past_key_values)
+            else:
+                cache = session.new_cache()
+                if not query_aware:
+                    self.model(input_ids=context_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                output = self.model.generate(full_ids, past_key_values=cache, **options)
+                held = cache.kv_bytes()
+                stats = session.stats
+        seconds = time.perf_counter() - start
+        new = output.sequences[0, full_ids.shape[1] :]
+        stop = set(_as_list(options.get("eos_token_id")))
+        while new.numel() and int(new[-1]) in stop:  # the stop token is not part of the answer
+            new = new[:-1]
+        from gatekv.cache import full_cache_kv_bytes
+
+        dtype = next(self.model.parameters()).dtype
+        total = full_ids.shape[1] + output.sequences.shape[1] - full_ids.shape[1]
+        return Answer(
+            text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
+            prompt_tokens=full_ids.shape[1],
+            new_tokens=output.sequences.shape[1] - full_ids.shape[1],
+            seconds=seconds,
+            kv_bytes=held,
+            full_kv_bytes=full_cache_kv_bytes(self.model.config, 1, total - 1, dtype),
+            stats=stats,
+        )
+
+    def _default_stop(self, kwargs: dict) -> None:
+        config = getattr(self.model, "generation_config", None)
+        if "eos_token_id" not in kwargs and config is not None and config.eos_token_id is not None:
+            kwargs["eos_token_id"] = config.eos_token_id
+        if "pad_token_id" not in kwargs:
+            pad = None if config is None else config.pad_token_id
+            if pad is None and self.tokenizer is not None:
+                pad = self.tokenizer.pad_token_id
+            if pad is None:
+                pad = _as_list(kwargs.get("eos_token_id"))[:1] or [None]
+                pad = pad[0]
+            if pad is not None:
+                kwargs["pad_token_id"] = pad
+
+    def __repr__(self) -> str:
+        what = self.adapter.describe() if self.adapter else (self.scorer or "full cache")
+        return f"GateKV({type(self.model).__name__}, {what}, allocator={self.allocator!r}, budget={self.budget})"
+
+
+def prompt_ids(tokenizer, context: str, question: str, chat: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(context_ids (1, T_c), question_ids (1, T_q))`` of one prompt ``context + "\\n\\n" + question``
+    (``question`` may be empty: then only the chat template's tail follows the context).
+
+    chat: wrap as one user turn of the tokenizer's chat template (template head before the context; end of turn and
+          assistant header after the question); default: when the tokenizer has a chat template
+    """
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    head, tail = ("", "\n")
+    if chat:
+        from gatekv.eval.needle import chat_template_parts
+
+        head, tail = chat_template_parts(tokenizer)
+    context_ids = tokenizer(head + context, add_special_tokens=not chat, return_tensors="pt")["input_ids"]
+    question_text = ("\n\n" + question if question else "") + tail
+    question_ids = tokenizer(question_text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return context_ids, question_ids
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return value.flatten().tolist()
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _dense_cache_bytes(cache) -> int:
+    """Keys + values bytes of a transformers cache with dense layers (``DynamicCache``)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
