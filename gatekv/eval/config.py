@@ -1,0 +1,155 @@
+"""``gatekv eval`` configuration: methods x allocators x budgets x tasks x lengths x modes (typed, strict YAML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gatekv.config import load_config
+
+__all__ = ["EvalConfig", "MethodConfig", "SuiteConfig", "load_eval_config"]
+
+
+@dataclass
+class MethodConfig:
+    """One scorer to evaluate: a training-free scorer, a trained adapter, or the full cache."""
+
+    name: str
+    """Label in the tables and the plot."""
+    scorer: str | None = None
+    """Training-free scorer name (``gatekv.available_scorers()``), or ``full`` for the uncompressed cache."""
+    adapter: str | None = None
+    """Trained adapter: a directory or a Hub id (instead of ``scorer``)."""
+    allocators: list[str] = field(default_factory=lambda: ["uniform"])
+    """Allocators to run this scorer with (ignored for the full cache)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the scorer (e.g. ``kernel_size: 7``)."""
+
+    def __post_init__(self):
+        if not self.name or "|" in self.name:
+            raise ValueError(f"name must be a non-empty label without '|', got {self.name!r}")
+        if (self.scorer is None) == (self.adapter is None):
+            raise ValueError(f"method {self.name!r}: set exactly one of scorer or adapter")
+        if not self.allocators:
+            raise ValueError(f"method {self.name!r}: allocators must not be empty")
+        if self.scorer is not None and self.scorer != "full":
+            from gatekv.scorers import available_scorers
+
+            if self.scorer not in available_scorers():
+                raise ValueError(f"method {self.name!r}: unknown scorer {self.scorer!r}; valid: full, {', '.join(available_scorers())}")
+        from gatekv.allocators import available_allocators
+
+        for allocator in self.allocators:
+            if allocator not in available_allocators():
+                raise ValueError(f"method {self.name!r}: unknown allocator {allocator!r}; valid: {available_allocators()}")
+
+    @property
+    def is_full(self) -> bool:
+        return self.scorer == "full"
+
+
+@dataclass
+class SuiteConfig:
+    """A public suite loaded through ``datasets`` (see ``gatekv.eval.loaders``); it is one more task column."""
+
+    name: str
+    """Task label."""
+    kind: Literal["ruler", "longbench", "infinitebench"]
+    """Record layout."""
+    source: str
+    """Local file/directory (json, jsonl, parquet, csv) or a Hub id."""
+    split: str = "test"
+    """Split of a Hub dataset."""
+    config_name: str | None = None
+    """Hub dataset configuration (e.g. LongBench's ``hotpotqa``)."""
+    max_samples: int | None = None
+    """At most this many records (default: ``num_samples``)."""
+
+
+@dataclass
+class EvalConfig:
+    """An evaluation run."""
+
+    methods: list[MethodConfig] = field(default_factory=list)
+    """Scorers to evaluate (each with its allocators)."""
+    model: str = "smollm2"
+    """Base model: ``smollm2`` (embedded), a Hub id or a path."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Model dtype (float32 on CPUs)."""
+    device: str = "cpu"
+    """cpu or cuda[:N]."""
+    budgets: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.5])
+    """Kept fraction of the context per KV head."""
+    tasks: list[str] = field(default_factory=lambda: ["niah_single"])
+    """Generated tasks (``gatekv.eval.TASKS``)."""
+    suites: list[SuiteConfig] = field(default_factory=list)
+    """Public suites (extra task columns; their lengths are their own)."""
+    lengths: list[int] = field(default_factory=lambda: [2048])
+    """Context lengths in tokens of the generated tasks."""
+    modes: list[Literal["query_agnostic", "query_aware"]] = field(default_factory=lambda: ["query_agnostic"])
+    """``query_agnostic``: the context is compressed before the question is seen; ``query_aware``: with it."""
+    num_samples: int = 50
+    """Samples per (task, length)."""
+    seed_base: int = 0
+    """Sample seeds are seed_base .. seed_base + num_samples - 1 (below 1,000,000: the training data's seeds)."""
+    haystack_files: list[str] = field(default_factory=list)
+    """Local text files for the haystack (default: the held-out part of ``pydoc_data.topics``)."""
+    window: int = 32
+    """Recent tokens always kept (and the observation window)."""
+    sinks: int = 4
+    """First tokens always kept."""
+    prefill: Literal["one_shot", "chunked"] = "one_shot"
+    """Prefill mode of the compressed runs."""
+    chunk_size: int = 512
+    """Chunk of the chunked prefill."""
+    max_new_tokens: int = 32
+    """Generated tokens per answer at most (greedy)."""
+    threads: int | None = None
+    """CPU threads for torch (default: torch's choice)."""
+    output: str = "runs/eval"
+    """Directory for results.json, results.md and accuracy_vs_budget.png."""
+    resume: bool = True
+    """Continue from an existing results.json (finished cells are skipped)."""
+
+    def __post_init__(self):
+        from gatekv.eval.tasks import TASKS
+        from gatekv.training.synthetic import TRAIN_SEED_BASE
+
+        if not self.methods:
+            raise ValueError("methods must not be empty")
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"methods: duplicate names {sorted({n for n in names if names.count(n) > 1})}")
+        for task in self.tasks:
+            if task not in TASKS:
+                raise ValueError(f"tasks: unknown task {task!r}; valid: {list(TASKS)}")
+        if not self.tasks and not self.suites:
+            raise ValueError("tasks and suites are both empty: nothing to evaluate")
+        for budget in self.budgets:
+            if not 0 < budget <= 1:
+                raise ValueError(f"budgets: {budget} is not a fraction in (0, 1]")
+        if not self.budgets:
+            raise ValueError("budgets must not be empty")
+        for length in self.lengths:
+            if length < 128:
+                raise ValueError(f"lengths: {length} is below 128 tokens")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if not 0 <= self.seed_base or self.seed_base + self.num_samples > TRAIN_SEED_BASE:
+            raise ValueError(f"seed_base: seeds must stay in [0, {TRAIN_SEED_BASE}) (higher ones are training data)")
+        for name, value, low in (("window", self.window, 0), ("sinks", self.sinks, 0), ("max_new_tokens", self.max_new_tokens, 1),
+                                 ("chunk_size", self.chunk_size, 1)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if not self.modes:
+            raise ValueError("modes must not be empty")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output)
+
+
+def load_eval_config(path: str | Path | None, overrides: list[str] | None = None) -> EvalConfig:
+    """Read an eval YAML with ``a.b=c`` overrides (``ValueError`` naming a bad key or value)."""
+    return load_config(EvalConfig, path, overrides)

@@ -1,0 +1,252 @@
+"""Evaluation: task generators, metrics, the runner (JSON / markdown / plot, resume) and the suite loaders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gatekv.eval import TASKS, EvalConfig, Haystack, load_eval_config, make_task_sample, run_eval, score_answer
+from gatekv.eval.config import MethodConfig
+from gatekv.eval.runner import EvalResults, grid
+from gatekv.training.models import char_tokenizer, tiny_model
+from gatekv.training.synthetic import TRAIN_SEED_BASE, sentences
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+# -- generators ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_generator_is_deterministic_and_embeds_the_answers(task, tokenizer):
+    a = make_task_sample(task, tokenizer, 1500, seed=11)
+    b = make_task_sample(task, tokenizer, 1500, seed=11)
+    c = make_task_sample(task, tokenizer, 1500, seed=12)
+    assert a == b and a.context != c.context
+    assert a.context_tokens <= 1500 and a.context_tokens > 1500 * 0.6
+    assert len(tokenizer(a.context, add_special_tokens=False)["input_ids"]) == a.context_tokens
+    for answer in a.answers:
+        assert answer in a.context or task == "cwe"
+    if task == "cwe":  # the three answers are strictly the most frequent words of the list
+        words = [w for w in a.context.split() if w.isalpha() and w.islower()]
+        counts = {w: words.count(w) for w in set(words)}
+        top = sorted(counts, key=counts.get, reverse=True)
+        assert set(top[:3]) == set(a.answers) and counts[top[2]] > counts[top[3]]
+    if task == "vt":
+        assert f"VAR {a.answers[0]} = " in a.context and all(f"VAR {n} = VAR " in a.context for n in a.answers[1:])
+    if task.startswith("niah_multi") or task == "vt":
+        assert a.metric == "all" or task == "niah_multikey"
+
+
+def test_haystack_is_held_out_from_training_text(tokenizer):
+    train = set(sentences("train"))
+    sample = make_task_sample("niah_single", tokenizer, 1000, seed=3)
+    used = [s for s in Haystack.default().sentences if s in sample.context]
+    assert used and not any(s in train for s in used)
+    with pytest.raises(ValueError, match="belong to training"):
+        make_task_sample("niah_single", tokenizer, 1000, seed=TRAIN_SEED_BASE)
+
+
+def test_generator_bad_input(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="unknown task 'needle'.*niah_single"):
+        make_task_sample("needle", tokenizer, 1000, seed=0)
+    with pytest.raises(ValueError, match="length must be an int >= 128"):
+        make_task_sample("qa", tokenizer, 64, seed=0)
+    (tmp_path / "short.txt").write_text("Too short. Really.")
+    with pytest.raises(ValueError, match="usable sentences; at least 20"):
+        Haystack.from_files([tmp_path / "short.txt"])
+    with pytest.raises(ValueError, match="haystack file not found"):
+        Haystack.from_files([tmp_path / "missing.txt"])
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="0 usable sentences"):
+        Haystack.from_files([tmp_path / "empty.txt"])
+
+
+def test_local_text_files_make_a_haystack(tokenizer, tmp_path):
+    text = " ".join(f"Sentence about the garden path that winds along the river bank, version {chr(65 + i % 26)}." for i in range(60))
+    (tmp_path / "a.txt").write_text(text)
+    haystack = Haystack.from_files([tmp_path / "a.txt"])
+    sample = make_task_sample("niah_single", tokenizer, 800, seed=1, haystack=haystack)
+    assert "garden path" in sample.context and sample.answers[0] in sample.context
+
+
+# -- metrics ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prediction,answers,metric,expected",
+    [
+        ("The code is 48213.", ["48213"], "contains", 1.0),
+        ("The code is 148213.", ["48213"], "contains", 0.0),  # part of a longer number
+        ("The code is 4821", ["48213"], "contains", 0.0),  # a lost digit
+        ("It is in LISBON", ["Lisbon"], "contains", 1.0),
+        ("a catalog", ["cat"], "contains", 0.0),
+        ("", ["x"], "contains", 0.0),
+        ("12345 and 67890", ["12345", "67890", "11111", "22222"], "all", 0.5),
+        ("  Banjo. ", ["banjo"], "exact", 1.0),
+        ("banjo player", ["banjo"], "exact", 0.0),
+    ],
+)
+def test_metric_cases(prediction, answers, metric, expected):
+    assert score_answer(prediction, answers, metric) == expected
+
+
+def test_metric_bad_input():
+    with pytest.raises(ValueError, match="unknown metric 'f1'"):
+        score_answer("x", ["x"], "f1")
+    with pytest.raises(ValueError, match="answers must not be empty"):
+        score_answer("x", [], "contains")
+    with pytest.raises(ValueError, match="must not be empty"):
+        score_answer("x", ["  "], "contains")
+
+
+# -- runner -------------------------------------------------------------------------------------------------------------------
+
+
+def _config(tmp_path, **changes) -> EvalConfig:
+    data = {
+        "model": "tiny:llama",
+        "methods": [{"name": "full", "scorer": "full"},
+                    {"name": "snapkv", "scorer": "snapkv", "allocators": ["uniform", "adakv"]},
+                    {"name": "streaming", "scorer": "streaming_llm"}],
+        "budgets": [0.2, 0.5],
+        "tasks": ["niah_single", "qa"],
+        "lengths": [600],
+        "num_samples": 2,
+        "window": 8,
+        "sinks": 2,
+        "max_new_tokens": 3,
+        "output": str(tmp_path / "eval"),
+    }
+    data.update(changes)
+    from gatekv.config import from_dict
+
+    return from_dict(EvalConfig, data)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def test_eval_on_a_tiny_model_writes_json_markdown_and_plot(tmp_path, model, tokenizer):
+    config = _config(tmp_path)
+    results = run_eval(config, model=model, tokenizer=tokenizer, progress=False)
+    out = config.output_dir
+    document = json.loads((out / "results.json").read_text())
+    expected = len(grid(config, [("niah_single", 600), ("qa", 600)]))
+    assert len(document["cells"]) == expected == 2 + 2 * (2 * 2 + 2)
+    for entry in document["cells"].values():
+        assert entry["n"] == 2 and 0 <= entry["accuracy"] <= 1 and len(entry["samples"]) == 2
+        assert all(s["prediction"] is not None for s in entry["samples"])
+    compressed = [e for e in document["cells"].values() if e["cell"]["allocator"] != "-"]
+    assert all(0 < s["kv_ratio"] < 1 for e in compressed for s in e["samples"])
+    table = (out / "results.md").read_text()
+    assert "### query-agnostic, 600 tokens" in table and "| snapkv | adakv | 20% |" in table and "| full | - | full |" in table
+    png = (out / "accuracy_vs_budget.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert results.cells.keys() == document["cells"].keys()
+
+
+def test_eval_resumes_and_skips_finished_cells(tmp_path, model, tokenizer, monkeypatch):
+    config = _config(tmp_path, methods=[{"name": "full", "scorer": "full"}, {"name": "tova", "scorer": "tova"}],
+                     tasks=["niah_single"])
+    run_eval(config, model=model, tokenizer=tokenizer, progress=False)
+    path = config.output_dir / "results.json"
+    document = json.loads(path.read_text())
+    dropped = sorted(document["cells"])[-1]
+    del document["cells"][dropped]
+    path.write_text(json.dumps(document))
+    calls = []
+    from gatekv.inference import GateKV
+
+    original = GateKV.answer
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs.get("budget"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GateKV, "answer", counting)
+    run_eval(config, model=model, tokenizer=tokenizer, progress=False)
+    assert len(calls) == 2  # only the dropped cell's two samples ran again
+    assert dropped in json.loads(path.read_text())["cells"]
+
+
+def test_eval_bad_input(tmp_path, model, tokenizer):
+    config = _config(tmp_path)
+    config.output_dir.mkdir(parents=True)
+    (config.output_dir / "results.json").write_text('{"version": 1, "cells": {"a": ')
+    with pytest.raises(ValueError, match="results.json is corrupted"):
+        run_eval(config, model=model, tokenizer=tokenizer, progress=False)
+    (config.output_dir / "results.json").write_text(json.dumps({"version": 1, "config": {"num_samples": 9}, "cells": {}}))
+    with pytest.raises(ValueError, match="other settings.*num_samples: 9 \\(file\\) vs 2 \\(config\\)"):
+        run_eval(config, model=model, tokenizer=tokenizer, progress=False)
+    too_long = _config(tmp_path / "b", lengths=[5000])
+    with pytest.raises(ValueError, match="exceed the model's max_position_embeddings 4096"):
+        run_eval(too_long, model=model, tokenizer=tokenizer, progress=False)
+    for change, message in [
+        ({"tasks": ["needle"]}, "unknown task 'needle'"),
+        ({"methods": [{"name": "x", "scorer": "snapkvv"}]}, "unknown scorer 'snapkvv'"),
+        ({"methods": [{"name": "x", "scorer": "snapkv", "allocators": ["fair"]}]}, "unknown allocator 'fair'"),
+        ({"methods": [{"name": "x", "scorer": "snapkv", "adapter": "a"}]}, "exactly one of scorer or adapter"),
+        ({"budgets": [0.0]}, "not a fraction"),
+        ({"seed_base": TRAIN_SEED_BASE}, "training data"),
+        ({"num_samples": "ten"}, "num_samples: expected int"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            _config(tmp_path, **change)
+
+
+def test_eval_configs_in_the_repo_are_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parent.parent / "configs" / "eval").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        config = load_eval_config(path)
+        assert config.methods and config.budgets
+
+
+# -- public suites ----------------------------------------------------------------------------------------------------------
+
+
+def test_suite_loaders_read_a_local_parquet_fixture(tmp_path):
+    pytest.importorskip("datasets")
+    import pandas as pd
+
+    from gatekv.eval.loaders import load_suite
+
+    pd.DataFrame({"context": ["Some long text. The answer is Oslo.", "Other text."], "input": ["Where?", "What?"],
+                  "answers": [["Oslo"], ["nothing"]], "length": [8, 2]}).to_parquet(tmp_path / "lb.parquet")
+    samples = load_suite("longbench", str(tmp_path / "lb.parquet"))
+    assert [s.answers for s in samples] == [["Oslo"], ["nothing"]] and samples[0].question == "Where?"
+    pd.DataFrame({"input": ["Context here.\n\nWhat is the magic number?"], "outputs": [["123", "456"]]}).to_parquet(
+        tmp_path / "ruler.parquet")
+    ruler = load_suite("ruler", str(tmp_path / "ruler.parquet"))
+    assert ruler[0].context == "Context here." and ruler[0].question == "What is the magic number?"
+    assert ruler[0].metric == "all"
+    pd.DataFrame({"context": ["c"], "input": ["q"], "answer": ["a"]}).to_parquet(tmp_path / "inf.parquet")
+    assert load_suite("infinitebench", str(tmp_path / "inf.parquet"))[0].answers == ["a"]
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['answer'\]"):
+        load_suite("infinitebench", str(tmp_path / "lb.parquet"))
+    with pytest.raises(ValueError, match="unknown suite kind"):
+        load_suite("mmlu", str(tmp_path / "lb.parquet"))
+
+
+def test_eval_with_a_suite_column(tmp_path, model, tokenizer):
+    pytest.importorskip("datasets")
+    import pandas as pd
+
+    context = "The river is wide. " * 20 + "The password is swordfish."
+    pd.DataFrame({"context": [context], "input": ["What is the password?"], "answers": [["swordfish"]]}).to_parquet(
+        tmp_path / "lb.parquet")
+    config = _config(tmp_path, tasks=[], methods=[{"name": "full", "scorer": "full"}, {"name": "knorm", "scorer": "knorm"}],
+                     suites=[{"name": "lb-local", "kind": "longbench", "source": str(tmp_path / "lb.parquet")}])
+    results = run_eval(config, model=model, tokenizer=tokenizer, progress=False)
+    assert {entry["cell"]["task"] for entry in results.cells.values()} == {"lb-local"}
+    assert "native tokens" in (config.output_dir / "results.md").read_text()
