@@ -267,3 +267,39 @@ def test_bad_lora_is_refused_before_anything_is_applied(llama, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**document, "r": 0}))
     with pytest.raises(ValueError, match="r must be a positive number"):
         LoraWeights.load(tmp_path)
+
+
+def test_inference_pooling_is_a_max_over_neighbouring_slots_and_round_trips(llama, tmp_path):
+    from gatekv import compress
+
+    adapter = _adapter(llama)
+    ids = torch.randint(3, 120, (1, 40))
+    kept = {}
+    for kernel in (1, 5):
+        adapter.heads.set_pooling(kernel)
+        with compress(llama, adapter.heads, "uniform", budget=12, window=4, sinks=2, record=True) as session:
+            llama(ids)
+        kept[kernel] = session.stats.events[-1].kept_positions
+    assert any(not torch.equal(a, b) for a, b in zip(kept[1], kept[5]))
+    # score(): the stored per-slot scores, max-pooled over +-2 slots; empty (NaN) slots stay empty and never win
+    from types import SimpleNamespace
+
+    stored = torch.tensor([[[0.0, 5.0, float("nan"), 1.0, 2.0, 0.5, 0.1, 3.0]]]).repeat(1, 2, 1)
+    fp = adapter.fingerprint
+    ctx = SimpleNamespace(num_layers=fp.num_layers, num_kv_heads=2, layer_idx=0, keys=stored,
+                          query_positions=torch.zeros(1, 1, dtype=torch.long),
+                          new_token_scores=lambda new, name: stored.clone(),
+                          **{k: v[:1, :, :1] if v.dim() == 4 else v[:1, :1] for k, v in _features(adapter.heads).items()})
+    raw = adapter.heads.set_pooling(1)
+    torch.testing.assert_close(raw.score(ctx), stored, equal_nan=True)
+    pooled = adapter.heads.set_pooling(5).score(ctx)
+    expected = torch.tensor([[[5.0, 5.0, float("nan"), 5.0, 2.0, 3.0, 3.0, 3.0]]]).repeat(1, 2, 1)
+    torch.testing.assert_close(pooled, expected, equal_nan=True)
+    adapter.heads.set_pooling(5)
+    adapter.save_pretrained(tmp_path)
+    assert Adapter.from_pretrained(tmp_path).heads.pool_kernel == 5
+    with pytest.raises(ValueError, match="pool_kernel must be an odd int"):
+        raw.set_pooling(4)
+    _edit_config(tmp_path, **{"inference": {"pool_kernel": 0}})
+    with pytest.raises(ValueError, match="inference.pool_kernel"):
+        Adapter.from_pretrained(tmp_path)

@@ -151,7 +151,13 @@ def _wrappers(model, tokenizer, config: EvalConfig) -> dict[str, object]:
         if method.is_full:
             out[method.name] = GateKV(model, tokenizer)
         elif method.adapter is not None:
-            out[method.name] = GateKV(model, tokenizer, adapter=method.adapter, **common)
+            kv = GateKV(model, tokenizer, adapter=method.adapter, **common)
+            unknown = sorted(set(method.options) - {"pool_kernel"})
+            if unknown:
+                raise ValueError(f"method {method.name!r}: options {unknown} do not apply to an adapter (valid: pool_kernel)")
+            if "pool_kernel" in method.options:
+                kv.scorer.set_pooling(method.options["pool_kernel"])
+            out[method.name] = kv
         else:
             from gatekv.scorers import get_scorer
 

@@ -290,6 +290,7 @@ class Adapter(
             "evaluation": self.evaluation,
             "lora": None if self.lora is None else {"path": LORA_DIR, "modules": len(self.lora.pairs)},
             "license": self.license,
+            "inference": {"pool_kernel": self.heads.pool_kernel},
         }
 
     def _save_pretrained(self, save_directory: Path) -> None:
@@ -436,6 +437,7 @@ class Adapter(
                 "evaluation": (dict, type(None)),
                 "lora": (dict, type(None)),
                 "license": (str, type(None)),
+                "inference": (dict, type(None)),
             },
         )
         try:
@@ -467,6 +469,10 @@ class Adapter(
             warnings.warn(f"{directory / LORA_DIR} is ignored: {config_path} does not declare LoRA weights", stacklevel=2)
         heads.load_state_dict(tensors)
         heads.eval().requires_grad_(False)
+        try:
+            heads.set_pooling((document.get("inference") or {}).get("pool_kernel", 1))
+        except ValueError as error:
+            raise ValueError(f"{config_path}: inference.{error}") from None
         return cls(
             heads,
             base_model=document.get("base_model"),

@@ -44,6 +44,8 @@ class HeadsScorer(nn.Module, Scorer):
 
     head_type: ClassVar[str] = ""
     state_names: ClassVar[tuple[str, ...]] = ("head_scores",)
+    pool_kernel: int = 1
+    """Inference only: max-pool width over neighbouring slots before ranking (:meth:`set_pooling`)."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -119,7 +121,22 @@ class HeadsScorer(nn.Module, Scorer):
             features[name] = value
         with torch.no_grad():
             new_scores = self.layer_scores(ctx.layer_idx, features, ctx.query_positions >= 0)
-        return ctx.new_token_scores(new_scores.to(ctx.keys.device), self.state_names[0])
+        scores = ctx.new_token_scores(new_scores.to(ctx.keys.device), self.state_names[0])
+        if self.pool_kernel > 1:
+            # keep spans whole (a number's last digit next to a kept one): max over +-k//2 neighbouring slots
+            from gatekv.scorers.snapkv import pool_scores
+
+            finite = torch.isfinite(scores)
+            pooled = pool_scores(torch.where(finite, scores, float("-inf")), self.pool_kernel, "max")
+            scores = torch.where(finite, pooled, scores)
+        return scores
+
+    def set_pooling(self, kernel_size: int) -> "HeadsScorer":
+        """Max-pool the scores over ``kernel_size`` neighbouring slots at inference (1 = off; odd, >= 1)."""
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"pool_kernel must be an odd int >= 1, got {kernel_size!r}")
+        self.pool_kernel = kernel_size
+        return self
 
     def check_model(self, model) -> None:
         """``ValueError`` naming every field in which ``model``'s fingerprint differs from the heads'."""
