@@ -14,17 +14,16 @@ allocators, same compacted cache. The full cache runs once per (task, length) an
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from gatekv.eval.config import EvalConfig, MethodConfig
+from gatekv.eval.config import EvalConfig
 from gatekv.eval.metrics import score_answer
 from gatekv.eval.tasks import EvalSample, Haystack, make_task_samples
+from gatekv.io import atomic_write, atomic_write_text
 
 __all__ = ["Cell", "EvalResults", "format_markdown", "plot_results", "run_eval"]
 
@@ -77,19 +76,6 @@ class EvalResults:
         if not isinstance(document, dict) or document.get("version") != RESULTS_VERSION or not isinstance(document.get("cells"), dict):
             raise ValueError(f"{path} is not a gatekv eval results file (version {RESULTS_VERSION}); move it away to start over")
         return cls(document.get("config") or {}, document["cells"])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def grid(config: EvalConfig, task_lengths: list[tuple[str, int]]) -> list[Cell]:
@@ -220,9 +206,9 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, progress: bool = Tr
         accuracy = sum(r["score"] for r in records) / len(records)
         results.cells[cell.key] = {"cell": cell.__dict__, "accuracy": accuracy, "n": len(records),
                                    "seconds": time.perf_counter() - start, "samples": records}
-        _write_atomic(json_path, results.to_json())  # a crash from here on loses no finished cell
+        atomic_write_text(json_path, results.to_json())  # a crash from here on loses no finished cell
     bar.close()
-    _write_atomic(out / "results.md", format_markdown(results))
+    atomic_write_text(out / "results.md", format_markdown(results))
     try:
         plot_results(results, out / "accuracy_vs_budget.png")
     except ImportError as error:
@@ -317,13 +303,8 @@ def plot_results(results: EvalResults, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=".png")
     finally:
-        Path(tmp).unlink(missing_ok=True)
         plt.close(fig)
     return path

@@ -28,7 +28,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, snapshot_download
 
 from gatekv.heads.config import HeadConfig, ModelFingerprint
+from gatekv.io import atomic_write, atomic_write_text
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -83,8 +83,6 @@ class LoraWeights:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "LoraWeights":
         """Read and validate a peft LoRA directory (``ValueError`` naming the file and the problem)."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
         for path in (config_path, weights_path):
@@ -137,7 +135,7 @@ class LoraWeights:
             tensors[f"base_model.model.{module}.lora_A.weight"] = a.detach().cpu().contiguous()
             tensors[f"base_model.model.{module}.lora_B.weight"] = b.detach().cpu().contiguous()
         _write_safetensors(directory / "adapter_model.safetensors", tensors, {"format": "pt"})
-        _write_text(directory / "adapter_config.json", json.dumps(self.peft_config, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(directory / "adapter_config.json", json.dumps(self.peft_config, indent=2, sort_keys=True) + "\n")
 
     def check_model(self, model) -> None:
         """``ValueError`` unless every LoRA module exists in ``model`` as a Linear of matching shape."""
@@ -303,9 +301,9 @@ class Adapter(
             self.lora.save(save_directory / LORA_DIR)
         elif (save_directory / LORA_DIR).exists():
             raise ValueError(f"{save_directory / LORA_DIR} exists but this adapter has no LoRA weights; use an empty directory")
-        _write_text(save_directory / MODEL_CARD, str(self.generate_model_card()))
+        atomic_write_text(save_directory / MODEL_CARD, str(self.generate_model_card()))
         # the config last: a directory with a config is a complete adapter
-        _write_text(save_directory / ADAPTER_CONFIG, json.dumps(self.config_document(), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(save_directory / ADAPTER_CONFIG, json.dumps(self.config_document(), indent=2, sort_keys=True) + "\n")
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         """The model card: YAML metadata (library_name, base_model, tags, license) + usage, training, evaluation."""
@@ -533,26 +531,4 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        _fsync_replace(Path(tmp), path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        _fsync_replace(Path(tmp), path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from gatekv.config import dump_yaml, to_dict
+from gatekv.config import dump_yaml
+from gatekv.io import atomic_write_text
 from gatekv.training.config import TrainConfig, check_files, load_deepspeed_config
 
 __all__ = ["TrainResult", "find_resume_checkpoint", "format_curve", "train", "validate"]
@@ -130,12 +131,6 @@ def _build_strategy(config: TrainConfig):
     return DeepSpeedStrategy(config=ds_config, exclude_frozen_parameters=True)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _save_config(config: TrainConfig, out: Path, resume_step: int | None) -> None:
     text = dump_yaml(config)
     path = out / "config.yaml"
@@ -145,10 +140,10 @@ def _save_config(config: TrainConfig, out: Path, resume_step: int | None) -> Non
             os.replace(path, backup)  # an older run's config is kept, never lost
             log.warning("the run directory had a different config.yaml; kept as %s", backup.name)
         else:
-            _write_text_atomic(out / f"config.resume-{resume_step}.yaml", text)
+            atomic_write_text(out / f"config.resume-{resume_step}.yaml", text)
             log.warning("resuming with a changed config: written to config.resume-%d.yaml", resume_step)
             return
-    _write_text_atomic(path, text)
+    atomic_write_text(path, text)
 
 
 def _wrap_lora(model, config: TrainConfig):
@@ -330,7 +325,7 @@ def train(config: TrainConfig) -> TrainResult:
         if config.output.export_adapter:
             adapter_dir = out / "adapter"
             _export(module, heads, adapter_dir, config, summary, deepspeed)
-        _write_text_atomic(out / "summary.json", json.dumps({**summary, "curve": curve}, indent=2) + "\n")
+        atomic_write_text(out / "summary.json", json.dumps({**summary, "curve": curve}, indent=2) + "\n")
         print(format_curve(curve))
         print(
             f"[gatekv train] {trainer.global_step} steps in {wall:.0f} s; "

@@ -231,13 +231,6 @@ def char_estimate(texts: list[str]) -> list[int]:
 
 def write_jsonl(records, path: str | Path) -> Path:
     """Write records (dicts) as JSON lines, atomically (temp file + rename)."""
-    import os
+    from gatekv.io import atomic_write_text
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
