@@ -190,22 +190,29 @@ class CompressedLayer(CacheLayerMixin):
         row_min = real.min(-1).values
         self.min_position = row_min if self.min_position is None else torch.minimum(self.min_position, row_min)
 
-    def compact(self, indices: torch.Tensor, counts: torch.Tensor, reserve: int | None = None) -> None:
+    def compact(self, indices: torch.Tensor, counts: torch.Tensor, reserve: int | None = None, merge=None) -> None:
         """Keep, per (row, head), the slots ``indices[b, h, :counts[b, h]]`` (ascending); free everything else.
 
         indices: (B, H_kv, K_max) int64; counts: (B, H_kv) int64. New capacity = counts + ``reserve``.
+        merge:   optional ``(sources, targets, weights, source_counts)``: dropped slots (B, H_kv, E) merged into the
+                 kept token of rank ``targets`` (B, H_kv, E) with ``weights`` (B, H_kv, E); ``source_counts``
+                 (B, H_kv) valid entries (``kernels.merge``). Keys and values change; positions do not.
         """
         reserve = self.reserve if reserve is None else reserve
         segments = self.batch_size * self.num_heads
         flat_counts = counts.reshape(segments).to(self.lengths.device)
         if bool((flat_counts > self.lengths).any()):
             raise ValueError("keep plan keeps more slots than a segment holds")
+        old_keys, old_values, old_starts = self.keys, self.values, self.starts
         self._relayout(
             torch.arange(segments, device=self.lengths.device),
             flat_counts,
             extra=torch.full_like(flat_counts, reserve),
             indices=indices.reshape(segments, -1).to(self.lengths.device),
         )
+        if merge is not None:
+            flat = [t.reshape(segments, *t.shape[2:]).to(self.lengths.device) for t in merge]
+            kernels.merge([self.keys, self.values], self.starts, [old_keys, old_values], old_starts, *flat)
 
     def dense_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Padded copies for scoring: keys (B, H, T, d), values (B, H, T, d_v), positions (B, H, T) (-1 pad), state.

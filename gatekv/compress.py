@@ -33,6 +33,7 @@ import torch
 from gatekv import kernels
 from gatekv.allocators import AllocationInput, Allocator, Budget, get_allocator
 from gatekv.cache import CompressedCache, full_cache_kv_bytes
+from gatekv.merge import MergeContext, Merger, get_merger
 from gatekv.models import ModelSpec, capture_layer_inputs, inspect_model
 from gatekv.scorers import LayerContext, Scorer, get_scorer
 
@@ -96,11 +97,13 @@ class CompressionStats:
     compact_seconds: float = 0.0
     noop: bool = False
     """True when the budget covered the whole prompt and nothing was changed."""
+    cascade_peak_kv_bytes: int = 0
+    """Largest KV allocation seen inside a prefill forward, before each layer's cascade re-eviction (CAKE)."""
 
     @property
     def peak_kv_bytes(self) -> int:
-        """Largest KV allocation seen right before an eviction (the prefill peak)."""
-        return max((e.kv_bytes_before for e in self.events), default=0)
+        """Largest KV allocation seen right before an eviction (the prefill peak, cascade steps included)."""
+        return max(max((e.kv_bytes_before for e in self.events), default=0), self.cascade_peak_kv_bytes)
 
     @property
     def kept_tokens(self) -> torch.Tensor | None:
@@ -147,11 +150,13 @@ class CompressionSession:
         query: torch.Tensor | None = None,
         reserve: int = 64,
         record: bool = False,
+        merge: str | Merger | None = None,
     ):
         self.spec: ModelSpec = inspect_model(model)
         self.model = model
         self.scorer = get_scorer(scorer)
         self.allocator = get_allocator(allocator)
+        self.merger = None if merge is None else get_merger(merge)
         self.budget = _resolve_budget(budget, "budget")
         if prefill not in PREFILL_MODES:
             raise ValueError(f"prefill must be one of {list(PREFILL_MODES)}, got {prefill!r}")
@@ -268,6 +273,7 @@ class CompressionSession:
         if cache.forwards == 0:  # the prefill: this forward's tokens are the prompt to compress
             if q == 0:
                 raise ValueError("gatekv.compress: empty prompt (0 tokens)")
+            self._phase = "prefill"  # also during the leading chunks (cascading allocators read it)
             self._start_prompt(valid, token_positions, tokens)
             if self.prefill == "chunked" and q > self.chunk_size:
                 kwargs = self._run_leading_chunks(cache, kwargs, mask, positions, token_positions)
@@ -332,6 +338,8 @@ class CompressionSession:
                 f"than sinks + window = {self.sinks + self.window}"
             )
         self._budget_rows = budget_rows
+        if hasattr(self.merger, "reset"):
+            self.merger.reset()
         if self.decode_budget is None:
             self._decode_rows = None
         elif self.decode_budget.is_ratio:
@@ -405,7 +413,8 @@ class CompressionSession:
         plan = self.allocator.allocate(inputs)
         before = cache.kv_bytes()
         for l in layers:
-            cache.layers[l].compact(plan.indices[l], plan.counts[l], self.reserve)
+            merge = None if self.merger is None else self._merge_spec(cache, l, plan.indices[l], plan.counts[l])
+            cache.layers[l].compact(plan.indices[l], plan.counts[l], self.reserve, merge)
         cache.compressions += 1
         seconds = time.perf_counter() - start
         self.stats.compact_seconds += seconds
@@ -419,6 +428,14 @@ class CompressionSession:
         )
         self._scores.clear()
         self._scoring = False
+
+    def _merge_spec(self, cache: CompressedCache, layer_idx: int, indices: torch.Tensor, counts: torch.Tensor):
+        """The merger's (sources, targets, weights, counts) for one layer's eviction, or None."""
+        keys, values, positions, _ = cache.layers[layer_idx].dense_view()
+        scores, protected = self._scores[layer_idx]
+        ctx = MergeContext(layer_idx, keys, values, positions, scores, protected, indices, counts)
+        spec = self.merger.merge(ctx)
+        return None if spec is None else spec.as_tuple()
 
     def _observe_query(self, cache: CompressedCache) -> None:
         """Query-aware scoring: run the query tokens as observers (their KV is dropped by the compaction)."""
@@ -493,11 +510,51 @@ class CompressionSession:
         last = torch.where(candidates, positions, torch.full_like(positions, -1)).amax(-1, keepdim=True)
         row_start = self._row_start.to(positions.device)[:, None, None]
         protected = candidates & ((positions - row_start < self.sinks) | (positions > last - self.window))
+        if getattr(self.allocator, "needs_window_attention", False):
+            self.allocator.observe_layer(layer_idx, ctx.window_attention(), candidates)
         self._scores[layer_idx] = (scores, protected)
         names = [n for n in self.scorer.state_names if n in ctx.state]
         if names:
             layer.write_state({n: ctx.state[n] for n in names})
         captured.clear()
+        # not while query observers run: the prompt forward already filled every layer, there is no peak to cut
+        if getattr(self.allocator, "cascade", False) and self._phase == "prefill" and self._observer_from is None:
+            self._cascade(layer_idx)
+
+    def _cascade(self, layer_idx: int) -> None:
+        """Cascading allocators (CAKE): once layer m is scored (its attention already computed), re-allocate the
+        budget over layers 0..m and re-evict them with their stored scores, so the prefill never holds more than the
+        budget plus one uncompressed layer. Stored scores are gathered along, to stay aligned with the slots."""
+        cache = self.cache
+        layers = range(layer_idx + 1)
+        inputs = AllocationInput(
+            scores=[self._scores[l][0] for l in layers],
+            protected=[self._scores[l][1] for l in layers],
+            budget=self._budget_rows.to(self._scores[layer_idx][0].device),
+            window=self.window,
+        )
+        held = torch.zeros_like(self._budget_rows)  # tokens per head still held by the later layers (chunked)
+        for later in cache.layers[layer_idx + 1 :]:
+            if later.is_initialized and later.lengths.numel():
+                held += later.lengths.reshape(later.batch_size, later.num_heads).amax(-1).to(held.device)
+        plan = self.allocator.cascade_allocate(inputs, self.spec.num_layers, held)
+        self.stats.cascade_peak_kv_bytes = max(self.stats.cascade_peak_kv_bytes, cache.kv_bytes())
+        for l in layers:
+            cache.layers[l].compact(plan.indices[l], plan.counts[l], 0)
+            scores, protected = self._scores[l]
+            self._scores[l] = (
+                _gather_slots(scores, plan.indices[l], plan.counts[l], float("-inf")),
+                _gather_slots(protected, plan.indices[l], plan.counts[l], False),
+            )
+
+
+def _gather_slots(dense: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, fill) -> torch.Tensor:
+    """Per-slot values (B, H, T) of the slots a plan keeps: (B, H, K_max), ``fill`` past ``counts``."""
+    if indices.shape[-1] == 0:
+        return dense[..., :0]
+    kept = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
+    gathered = torch.gather(dense, 2, indices.to(dense.device))
+    return torch.where(kept.to(dense.device), gathered, torch.full_like(gathered, fill))
 
 
 @contextlib.contextmanager
@@ -514,12 +571,13 @@ def compress(
     query: torch.Tensor | None = None,
     reserve: int = 64,
     record: bool = False,
+    merge: str | Merger | None = None,
 ) -> Iterator[CompressionSession]:
     """Compress the KV cache of every generation/forward run inside the block.
 
     model:          a supported causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3 families)
     scorer:         scorer name (``gatekv.scorers.available_scorers()``) or instance
-    allocator:      allocator name (``uniform``, ``adakv``, ``pyramid``) or instance
+    allocator:      allocator name (``gatekv.available_allocators()``: uniform, adakv, pyramid, global, cake, ...) or instance
     budget:         tokens kept per KV head: a ratio of the prompt (float in (0, 1]) or a count (int); protected
                     tokens included. A budget covering the whole prompt is a no-op (the model runs untouched).
     prefill:        ``one_shot`` (full prefill, then compact) or ``chunked`` (evict after each ``chunk_size`` tokens)
@@ -529,9 +587,12 @@ def compress(
                     (they are not kept); None = the prompt's own last tokens observe
     reserve:        free slots per (row, head) after compaction, so decoding appends without copying
     record:         keep the kept positions of every eviction in ``stats.events`` (tests, analysis)
+    merge:          merger name (``ems``, ``d2o``, ``kvmerger``, ``razor``; ``gatekv.merge``) or instance: dropped
+                    tokens are merged into kept ones at every eviction (not at a cascade allocator's inner steps)
     """
     session = CompressionSession(
-        model, scorer, allocator, budget, prefill, chunk_size, window, sinks, decode_budget, query, reserve, record
+        model, scorer, allocator, budget, prefill, chunk_size, window, sinks, decode_budget, query, reserve, record,
+        merge,
     )
     session._enter()
     try:

@@ -1,6 +1,6 @@
 """Allocators: one file per method; ``get_allocator(name)`` builds one by name."""
 
-from gatekv.allocators import adakv, pyramid, uniform  # noqa: F401  (registration)
+from gatekv.allocators import adakv, cake, d2o, fairkv, global_topk, pyramid, razor, threshold, uniform  # noqa: F401
 from gatekv.allocators.base import (
     AllocationInput,
     Allocator,

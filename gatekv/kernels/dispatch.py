@@ -63,6 +63,15 @@ def compact(src, src_starts, indices, counts, dst_starts, dst_rows, fill=None):
     return reference.compact_reference(src, src_starts, indices, counts, dst_starts, dst_rows, fill)
 
 
+def merge(dst, dst_starts, src, src_starts, sources, targets, weights, source_counts):
+    """Merge dropped tokens into the kept ones of the compacted storage, in place (``reference.merge_reference``)."""
+    _check_merge(dst, dst_starts, src, src_starts, sources, targets, weights, source_counts)
+    if _use_triton(dst, floats=True) and hasattr(_triton_kernels, "merge"):
+        _triton_kernels.merge(dst, dst_starts, src, src_starts, sources, targets, weights, source_counts)
+    else:
+        reference.merge_reference(dst, dst_starts, src, src_starts, sources, targets, weights, source_counts)
+
+
 def append(dst, starts, lengths, new):
     """Write new tokens after each segment's filled slots, in place (see ``reference.append_reference``)."""
     _check_append(dst, starts, lengths, new)
@@ -246,6 +255,29 @@ def _check_compact(src, src_starts, indices, counts, dst_starts, dst_rows, fill)
         raise ValueError(f"dst_rows must be an int >= 0, got {dst_rows!r}")
     if fill is not None and (not isinstance(fill, (list, tuple)) or len(fill) != len(src)):
         raise ValueError(f"fill must be None or a list with one value per src buffer ({len(src)}), got {fill!r}")
+
+
+def _check_merge(dst, dst_starts, src, src_starts, sources, targets, weights, source_counts) -> None:
+    if not isinstance(dst, (list, tuple)) or not isinstance(src, (list, tuple)) or len(dst) != len(src) or not dst:
+        raise ValueError("dst and src must be non-empty lists of tensors with one src buffer per dst buffer")
+    for i, (out, buf) in enumerate(zip(dst, src)):
+        _tensor(f"dst[{i}]", out, tuple(range(1, 9)), "float", "(N_dst, *feature)")
+        _tensor(f"src[{i}]", buf, (out.dim(),), "float", "(N_src, *feature of dst)")
+        if buf.shape[1:] != out.shape[1:]:
+            raise ValueError(f"src[{i}] has features {tuple(buf.shape[1:])}, dst[{i}] {tuple(out.shape[1:])}")
+    _tensor("dst_starts", dst_starts, (1,), "int", "(S,)")
+    _tensor("src_starts", src_starts, (1,), "int", "(S,)")
+    num_segments = dst_starts.shape[0]
+    _shape("src_starts", src_starts, (num_segments,), "(S,)")
+    _tensor("sources", sources, (2,), "int", "(S, E)")
+    if sources.shape[0] != num_segments:
+        raise ValueError(f"sources must be (S, E) with S = {num_segments}, got {tuple(sources.shape)}")
+    _tensor("targets", targets, (2,), "int", "(S, E)")
+    _shape("targets", targets, tuple(sources.shape), "(S, E) like sources")
+    _tensor("weights", weights, (2,), "float", "(S, E)")
+    _shape("weights", weights, tuple(sources.shape), "(S, E) like sources")
+    _tensor("source_counts", source_counts, (1,), "int", "(S,)")
+    _shape("source_counts", source_counts, (num_segments,), "(S,)")
 
 
 def _check_append(dst, starts, lengths, new) -> None:

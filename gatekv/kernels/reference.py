@@ -25,6 +25,7 @@ __all__ = [
     "column_max_logits_reference",
     "compact_reference",
     "layout_from_caps",
+    "merge_reference",
     "ragged_attention_reference",
     "window_attention_reference",
 ]
@@ -89,6 +90,49 @@ def append_reference(
     rows = rows.reshape(-1)
     for buf, tokens in zip(dst, new):
         buf[rows] = tokens.reshape(num_segments * q, *tokens.shape[2:]).to(buf.dtype)
+
+
+def merge_reference(
+    dst: list[torch.Tensor],
+    dst_starts: torch.Tensor,
+    src: list[torch.Tensor],
+    src_starts: torch.Tensor,
+    sources: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    source_counts: torch.Tensor,
+) -> None:
+    """Merge dropped tokens into kept ones, in place in the compacted storage (EMS, D2O, KVMerger, Razor).
+
+    dst:           compacted flat buffers (N_dst, *feature) (keys, values) holding the kept tokens
+    dst_starts:    (S,) first row of each segment in ``dst``
+    src:           the buffers before compaction (N_src, *feature), same order as ``dst``
+    src_starts:    (S,) first row of each segment in ``src``
+    sources:       (S, E) int64 slot of a dropped token *within* its source segment
+    targets:       (S, E) int64 rank of the kept token it merges into (its slot within the compacted segment)
+    weights:       (S, E) float weight ``w_e >= 0`` of each merged token
+    source_counts: (S,) int64 valid entries per segment; entries ``>= source_counts`` are ignored
+
+    Every kept slot ``r`` that receives merged tokens becomes ``(x_r + sum_e w_e x_e) / (1 + sum_e w_e)`` (the kept
+    token has weight 1), computed in float32 and stored in the buffer's dtype; other slots are untouched.
+    """
+    num_segments, e_max = sources.shape
+    if e_max == 0:
+        return
+    device = dst_starts.device
+    valid = torch.arange(e_max, device=device)[None, :] < source_counts.to(device)[:, None]
+    src_rows = (src_starts[:, None] + sources.to(device))[valid]
+    dst_rows = (dst_starts[:, None] + targets.to(device))[valid]
+    w = weights.to(device).float()[valid]
+    if dst_rows.numel() == 0:
+        return
+    total = torch.zeros(dst[0].shape[0], device=device).index_add_(0, dst_rows, w)
+    touched = torch.unique(dst_rows)
+    for out, buf in zip(dst, src):
+        acc = torch.zeros(out.shape, dtype=torch.float32, device=device)
+        acc.index_add_(0, dst_rows, buf[src_rows].float() * w.reshape(-1, *([1] * (buf.dim() - 1))))
+        norm = (1.0 + total[touched]).reshape(-1, *([1] * (buf.dim() - 1)))
+        out[touched] = ((out[touched].float() + acc[touched]) / norm).to(out.dtype)
 
 
 def _segment_mask(

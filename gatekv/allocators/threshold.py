@@ -1,0 +1,46 @@
+"""Threshold allocation: keep every token whose score exceeds ``tau`` (input-adaptive budget, KVzap / gates)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gatekv.allocators.base import AllocationInput, Allocator, KeepPlan, register_allocator
+from gatekv.allocators.global_topk import plan_exact_counts
+
+__all__ = ["ThresholdAllocator"]
+
+
+@register_allocator("threshold")
+class ThresholdAllocator(Allocator):
+    """Head h keeps its protected slots (sinks, recent window) plus every other candidate with score ``> tau``.
+
+    Meant for trained gates whose scores are keep-logits (``tau = 0`` is ``sigmoid > 0.5``). The kept amount
+    follows the input, not the budget; with ``cap=True`` a head keeps at most ``max(B, protected)`` slots (its
+    highest-scored ones above ``tau``).
+
+    tau: finite threshold on the score; cap: bound each head by the budget.
+    """
+
+    def __init__(self, tau: float = 0.0, cap: bool = False):
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
+            raise ValueError(f"threshold: tau must be a finite number, got {tau!r}")
+        if not isinstance(cap, bool):
+            raise ValueError(f"threshold: cap must be a bool, got {cap!r}")
+        self.tau = float(tau)
+        self.cap = cap
+
+    def allocate(self, inputs: AllocationInput) -> KeepPlan:
+        return plan_exact_counts(inputs, self.layer_counts(inputs))
+
+    def layer_counts(self, inputs: AllocationInput) -> list[torch.Tensor]:
+        """Per layer (B, H_kv): protected + unprotected candidates above ``tau`` (capped by the budget if asked)."""
+        counts = []
+        for scores, protected in zip(inputs.scores, inputs.protected):
+            above = ((scores > self.tau) & (scores > float("-inf")) & ~protected).sum(-1)
+            layer = protected.sum(-1) + above
+            if self.cap:
+                layer = torch.minimum(layer, inputs.budget.to(layer.device)[:, None])
+            counts.append(layer)
+        return counts
