@@ -464,10 +464,20 @@ class CompressionSession:
             and not layer.has_padding
             and (sliding_window is None or bool((query_positions[:, 0] - layer.min_position < sliding_window).all()))
         )
-        output = kernels.ragged_attention(
-            query, query_positions, layer.keys, layer.values, layer.positions, layer.starts, layer.lengths, scale,
-            sliding_window, unmasked=unmasked, host_layout=layer.host_layout(),
-        )
+        q = query.shape[2]
+        if q > 1 and sliding_window is None and not layer.has_padding and bool((layer.lengths == q).all()):
+            # The first forward into an empty cache without padding: plain causal attention over the new tokens
+            # (SDPA's causal kernel, GQA-aware), not the general masked ragged path (2-3x slower on CPUs).
+            keys, values, _, _ = layer.dense_view()
+            output = torch.nn.functional.scaled_dot_product_attention(
+                query, keys.to(query.dtype), values.to(query.dtype), is_causal=True, scale=scale,
+                enable_gqa=keys.shape[1] != query.shape[1],
+            )
+        else:
+            output = kernels.ragged_attention(
+                query, query_positions, layer.keys, layer.values, layer.positions, layer.starts, layer.lengths, scale,
+                sliding_window, unmasked=unmasked, host_layout=layer.host_layout(),
+            )
         if self._scoring:
             start = time.perf_counter()
             self._score_layer(module, layer_idx, query, query_positions, scale)
