@@ -250,3 +250,17 @@ def test_eval_with_a_suite_column(tmp_path, model, tokenizer):
     results = run_eval(config, model=model, tokenizer=tokenizer, progress=False)
     assert {entry["cell"]["task"] for entry in results.cells.values()} == {"lb-local"}
     assert "native tokens" in (config.output_dir / "results.md").read_text()
+
+
+def test_eval_methods_with_allocator_options_and_a_merger(tmp_path, model, tokenizer):
+    config = _config(tmp_path, tasks=["niah_single"], budgets=[0.3], num_samples=1, methods=[
+        {"name": "full", "scorer": "full"},
+        {"name": "ems", "scorer": "ems", "merge": "ems"},
+        {"name": "ldkv", "scorer": "defensivekv", "allocators": ["global"], "allocator_options": {"global": {"floor": 0.2}}},
+    ])
+    results = run_eval(config, model=model, tokenizer=tokenizer, progress=False)
+    assert len(results.cells) == 3
+    with pytest.raises(ValueError, match="allocator_options for \\['adakv'\\], which are not in allocators"):
+        _config(tmp_path, methods=[{"name": "x", "scorer": "snapkv", "allocator_options": {"adakv": {"alpha": 0.2}}}])
+    with pytest.raises(ValueError, match="unknown merge 'blend'"):
+        _config(tmp_path, methods=[{"name": "x", "scorer": "snapkv", "merge": "blend"}])

@@ -24,7 +24,13 @@ class MethodConfig:
     allocators: list[str] = field(default_factory=lambda: ["uniform"])
     """Allocators to run this scorer with (ignored for the full cache)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of the scorer (e.g. ``kernel_size: 7``)."""
+    """Keyword arguments of the scorer (e.g. ``kernel_size: 7``); for an adapter: ``pool_kernel``."""
+    allocator_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Keyword arguments per allocator name, e.g. ``{global: {floor: 0.2}, fairkv: {tp: 3}}``."""
+    merge: str | None = None
+    """Merger applied at every eviction (``gatekv.merge``: ems, d2o, kvmerger, razor), or none."""
+    merge_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the merger."""
 
     def __post_init__(self):
         if not self.name or "|" in self.name:
@@ -43,6 +49,14 @@ class MethodConfig:
         for allocator in self.allocators:
             if allocator not in available_allocators():
                 raise ValueError(f"method {self.name!r}: unknown allocator {allocator!r}; valid: {available_allocators()}")
+        extra = sorted(set(self.allocator_options) - set(self.allocators))
+        if extra:
+            raise ValueError(f"method {self.name!r}: allocator_options for {extra}, which are not in allocators")
+        if self.merge is not None:
+            from gatekv.merge import available_mergers
+
+            if self.merge not in available_mergers():
+                raise ValueError(f"method {self.name!r}: unknown merge {self.merge!r}; valid: {available_mergers()}")
 
     @property
     def is_full(self) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from gatekv.eval.config import EvalConfig
+from gatekv.eval.config import EvalConfig, MethodConfig
 from gatekv.eval.metrics import score_answer
 from gatekv.eval.tasks import EvalSample, Haystack, make_task_samples
 from gatekv.io import atomic_write, atomic_write_text
@@ -128,12 +128,17 @@ def _check_lengths(model, config: EvalConfig, samples: dict, question_room: int)
 
 
 def _wrappers(model, tokenizer, config: EvalConfig) -> dict[str, object]:
+    """One :class:`GateKV` per method (the full cache: no scorer)."""
     from gatekv.inference import GateKV
 
     out = {}
     for method in config.methods:
-        common = dict(budget=config.budgets[0], allocator=method.allocators[0], prefill=config.prefill,
-                      window=config.window, sinks=config.sinks, chunk_size=config.chunk_size)
+        common = dict(budget=config.budgets[0], allocator=_allocator(method, method.allocators[0]),
+                      prefill=config.prefill, window=config.window, sinks=config.sinks, chunk_size=config.chunk_size)
+        if method.merge is not None:
+            from gatekv.merge import get_merger
+
+            common["merge"] = get_merger(method.merge, **method.merge_options)
         if method.is_full:
             out[method.name] = GateKV(model, tokenizer)
         elif method.adapter is not None:
@@ -150,6 +155,15 @@ def _wrappers(model, tokenizer, config: EvalConfig) -> dict[str, object]:
             scorer = get_scorer(method.scorer, **method.options) if method.options else method.scorer
             out[method.name] = GateKV(model, tokenizer, scorer=scorer, **common)
     return out
+
+
+def _allocator(method: MethodConfig, name: str):
+    """The allocator ``name`` of ``method``: its name, or an instance when the method gives it options."""
+    if name not in method.allocator_options:
+        return name
+    from gatekv.allocators import get_allocator
+
+    return get_allocator(name, **method.allocator_options[name])
 
 
 def run_eval(config: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> EvalResults:
@@ -182,6 +196,7 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, progress: bool = Tr
     samples = _samples(config, tokenizer, head_ids.shape[1])
     _check_lengths(model, config, samples, question_room=64)
     wrappers = _wrappers(model, tokenizer, config)
+    methods = {m.name: m for m in config.methods}
     cells = grid(config, list(samples))
     todo = [c for c in cells if c.key not in results.cells]
     total = sum(len(samples[(c.task, c.length)]) for c in todo)
@@ -191,7 +206,9 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, progress: bool = Tr
         start = time.perf_counter()
         records = []
         for sample in samples[(cell.task, cell.length)]:
-            overrides = {} if cell.allocator == "-" else {"budget": cell.budget, "allocator": cell.allocator}
+            overrides = {}
+            if cell.allocator != "-":
+                overrides = {"budget": cell.budget, "allocator": _allocator(methods[cell.method], cell.allocator)}
             answer = kv.answer(sample.context, sample.question, query_aware=cell.mode != "query_agnostic",
                                max_new_tokens=config.max_new_tokens, **overrides)
             score = score_answer(answer.text, sample.answers, sample.metric)

@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="gatekv retrieval-heads", description="Identify (semantic) retrieval heads on synthetic inputs."
     )
-    parser.add_argument("model", help="Hugging Face model id or local path")
+    parser.add_argument("model", help="smollm2 (the embedded model), a Hugging Face model id or a local path")
     parser.add_argument("--output", "-o", required=True, help="JSON file to write")
     parser.add_argument("--kind", choices=KINDS, default="semantic", help="score that selects the heads")
     parser.add_argument("--samples", type=int, default=4, help="random sequences per test")
@@ -257,13 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
     args = parser.parse_args(argv)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from gatekv.inference import load_base_model
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError):
-        tokenizer = None
+    # smollm2 (embedded), tiny:<family>, a Hub id or a local path
+    model, tokenizer = load_base_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     result = identify_retrieval_heads(
         model, tokenizer, samples=args.samples, length=args.length, answer_length=args.answer_length,
         heads_per_layer=args.heads_per_layer, fraction=args.fraction, kind=args.kind, seed=args.seed,
