@@ -93,3 +93,20 @@ def test_needle_scorer_keeping_10_percent_answers_query_agnostic(smollm2, seed):
     for positions in kept.kept_positions:  # every layer and head kept the whole needle
         assert bool(torch.isin(torch.arange(start, end), positions[0]).all())
     assert prompt.is_correct(answer), (prompt.answer, answer)
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end(tmp_path):
+    """`make quickstart`'s evaluation on the real model and the shipped adapter (a few minutes on 2 cores)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, str(root / "examples" / "quickstart.py"), "--samples", "2",
+                          f"output={tmp_path}"], capture_output=True, text=True, timeout=1800, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| retaining-heads | adakv | 10% |" in run.stdout and "plot:" in run.stdout
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+    assert len(cells) == 10 and all(entry["n"] == 2 for entry in cells.values())
