@@ -22,6 +22,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 
 from gatekv import compress, get_allocator  # noqa: E402
+from gatekv.models import cache_kwarg  # noqa: E402
 from gatekv.allocators.fairkv import _imbalance, balance_report, shard_loads  # noqa: E402
 
 
@@ -65,13 +66,13 @@ def main() -> None:
           f"{ids.shape[0]} x {ids.shape[1]} tokens, budget {args.budget}, scores: snapkv, head-wise budgets: adakv")
 
     with torch.no_grad(), compress(model, "snapkv", "adakv", budget=args.budget) as session:
-        model(input_ids=ids, past_key_values=session.new_cache())
+        model(input_ids=ids, **{cache_kwarg(model): session.new_cache()})
     counts = list(session.stats.kept_tokens)  # per layer (B, H_kv)
     for tp in degrees:
         report = balance_report(counts, tp)
         fair = get_allocator("fairkv", tp=tp, inner="adakv", rebalance=True)
         with torch.no_grad(), compress(model, "snapkv", fair, budget=args.budget) as balanced:
-            model(input_ids=ids, past_key_values=balanced.new_cache())
+            model(input_ids=ids, **{cache_kwarg(model): balanced.new_cache()})
         rebalanced = list(balanced.stats.kept_tokens)
         after = _imbalance(shard_loads(rebalanced, fair.last_assignment, tp))
         print(f"tp {tp}: max/mean shard load  contiguous {report['before']:.3f}  LPT {report['after']:.3f}  "

@@ -29,6 +29,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 
 from gatekv import compress  # noqa: E402
+from gatekv.models import cache_kwarg, output_cache  # noqa: E402
 from gatekv.eval import needle_prompt  # noqa: E402
 from gatekv.smollm2 import load_smollm2  # noqa: E402
 
@@ -70,14 +71,14 @@ def main() -> None:
             with torch.no_grad():
                 if mode is None:
                     out = model.generate(prompt.prompt_ids, return_dict_in_generate=True, **options)
-                    sequences, held = out.sequences, _dense_cache_bytes(out.past_key_values)
+                    sequences, held = out.sequences, _dense_cache_bytes(output_cache(out))
                     full_bytes = held
                 else:
                     with compress(model, "snapkv", args.allocator, budget=budget) as session:
                         cache = session.new_cache()
                         if mode == "agnostic":
-                            model(input_ids=prompt.context_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                        sequences = model.generate(prompt.prompt_ids, past_key_values=cache, **options)
+                            model(input_ids=prompt.context_ids, **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
+                        sequences = model.generate(prompt.prompt_ids, **{cache_kwarg(model): cache}, **options)
                     held = cache.kv_bytes()
             seconds[label] += time.perf_counter() - began
             kv_ratio[label] += held / full_bytes

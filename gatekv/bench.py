@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gatekv.models import cache_kwarg
+
 __all__ = [
     "DecodeResult",
     "LLAMA31_8B_SHAPE",
@@ -123,7 +125,7 @@ def _drive(model, input_ids: torch.Tensor, cache, steps: int, warmup: int) -> tu
     device = input_ids.device
     _sync(device)
     start = time.perf_counter()
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
     _sync(device)
     prefill = time.perf_counter() - start
     bytes_after_prefill = _cache_bytes(cache)
@@ -132,7 +134,7 @@ def _drive(model, input_ids: torch.Tensor, cache, steps: int, warmup: int) -> tu
     for step in range(warmup + steps):
         _sync(device)
         start = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, **{cache_kwarg(model): cache}, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         if step >= warmup:

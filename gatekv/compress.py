@@ -16,13 +16,14 @@ Query-agnostic use (compress the context before the question is seen)::
 
     with compress(model, "snapkv", budget=0.1) as session:
         cache = session.new_cache()
-        model(context_ids, past_key_values=cache)                       # compressed here
-        out = model.generate(torch.cat([context_ids, question_ids], 1), past_key_values=cache)
+        model(context_ids, cache=cache)                       # compressed here (past_key_values= before 5.2x)
+        out = model.generate(torch.cat([context_ids, question_ids], 1), cache=cache)
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -34,10 +35,11 @@ from gatekv import kernels
 from gatekv.allocators import AllocationInput, Allocator, Budget, get_allocator
 from gatekv.cache import CompressedCache, full_cache_kv_bytes
 from gatekv.merge import MergeContext, Merger, get_merger
-from gatekv.models import ModelSpec, capture_layer_inputs, inspect_model
+from gatekv.models import ModelSpec, cache_kwarg, capture_layer_inputs, find_cache, inspect_model
 from gatekv.scorers import LayerContext, Scorer, get_scorer
 
-__all__ = ["ATTENTION_NAME", "CompressionEvent", "CompressionSession", "CompressionStats", "compress"]
+__all__ = ["ATTENTION_NAME", "CompressionEvent", "CompressionSession", "CompressionStats", "SharedPrefill", "compress",
+           "shared_prefill"]
 
 ATTENTION_NAME = "gatekv_ragged"
 PREFILL_MODES = ("one_shot", "chunked")
@@ -192,10 +194,11 @@ class CompressionSession:
         self._last_position: torch.Tensor | None = None
         self._query_rows: torch.Tensor | None = None
         self._phase = "prefill"
+        self._held: dict | None = None  # set by SharedPrefill: the prefill is scored but not compacted
 
     # -- public ---------------------------------------------------------------------------------------------------
     def new_cache(self) -> CompressedCache:
-        """A fresh cache for this model; pass it as ``past_key_values`` (generate creates one automatically)."""
+        """A fresh cache for this model; pass it as ``cache`` (``past_key_values`` in older transformers) (generate creates one automatically)."""
         self.cache = CompressedCache(self.spec.num_layers, reserve=self.reserve)
         return self.cache
 
@@ -239,7 +242,7 @@ class CompressionSession:
         if tokens is None:
             raise ValueError("gatekv.compress: forward called without input_ids or inputs_embeds")
         batch, q = tokens.shape[:2]
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(kwargs)
         mask = self._check_mask(kwargs.get("attention_mask"), batch, q)
         if not isinstance(cache, CompressedCache):
             fresh = cache is None or cache.get_seq_length() == 0
@@ -254,7 +257,8 @@ class CompressionSession:
                 self._set_impl(self._original_impl)
                 return args, kwargs
             cache = self.new_cache()
-            kwargs["past_key_values"] = cache
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+            kwargs[cache_kwarg(self.model)] = cache
             kwargs["use_cache"] = True
         self.cache = cache
         self._set_impl(ATTENTION_NAME)
@@ -290,7 +294,7 @@ class CompressionSession:
         return args, kwargs
 
     def _after_forward(self, model, args, kwargs, output):
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(kwargs)
         if not isinstance(cache, CompressedCache):
             return output
         if self._phase == "prefill":
@@ -321,7 +325,7 @@ class CompressionSession:
         return mask[:, -q:].long().sum(-1)
 
     def _is_noop(self, lengths: torch.Tensor) -> bool:
-        if self.decode_budget is not None or self.query is not None:
+        if self.decode_budget is not None or self.query is not None or self._held is not None:
             return False
         return bool((self.budget.tokens(lengths) >= lengths).all())
 
@@ -379,8 +383,8 @@ class CompressionSession:
                 **{key: tokens[:, start:end]},
                 attention_mask=None if mask is None else mask[:, : past + end],
                 position_ids=positions[:, start:end],
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_kwarg(decoder): cache},
             )
             self._finish_step(cache, "chunk")
         kwargs = dict(kwargs)
@@ -401,41 +405,40 @@ class CompressionSession:
         if not self._scores:
             self._scoring = False
             return
-        start = time.perf_counter()
-        layers = range(self.spec.num_layers)
+        if kind == "prefill" and self._held is not None:  # shared prefill: keep the full cache, fork copies later
+            self._held.update(cache=cache, protected=[self._scores[l][1] for l in range(self.spec.num_layers)])
+            self._scores.clear()
+            self._scoring = False
+            return
         budget = self._decode_rows if kind == "decode" else self._budget_rows
-        inputs = AllocationInput(
-            scores=[self._scores[l][0] for l in layers],
-            protected=[self._scores[l][1] for l in layers],
-            budget=budget.to(self._scores[0][0].device),
-            window=self.window,
-        )
-        plan = self.allocator.allocate(inputs)
-        before = cache.kv_bytes()
-        for l in layers:
-            merge = None if self.merger is None else self._merge_spec(cache, l, plan.indices[l], plan.counts[l])
-            cache.layers[l].compact(plan.indices[l], plan.counts[l], self.reserve, merge)
-        cache.compressions += 1
-        seconds = time.perf_counter() - start
-        self.stats.compact_seconds += seconds
-        kept_positions = None
-        if self.record:
-            kept_positions = [cache.layers[l].dense_view()[2].cpu() for l in layers]
-        self.stats.events.append(
-            CompressionEvent(
-                kind, cache.kept_tokens(), before, cache.kv_bytes(), seconds, self._last_position.cpu(), kept_positions
-            )
-        )
+        scores = [self._scores[l][0] for l in range(self.spec.num_layers)]
+        protected = [self._scores[l][1] for l in range(self.spec.num_layers)]
+        event = self._evict(cache, kind, scores, protected, self.allocator, budget, self.merger)
+        self.stats.compact_seconds += event.seconds
+        self.stats.events.append(event)
         self._scores.clear()
         self._scoring = False
 
-    def _merge_spec(self, cache: CompressedCache, layer_idx: int, indices: torch.Tensor, counts: torch.Tensor):
-        """The merger's (sources, targets, weights, counts) for one layer's eviction, or None."""
-        keys, values, positions, _ = cache.layers[layer_idx].dense_view()
-        scores, protected = self._scores[layer_idx]
-        ctx = MergeContext(layer_idx, keys, values, positions, scores, protected, indices, counts)
-        spec = self.merger.merge(ctx)
-        return None if spec is None else spec.as_tuple()
+    def _evict(self, cache, kind, scores, protected, allocator, budget, merger) -> CompressionEvent:
+        """Allocate ``budget`` (B,) tokens per head over every layer's ``scores``/``protected`` (B, H_kv, T) and compact
+        ``cache`` in place (merging dropped tokens with ``merger``)."""
+        start = time.perf_counter()
+        layers = range(self.spec.num_layers)
+        inputs = AllocationInput(scores=scores, protected=protected, budget=budget.to(scores[0].device), window=self.window)
+        plan = allocator.allocate(inputs)
+        before = cache.kv_bytes()
+        for l in layers:
+            merge = None
+            if merger is not None:
+                merge = _merge_spec(merger, cache, l, scores[l], protected[l], plan.indices[l], plan.counts[l])
+            cache.layers[l].compact(plan.indices[l], plan.counts[l], self.reserve, merge)
+        cache.compressions += 1
+        seconds = time.perf_counter() - start
+        kept_positions = None
+        if self.record:
+            kept_positions = [cache.layers[l].dense_view()[2].cpu() for l in layers]
+        return CompressionEvent(kind, cache.kept_tokens(), before, cache.kv_bytes(), seconds, self._last_position.cpu(),
+                                kept_positions)
 
     def _observe_query(self, cache: CompressedCache) -> None:
         """Query-aware scoring: run the query tokens as observers (their KV is dropped by the compaction)."""
@@ -446,9 +449,8 @@ class CompressionSession:
         cache.begin_forward(obs_positions, advance=False)
         self._scoring = True
         try:
-            self.model.get_decoder()(
-                input_ids=self._query_rows, position_ids=obs_positions, past_key_values=cache, use_cache=True
-            )
+            decoder = self.model.get_decoder()
+            decoder(input_ids=self._query_rows, position_ids=obs_positions, use_cache=True, **{cache_kwarg(decoder): cache})
         finally:
             self._observer_from = None
 
@@ -558,6 +560,13 @@ class CompressionSession:
             )
 
 
+def _merge_spec(merger: Merger, cache: CompressedCache, layer_idx: int, scores, protected, indices, counts):
+    """The merger's (sources, targets, weights, counts) for one layer's eviction, or None."""
+    keys, values, positions, _ = cache.layers[layer_idx].dense_view()
+    spec = merger.merge(MergeContext(layer_idx, keys, values, positions, scores, protected, indices, counts))
+    return None if spec is None else spec.as_tuple()
+
+
 def _gather_slots(dense: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, fill) -> torch.Tensor:
     """Per-slot values (B, H, T) of the slots a plan keeps: (B, H, K_max), ``fill`` past ``counts``."""
     if indices.shape[-1] == 0:
@@ -608,4 +617,124 @@ def compress(
     try:
         yield session
     finally:
+        session._exit()
+
+
+class _ScoreSet(Scorer):
+    """Several scorers over the same layer contexts (one shared prefill): each one's raw ``(B, H_kv, T)`` scores are
+    kept per layer in ``results[name][layer]``; the first one's are returned."""
+
+    def __init__(self, scorers: dict[str, Scorer]):
+        self.scorers = scorers
+        self.needs = frozenset().union(*(s.needs for s in scorers.values()))
+        self.state_names = tuple(dict.fromkeys(n for s in scorers.values() for n in s.state_names))
+        self.results: dict[str, dict[int, torch.Tensor]] = {name: {} for name in scorers}
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        first = None
+        for name, scorer in self.scorers.items():
+            scores = scorer.score(ctx).float()
+            if scores.shape != ctx.positions.shape:
+                raise ValueError(f"scorer {name!r} returned shape {tuple(scores.shape)}, expected {tuple(ctx.positions.shape)}")
+            self.results[name][ctx.layer_idx] = scores
+            first = scores if first is None else first
+        return first
+
+
+class SharedPrefill:
+    """One prefill scored by several scorers; :meth:`fork` compacts a copy of its full cache per (scorer, allocator,
+    budget). Every fork equals what :func:`compress` with that scorer, allocator and budget (one-shot prefill) builds
+    for the same prompt, at the cost of one prefill for all of them. Made by :func:`shared_prefill`."""
+
+    def __init__(self, session: CompressionSession, score_set: _ScoreSet):
+        self.session = session
+        self._score_set = score_set
+
+    @property
+    def scorer_names(self) -> list[str]:
+        return list(self._score_set.scorers)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the prompt ``input_ids`` (B, T) once, scoring every layer with every scorer; returns the last
+        position's logits (B, vocab). The full cache is kept until the next :meth:`prefill`."""
+        session = self.session
+        session._held = {}
+        for results in self._score_set.results.values():
+            results.clear()
+        model = session.model
+        output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
+                       **{cache_kwarg(model): session.new_cache()})
+        if "cache" not in session._held:
+            raise RuntimeError("shared prefill: the forward was not scored (no compressible prompt)")
+        self._base_stats = session.stats
+        return output.logits[:, -1]
+
+    def fork(self, scorer: str, allocator: str | Allocator = "uniform", budget: float | int | Budget = 0.1,
+             merge: str | Merger | None = None) -> tuple[CompressedCache, CompressionStats]:
+        """A compacted copy of the prefilled cache: ``scorer``'s scores, ``allocator``, ``budget`` (ratio or count
+        per head), optional ``merge``. Returns ``(cache, stats)``; continue generating on ``cache`` inside the
+        :func:`shared_prefill` block (pass the whole prompt, as after a query-agnostic prefill)."""
+        session = self.session
+        held = session._held
+        if not held or "cache" not in held:
+            raise RuntimeError("fork() needs a prefill() first")
+        if scorer not in self._score_set.results:
+            raise ValueError(f"scorer {scorer!r} was not scored in this prefill; scored: {self.scorer_names}")
+        allocator = get_allocator(allocator)
+        if getattr(allocator, "cascade", False) or getattr(allocator, "needs_window_attention", False):
+            raise ValueError(f"allocator {allocator!r} observes the prefill itself (cascade/window attention): "
+                             "it cannot run on a shared prefill; use compress()")
+        merger = None if merge is None else get_merger(merge)
+        if hasattr(merger, "reset"):
+            merger.reset()
+        budget = _resolve_budget(budget, "budget")
+        base = self._base_stats
+        lengths = base.prompt_tokens.to(held["cache"].layers[0].lengths.device)
+        budget_rows = budget.tokens(lengths)
+        short = ((budget_rows < lengths) & (budget_rows < session.sinks + session.window)).nonzero().flatten().tolist()
+        if short:
+            raise ValueError(f"budget {budget.value} gives {budget_rows[short].tolist()} tokens for row(s) {short}, "
+                             f"fewer than sinks + window = {session.sinks + session.window}")
+        cache = copy.deepcopy(held["cache"])
+        scores = []
+        for l in range(session.spec.num_layers):
+            candidates = cache.layers[l].dense_view()[2] >= 0
+            scores.append(self._score_set.results[scorer][l].masked_fill(~candidates, float("-inf")))
+        event = session._evict(cache, "prefill", scores, held["protected"], allocator, budget_rows, merger)
+        stats = CompressionStats(prompt_tokens=base.prompt_tokens, budget_tokens=budget_rows.cpu(),
+                                 full_kv_bytes=base.full_kv_bytes, events=[event], compact_seconds=event.seconds)
+        return cache, stats
+
+
+@contextlib.contextmanager
+def shared_prefill(
+    model: torch.nn.Module,
+    scorers: dict[str, str | Scorer],
+    window: int = 32,
+    sinks: int = 4,
+    reserve: int = 64,
+    record: bool = False,
+) -> Iterator[SharedPrefill]:
+    """Evaluate many (scorer, allocator, budget) settings on one prompt with a single prefill (one-shot mode)::
+
+        with shared_prefill(model, {"snapkv": "snapkv", "heads": adapter_heads}) as shared:
+            shared.prefill(context_ids)                       # query-agnostic: the context alone
+            for name, allocator, budget in settings:
+                cache, stats = shared.fork(name, allocator, budget)
+                out = model.generate(torch.cat([context_ids, question_ids], 1), cache=cache)
+
+    scorers: label -> scorer name or instance (scored together on the same forward; their ``needs`` are merged)
+    window, sinks, reserve, record: as in :func:`compress`
+    """
+    if not scorers:
+        raise ValueError("scorers must not be empty")
+    score_set = _ScoreSet({name: get_scorer(s) for name, s in scorers.items()})
+    session = CompressionSession(model, score_set, "uniform", 1.0, "one_shot", window=window, sinks=sinks,
+                                 reserve=reserve, record=record)
+    session._held = {}
+    session._enter()
+    try:
+        yield SharedPrefill(session, score_set)
+    finally:
+        session._held = None
         session._exit()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gatekv.compress import CompressionSession, CompressionStats, compress
+from gatekv.models import cache_kwarg, output_cache
 
 __all__ = ["Answer", "GateKV", "load_base_model"]
 
@@ -224,8 +225,9 @@ class GateKV:
 
         Returns what ``model.generate`` returns; the session's stats are in :attr:`last_stats`.
         """
-        if "past_key_values" in generate_kwargs:
-            raise ValueError("past_key_values: GateKV creates the compressed cache itself")
+        for name in ("cache", "past_key_values"):
+            if name in generate_kwargs:
+                raise ValueError(f"{name}: GateKV creates the compressed cache itself")
         overrides = {k: generate_kwargs.pop(k) for k in ("budget", "allocator", "prefill") if k in generate_kwargs}
         device = next(self.model.parameters()).device
         input_ids = input_ids.to(device)
@@ -271,32 +273,71 @@ class GateKV:
         with torch.no_grad(), self.session(**overrides) as session:
             if session is None:
                 output = self.model.generate(full_ids, **options)
-                held = _dense_cache_bytes(output.past_key_values)
+                held = _dense_cache_bytes(output_cache(output))
             else:
                 cache = session.new_cache()
                 if not query_aware:
-                    self.model(input_ids=context_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                output = self.model.generate(full_ids, past_key_values=cache, **options)
+                    self.model(input_ids=context_ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): cache})
+                output = self.model.generate(full_ids, **{cache_kwarg(self.model): cache}, **options)
                 held = cache.kv_bytes()
                 stats = session.stats
-        seconds = time.perf_counter() - start
-        new = output.sequences[0, full_ids.shape[1] :]
-        stop = set(_as_list(options.get("eos_token_id")))
-        while new.numel() and int(new[-1]) in stop:  # the stop token is not part of the answer
-            new = new[:-1]
-        from gatekv.cache import full_cache_kv_bytes
+        return _make_answer(self.model, self.tokenizer, output.sequences, full_ids.shape[1], held, stats,
+                            time.perf_counter() - start, options.get("eos_token_id"))
 
-        dtype = next(self.model.parameters()).dtype
-        total = full_ids.shape[1] + output.sequences.shape[1] - full_ids.shape[1]
-        return Answer(
-            text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
-            prompt_tokens=full_ids.shape[1],
-            new_tokens=output.sequences.shape[1] - full_ids.shape[1],
-            seconds=seconds,
-            kv_bytes=held,
-            full_kv_bytes=full_cache_kv_bytes(self.model.config, 1, total - 1, dtype),
-            stats=stats,
-        )
+    def answer_settings(
+        self,
+        context: str,
+        question: str,
+        settings: list[dict],
+        *,
+        scorers: dict | None = None,
+        max_new_tokens: int = 64,
+        chat: bool | None = None,
+    ) -> list[Answer]:
+        """Answer ``question`` query-agnostically under several compression settings with one shared prefill of
+        ``context`` (:func:`gatekv.compress.shared_prefill`): each answer equals what :meth:`answer` with
+        ``query_aware=False`` and that setting gives, at the cost of one context prefill for all of them.
+
+        settings: dicts with ``scorer`` (a key of ``scorers``; default: this wrapper's scorer), ``allocator``,
+                  ``budget`` and optionally ``merge``
+        scorers:  label -> scorer name or instance (default: ``{"default": self.scorer}``)
+        """
+        from gatekv.compress import shared_prefill
+
+        if self.tokenizer is None:
+            raise ValueError("answer_settings() needs a tokenizer")
+        if self.adapter is not None and self.adapter.lora is not None:
+            raise ValueError("an adapter with LoRA changes the model's prefill: it cannot share one; use answer()")
+        scorers = scorers or ({"default": self.scorer} if self.scorer is not None else {})
+        if not scorers:
+            raise ValueError("answer_settings() needs scorers (the full cache has nothing to share)")
+        context_ids, question_ids = prompt_ids(self.tokenizer, context, question or "", chat=chat)
+        device = next(self.model.parameters()).device
+        context_ids, question_ids = context_ids.to(device), question_ids.to(device)
+        full_ids = torch.cat([context_ids, question_ids], dim=1)
+        options = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
+        self._default_stop(options)
+        window = self.compress_options.get("window", 32)
+        sinks = self.compress_options.get("sinks", 4)
+        reserve = self.compress_options.get("reserve", 64)
+        answers = []
+        with torch.no_grad(), shared_prefill(self.model, scorers, window=window, sinks=sinks, reserve=reserve) as shared:
+            start = time.perf_counter()
+            shared.prefill(context_ids)
+            prefill_seconds = time.perf_counter() - start
+            for setting in settings:
+                unknown = sorted(set(setting) - {"scorer", "allocator", "budget", "merge"})
+                if unknown:
+                    raise ValueError(f"settings: unknown keys {unknown} (valid: scorer, allocator, budget, merge)")
+                start = time.perf_counter()
+                cache, stats = shared.fork(setting.get("scorer", next(iter(scorers))),
+                                           setting.get("allocator", self.allocator),
+                                           setting.get("budget", self.budget), setting.get("merge"))
+                output = self.model.generate(full_ids, **{cache_kwarg(self.model): cache}, **options)
+                seconds = prefill_seconds + time.perf_counter() - start  # each answer is charged the shared prefill
+                answers.append(_make_answer(self.model, self.tokenizer, output.sequences, full_ids.shape[1],
+                                            cache.kv_bytes(), stats, seconds, options.get("eos_token_id")))
+        return answers
 
     def _default_stop(self, kwargs: dict) -> None:
         config = getattr(self.model, "generation_config", None)
@@ -315,6 +356,26 @@ class GateKV:
     def __repr__(self) -> str:
         what = self.adapter.describe() if self.adapter else (self.scorer or "full cache")
         return f"GateKV({type(self.model).__name__}, {what}, allocator={self.allocator!r}, budget={self.budget})"
+
+
+def _make_answer(model, tokenizer, sequences, prompt_length: int, held: int, stats, seconds: float, eos) -> Answer:
+    """The :class:`Answer` of one generated row ``sequences[0]`` (the stop token is not part of the text)."""
+    from gatekv.cache import full_cache_kv_bytes
+
+    new = sequences[0, prompt_length:]
+    stop = set(_as_list(eos))
+    while new.numel() and int(new[-1]) in stop:
+        new = new[:-1]
+    dtype = next(model.parameters()).dtype
+    return Answer(
+        text=tokenizer.decode(new, skip_special_tokens=True).strip(),
+        prompt_tokens=prompt_length,
+        new_tokens=sequences.shape[1] - prompt_length,
+        seconds=seconds,
+        kv_bytes=held,
+        full_kv_bytes=full_cache_kv_bytes(model.config, 1, sequences.shape[1] - 1, dtype),
+        stats=stats,
+    )
 
 
 def prompt_ids(tokenizer, context: str, question: str, chat: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:

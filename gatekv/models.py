@@ -7,9 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import functools
+import inspect
+
 import torch
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "ModelSpec", "capture_layer_inputs", "inspect_model"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "ModelSpec", "cache_kwarg", "capture_layer_inputs", "find_cache", "inspect_model",
+           "output_cache"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "phi3", "qwen2", "qwen3")
 
@@ -24,6 +28,29 @@ class ModelSpec:
     num_q_heads: int
     num_kv_heads: int
     head_dim: int
+
+
+@functools.cache
+def _forward_takes_cache(forward_owner: type) -> bool:
+    return "cache" in inspect.signature(forward_owner.forward).parameters
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The keyword a model's ``forward``/``generate`` takes the cache under: ``cache`` (transformers >= 5.2x, where
+    ``past_key_values`` is a deprecated alias) or ``past_key_values`` (earlier 5.x)."""
+    return "cache" if _forward_takes_cache(type(model)) else "past_key_values"
+
+
+def find_cache(kwargs: dict):
+    """The cache passed in a forward's keyword arguments, under either name (None when there is none)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def output_cache(output):
+    """The cache a forward/generate output returned (``output.cache``, or ``output.past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def inspect_model(model: torch.nn.Module) -> ModelSpec:

@@ -8,6 +8,7 @@ import torch
 
 from gatekv import compress
 from gatekv.cache import CompressedCache
+from gatekv.models import cache_kwarg
 from masked_reference import reference_logits
 from tiny_models import FAMILIES, random_batch, tiny_model
 
@@ -140,10 +141,10 @@ def test_query_agnostic_two_step_pattern(models):
     with compress(model, "snapkv", "adakv", budget=0.2, window=4, record=True) as session:
         cache = session.new_cache()
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+            model(input_ids=ids, attention_mask=mask, **{cache_kwarg(model): cache})
         assert cache.get_seq_length() == 90
         kept_after_context = cache.kept_tokens().clone()
-        sequences, logits = generate(model, full_ids, full_mask, past_key_values=cache)
+        sequences, logits = generate(model, full_ids, full_mask, **{cache_kwarg(model): cache})
     assert len(session.stats.events) == 1  # the question itself was not compressed
     assert torch.equal(session.stats.events[0].kept_tokens, kept_after_context)
     check_against_reference(model, full_ids, full_mask, sequences, logits, session)

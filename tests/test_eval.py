@@ -162,19 +162,64 @@ def test_eval_resumes_and_skips_finished_cells(tmp_path, model, tokenizer, monke
     dropped = sorted(document["cells"])[-1]
     del document["cells"][dropped]
     path.write_text(json.dumps(document))
-    calls = []
-    from gatekv.inference import GateKV
-
-    original = GateKV.answer
-
-    def counting(self, *args, **kwargs):
-        calls.append(kwargs.get("budget"))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(GateKV, "answer", counting)
+    calls = _count_answers(monkeypatch)
     run_eval(config, model=model, tokenizer=tokenizer, progress=False)
     assert len(calls) == 2  # only the dropped cell's two samples ran again
     assert dropped in json.loads(path.read_text())["cells"]
+
+
+def _count_answers(monkeypatch) -> list:
+    """Record every answer computed (one per ``answer`` call, one per setting of ``answer_settings``)."""
+    from gatekv.inference import GateKV
+
+    calls = []
+    answer, answer_settings = GateKV.answer, GateKV.answer_settings
+
+    def one(self, *args, **kwargs):
+        calls.append(kwargs.get("budget"))
+        return answer(self, *args, **kwargs)
+
+    def many(self, context, question, settings, **kwargs):
+        calls.extend(s["budget"] for s in settings)
+        return answer_settings(self, context, question, settings, **kwargs)
+
+    monkeypatch.setattr(GateKV, "answer", one)
+    monkeypatch.setattr(GateKV, "answer_settings", many)
+    return calls
+
+
+def test_shared_prefill_cells_equal_one_prefill_per_cell(tmp_path, model, tokenizer, monkeypatch):
+    from gatekv.eval import runner
+
+    shared = run_eval(_config(tmp_path / "shared"), model=model, tokenizer=tokenizer, progress=False)
+    monkeypatch.setattr(runner, "_shareable", lambda *args: False)
+    alone = run_eval(_config(tmp_path / "alone"), model=model, tokenizer=tokenizer, progress=False)
+    assert shared.cells.keys() == alone.cells.keys()
+    for key, entry in alone.cells.items():
+        mine = shared.cells[key]
+        assert [s["prediction"] for s in mine["samples"]] == [s["prediction"] for s in entry["samples"]], key
+        assert [s["kv_ratio"] for s in mine["samples"]] == [s["kv_ratio"] for s in entry["samples"]], key
+        assert mine["accuracy"] == entry["accuracy"]
+
+
+def test_eval_resumes_a_shared_cell_from_its_finished_samples(tmp_path, model, tokenizer, monkeypatch):
+    config = _config(tmp_path, methods=[{"name": "snapkv", "scorer": "snapkv"}], tasks=["niah_single"], budgets=[0.3],
+                     num_samples=3)
+    run_eval(config, model=model, tokenizer=tokenizer, progress=False)
+    path = config.output_dir / "results.json"
+    document = json.loads(path.read_text())
+    (key, entry), = document["cells"].items()
+    document["cells"] = {}
+    document["partial"] = {key: entry["samples"][:2]}  # a crash after two of three samples
+    path.write_text(json.dumps(document))
+    calls = _count_answers(monkeypatch)
+    results = run_eval(config, model=model, tokenizer=tokenizer, progress=False)
+    assert calls == [0.3]  # only the third sample ran
+    def strip(records):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+    assert strip(results.cells[key]["samples"]) == strip(entry["samples"]) and not results.partial
+    assert "partial" not in json.loads(path.read_text())
 
 
 def test_eval_bad_input(tmp_path, model, tokenizer):

@@ -15,6 +15,7 @@ from gatekv.kernels import layout_from_caps, merge
 from gatekv.kernels.reference import merge_reference
 from gatekv.merge import MergeContext, Merger, MergeSpec, get_merger
 from gatekv.merge.kvmerger import merge_sets
+from gatekv.models import cache_kwarg
 from test_compress import check_against_reference, generate
 from tiny_models import random_batch, tiny_model
 
@@ -276,7 +277,7 @@ def test_merging_enabled_equals_naive_merge(llama, merger, allocator):
     with compress(llama, "ems", allocator, budget=0.3, window=6, sinks=2, merge=recording) as session:
         cache = session.new_cache()
         with torch.no_grad():
-            llama(input_ids=ids, attention_mask=mask, past_key_values=cache)
+            llama(input_ids=ids, attention_mask=mask, **{cache_kwarg(llama): cache})
     assert len(recording.records) == llama.config.num_hidden_layers
     assert sum(int(spec.counts.sum()) for _, spec in recording.records) > 0, "something was merged"
     for layer, (ctx, spec) in enumerate(recording.records):
@@ -297,7 +298,7 @@ def test_razor_session(llama):
                   sinks=2, merge=recording) as session:
         cache = session.new_cache()
         with torch.no_grad():
-            llama(input_ids=ids, attention_mask=mask, past_key_values=cache)
+            llama(input_ids=ids, attention_mask=mask, **{cache_kwarg(llama): cache})
     lengths = torch.tensor([50, 45])
     kept = cache.kept_tokens()  # (layers, B, H)
     assert torch.equal(kept[0, :, 1], lengths), "retrieval head keeps everything"

@@ -12,6 +12,7 @@ import torch
 
 from gatekv import Scorer, compress
 from gatekv.eval import needle_prompt
+from gatekv.models import cache_kwarg
 
 pytestmark = pytest.mark.slow
 
@@ -83,9 +84,9 @@ def test_needle_scorer_keeping_10_percent_answers_query_agnostic(smollm2, seed):
     with compress(model, NeedleOracleScorer(prompt.needle_span), "uniform", budget=0.1, record=True) as session:
         cache = session.new_cache()
         with torch.no_grad():
-            model(input_ids=prompt.context_ids, past_key_values=cache, use_cache=True)
+            model(input_ids=prompt.context_ids, **{cache_kwarg(model): cache}, use_cache=True)
         kept = session.stats.events[-1]
-        answer = _answer(model, tokenizer, prompt.prompt_ids, past_key_values=cache)
+        answer = _answer(model, tokenizer, prompt.prompt_ids, **{cache_kwarg(model): cache})
 
     budget = -(-prompt.context_ids.shape[1] // 10)  # ceil(10%)
     assert int(kept.kept_tokens.max()) == budget

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 
     from gatekv import compress
     from gatekv.heads import build_heads, load_adapter
-    from gatekv.models import capture_layer_inputs, inspect_model
+    from gatekv.models import cache_kwarg, capture_layer_inputs, inspect_model
     from gatekv.training.config import ModelConfig
     from gatekv.training.models import load_base_model
 
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     def compressed(scorer):
         def run():
             with torch.no_grad(), compress(model, scorer, "uniform", budget=args.budget) as session:
-                model(input_ids=ids, past_key_values=session.new_cache(), use_cache=True, logits_to_keep=1)
+                model(input_ids=ids, **{cache_kwarg(model): session.new_cache()}, use_cache=True, logits_to_keep=1)
         return run
 
     prefill_s = _median_seconds(prefill, args.repeats)

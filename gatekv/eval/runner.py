@@ -9,6 +9,10 @@ Output directory (``config.output``)::
 
 Trained adapters and training-free scorers go through the same path (:class:`gatekv.GateKV`): same prompts, same
 allocators, same compacted cache. The full cache runs once per (task, length) and is the reference row.
+Query-agnostic one-shot cells share one prefill per sample (:func:`gatekv.compress.shared_prefill`: every scorer
+scores the same forward, each (scorer, allocator, budget) compacts its own copy): the answers are those of one
+prefill per cell, several times faster; their progress is saved per sample. Cells whose allocator observes the
+prefill (CAKE, D2O), LoRA adapters and query-aware cells run one prefill each.
 """
 
 from __future__ import annotations
@@ -57,13 +61,18 @@ class EvalResults:
     config: dict
     cells: dict[str, dict] = field(default_factory=dict)
     """``Cell.key`` -> ``{"cell": {...}, "accuracy": float, "n": int, "seconds": float, "samples": [...]}``."""
+    partial: dict[str, list[dict]] = field(default_factory=dict)
+    """``Cell.key`` -> per-sample records of a cell still running (shared-prefill cells advance sample by sample)."""
 
     def accuracy(self, cell: Cell) -> float | None:
         entry = self.cells.get(cell.key)
         return None if entry is None else entry["accuracy"]
 
     def to_json(self) -> str:
-        return json.dumps({"version": RESULTS_VERSION, "config": self.config, "cells": self.cells}, indent=1) + "\n"
+        document = {"version": RESULTS_VERSION, "config": self.config, "cells": self.cells}
+        if self.partial:
+            document["partial"] = self.partial
+        return json.dumps(document, indent=1) + "\n"
 
     @classmethod
     def load(cls, path: Path) -> "EvalResults":
@@ -75,7 +84,10 @@ class EvalResults:
             ) from None
         if not isinstance(document, dict) or document.get("version") != RESULTS_VERSION or not isinstance(document.get("cells"), dict):
             raise ValueError(f"{path} is not a gatekv eval results file (version {RESULTS_VERSION}); move it away to start over")
-        return cls(document.get("config") or {}, document["cells"])
+        partial = document.get("partial") or {}
+        if not isinstance(partial, dict):
+            raise ValueError(f"{path}: 'partial' must be a mapping of cell keys to sample records")
+        return cls(document.get("config") or {}, document["cells"], partial)
 
 
 def grid(config: EvalConfig, task_lengths: list[tuple[str, int]]) -> list[Cell]:
@@ -157,6 +169,65 @@ def _wrappers(model, tokenizer, config: EvalConfig) -> dict[str, object]:
     return out
 
 
+def _record(sample: EvalSample, answer) -> dict:
+    kept = None
+    if answer.stats is not None and answer.stats.events:
+        kept = float(answer.stats.events[-1].kept_tokens.double().mean())
+    return {"seed": sample.seed, "score": score_answer(answer.text, sample.answers, sample.metric),
+            "prediction": answer.text, "answers": sample.answers, "prompt_tokens": answer.prompt_tokens,
+            "kept_per_head": kept, "kv_ratio": answer.kv_bytes / max(answer.full_kv_bytes, 1),
+            "seconds": answer.seconds}
+
+
+def _finish_cell(results: EvalResults, cell: Cell, records: list[dict], seconds: float) -> None:
+    accuracy = sum(r["score"] for r in records) / len(records)
+    results.cells[cell.key] = {"cell": cell.__dict__, "accuracy": accuracy, "n": len(records), "seconds": seconds,
+                               "samples": records}
+    results.partial.pop(cell.key, None)
+
+
+def _shareable(config: EvalConfig, method: MethodConfig, cell: Cell, kv) -> bool:
+    """Whether ``cell`` can run on a prefill shared with other cells: query-agnostic, one-shot, a compressing method
+    whose allocator does not observe the prefill itself and whose adapter (if any) leaves the model unchanged."""
+    from gatekv.allocators import get_allocator
+
+    if method.is_full or cell.mode != "query_agnostic" or config.prefill != "one_shot":
+        return False
+    if kv.adapter is not None and kv.adapter.lora is not None:
+        return False
+    allocator = get_allocator(_allocator(method, cell.allocator))
+    return not (getattr(allocator, "cascade", False) or getattr(allocator, "needs_window_attention", False))
+
+
+def _run_shared(config, model, tokenizer, group, task_samples, wrappers, methods, results, json_path, bar) -> None:
+    """Every cell of ``group`` (same task and length), sample by sample, on one prefill per sample
+    (:meth:`GateKV.answer_settings`): the same answers as one prefill per cell. Progress is saved after each sample
+    (``results.partial``), so a crash loses at most the sample in flight."""
+    from gatekv.inference import GateKV
+
+    runner = GateKV(model, tokenizer, window=config.window, sinks=config.sinks)
+    scorers = {c.method: wrappers[c.method].scorer for c in group}
+    settings = [dict(scorer=c.method, allocator=_allocator(methods[c.method], c.allocator), budget=c.budget,
+                     merge=wrappers[c.method].compress_options.get("merge")) for c in group]
+    for index, sample in enumerate(task_samples):
+        pending = [i for i, c in enumerate(group)
+                   if c.key not in results.cells and len(results.partial.get(c.key, [])) <= index]
+        if not pending:
+            continue
+        answers = runner.answer_settings(sample.context, sample.question, [settings[i] for i in pending],
+                                         scorers={group[i].method: scorers[group[i].method] for i in pending},
+                                         max_new_tokens=config.max_new_tokens)
+        for i, answer in zip(pending, answers):
+            results.partial.setdefault(group[i].key, []).append(_record(sample, answer))
+            bar.update(1)
+        bar.set_postfix_str(f"shared prefill: {len(pending)} cells, {group[0].task} sample {index + 1}")
+        for cell in group:
+            records = results.partial.get(cell.key, [])
+            if len(records) == len(task_samples):
+                _finish_cell(results, cell, records, sum(r["seconds"] for r in records))
+        atomic_write_text(json_path, results.to_json())
+
+
 def _allocator(method: MethodConfig, name: str):
     """The allocator ``name`` of ``method``: its name, or an instance when the method gives it options."""
     if name not in method.allocator_options:
@@ -199,9 +270,19 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, progress: bool = Tr
     methods = {m.name: m for m in config.methods}
     cells = grid(config, list(samples))
     todo = [c for c in cells if c.key not in results.cells]
-    total = sum(len(samples[(c.task, c.length)]) for c in todo)
+    total = sum(len(samples[(c.task, c.length)]) - len(results.partial.get(c.key, [])) for c in todo)
     bar = tqdm(total=total, desc="gatekv eval", unit="sample", disable=not progress, dynamic_ncols=True)
-    for cell in todo:
+    shared = [c for c in todo if _shareable(config, methods[c.method], c, wrappers[c.method])]
+    for cell in [c for c in todo if c.allocator == "-"] + [None] + [c for c in todo if c.allocator != "-"]:
+        if cell is None:  # after the full-cache reference rows: cells sharing one prefill per sample
+            for task, length in samples:
+                group = [c for c in shared if (c.task, c.length) == (task, length)]
+                if group:
+                    _run_shared(config, model, tokenizer, group, samples[(task, length)], wrappers, methods, results,
+                                json_path, bar)
+            continue
+        if cell in shared:
+            continue
         kv = wrappers[cell.method]
         start = time.perf_counter()
         records = []
@@ -211,18 +292,10 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, progress: bool = Tr
                 overrides = {"budget": cell.budget, "allocator": _allocator(methods[cell.method], cell.allocator)}
             answer = kv.answer(sample.context, sample.question, query_aware=cell.mode != "query_agnostic",
                                max_new_tokens=config.max_new_tokens, **overrides)
-            score = score_answer(answer.text, sample.answers, sample.metric)
-            kept = None
-            if answer.stats is not None and answer.stats.events:
-                kept = float(answer.stats.events[-1].kept_tokens.double().mean())
-            records.append({"seed": sample.seed, "score": score, "prediction": answer.text, "answers": sample.answers,
-                            "prompt_tokens": answer.prompt_tokens, "kept_per_head": kept,
-                            "kv_ratio": answer.kv_bytes / max(answer.full_kv_bytes, 1)})
+            records.append(_record(sample, answer))
             bar.update(1)
             bar.set_postfix_str(f"{cell.method}/{cell.allocator}/{cell.budget:g} {cell.task}")
-        accuracy = sum(r["score"] for r in records) / len(records)
-        results.cells[cell.key] = {"cell": cell.__dict__, "accuracy": accuracy, "n": len(records),
-                                   "seconds": time.perf_counter() - start, "samples": records}
+        _finish_cell(results, cell, records, time.perf_counter() - start)
         atomic_write_text(json_path, results.to_json())  # a crash from here on loses no finished cell
     bar.close()
     atomic_write_text(out / "results.md", format_markdown(results))

@@ -12,7 +12,7 @@ import torch
 from gatekv.models import SUPPORTED_MODEL_TYPES, inspect_model
 from gatekv.training.config import ModelConfig
 
-__all__ = ["TINY_FAMILIES", "char_tokenizer", "load_base_model", "tiny_model"]
+__all__ = ["TINY_FAMILIES", "char_tokenizer", "load_base_model", "tiny_config", "tiny_model"]
 
 TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,13 +44,15 @@ def char_tokenizer():
     return tokenizer
 
 
-def tiny_model(family: str, seed: int = 0):
-    """A tiny random causal LM of ``family`` (2 layers, hidden 64, 4 query / 2 KV heads, vocab 128), eval mode."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+def tiny_config(family: str, max_position_embeddings: int = 4096):
+    """The config of a tiny random causal LM of ``family`` (2 layers, hidden 64, 4 query / 2 KV heads, vocab 128;
+    Qwen3 with q/k-norm, Mistral with a 64-token sliding window, Phi-3 with fused qkv, 1 KV head and half rotary)."""
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        num_key_value_heads=2, max_position_embeddings=max_position_embeddings, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
     )
     configs = {
         "llama": lambda: LlamaConfig(**common),
@@ -61,14 +63,24 @@ def tiny_model(family: str, seed: int = 0):
     }
     if family not in configs:
         raise ValueError(f"model.name: unknown tiny family {family!r}; valid: {list(configs)}")
+    return configs[family]()
+
+
+def tiny_model(family: str, seed: int = 0, max_position_embeddings: int = 4096, attn_implementation: str = "sdpa"):
+    """A tiny random causal LM of ``family`` (:func:`tiny_config`), eval mode; q/k projections scaled up so that
+    attention is far from uniform (eviction then matters)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, max_position_embeddings)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(configs[family](), attn_implementation="sdpa")
-        with torch.no_grad():  # larger q/k weights than the default init: attention is far from uniform
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        with torch.no_grad():
             for name, param in model.named_parameters():
                 if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
                     param.mul_(8.0)
-    return model
+    model.generation_config.pad_token_id = 0
+    return model.eval()
 
 
 def load_base_model(config: ModelConfig):
