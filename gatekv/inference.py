@@ -260,14 +260,9 @@ class GateKV:
             raise ValueError("answer() needs a tokenizer: pass one to GateKV(model, tokenizer, ...)")
         if not isinstance(context, str) or not isinstance(question, (str, type(None))):
             raise TypeError("context must be a string and question a string or None")
-        context_ids, question_ids = prompt_ids(self.tokenizer, context, question or "", chat=chat)
-        if question_ids.shape[1] == 0:
+        context_ids, full_ids, options = self._prompt(context, question, chat, max_new_tokens, streamer=streamer)
+        if full_ids.shape[1] == context_ids.shape[1]:
             query_aware = True  # nothing follows the context: compressing "before the question" is the same thing
-        device = next(self.model.parameters()).device
-        context_ids, question_ids = context_ids.to(device), question_ids.to(device)
-        full_ids = torch.cat([context_ids, question_ids], dim=1)
-        options = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, streamer=streamer)
-        self._default_stop(options)
         start = time.perf_counter()
         stats = None
         with torch.no_grad(), self.session(**overrides) as session:
@@ -311,12 +306,7 @@ class GateKV:
         scorers = scorers or ({"default": self.scorer} if self.scorer is not None else {})
         if not scorers:
             raise ValueError("answer_settings() needs scorers (the full cache has nothing to share)")
-        context_ids, question_ids = prompt_ids(self.tokenizer, context, question or "", chat=chat)
-        device = next(self.model.parameters()).device
-        context_ids, question_ids = context_ids.to(device), question_ids.to(device)
-        full_ids = torch.cat([context_ids, question_ids], dim=1)
-        options = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
-        self._default_stop(options)
+        context_ids, full_ids, options = self._prompt(context, question, chat, max_new_tokens)
         window = self.compress_options.get("window", 32)
         sinks = self.compress_options.get("sinks", 4)
         reserve = self.compress_options.get("reserve", 64)
@@ -338,6 +328,16 @@ class GateKV:
                 answers.append(_make_answer(self.model, self.tokenizer, output.sequences, full_ids.shape[1],
                                             cache.kv_bytes(), stats, seconds, options.get("eos_token_id")))
         return answers
+
+    def _prompt(self, context: str, question: str | None, chat, max_new_tokens: int, **options):
+        """``(context_ids (1, T_c), full_ids (1, T_c + T_q), greedy generate options)`` on the model's device."""
+        context_ids, question_ids = prompt_ids(self.tokenizer, context, question or "", chat=chat)
+        device = next(self.model.parameters()).device
+        context_ids = context_ids.to(device)
+        full_ids = torch.cat([context_ids, question_ids.to(device)], dim=1)
+        options = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, **options)
+        self._default_stop(options)
+        return context_ids, full_ids, options
 
     def _default_stop(self, kwargs: dict) -> None:
         config = getattr(self.model, "generation_config", None)
