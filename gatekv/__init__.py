@@ -2,7 +2,7 @@
 
 from gatekv.allocators import Allocator, Budget, KeepPlan, available_allocators, get_allocator
 from gatekv.cache import CompressedCache
-from gatekv.compress import CompressionSession, CompressionStats, compress
+from gatekv.compress import CompressionSession, CompressionStats, SharedPrefill, compress, shared_prefill
 from gatekv.inference import Answer, GateKV
 from gatekv.scorers import LayerContext, Scorer, available_scorers, get_scorer
 
@@ -19,10 +19,12 @@ __all__ = [
     "KeepPlan",
     "LayerContext",
     "Scorer",
+    "SharedPrefill",
     "__version__",
     "available_allocators",
     "available_scorers",
     "compress",
     "get_allocator",
     "get_scorer",
+    "shared_prefill",
 ]

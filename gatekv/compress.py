@@ -329,18 +329,24 @@ class CompressionSession:
             return False
         return bool((self.budget.tokens(lengths) >= lengths).all())
 
+    def _budget_tokens(self, budget: Budget, lengths: torch.Tensor) -> torch.Tensor:
+        """(B,) tokens per head that ``budget`` gives rows of ``lengths`` tokens; ValueError naming rows whose budget
+        is below the protected sinks + window."""
+        budget_rows = budget.tokens(lengths)
+        short = ((budget_rows < lengths) & (budget_rows < self.sinks + self.window)).nonzero().flatten().tolist()
+        if short:
+            raise ValueError(
+                f"budget {budget.value} gives {budget_rows[short].tolist()} tokens for row(s) {short}, fewer "
+                f"than sinks + window = {self.sinks + self.window}"
+            )
+        return budget_rows
+
     def _start_prompt(self, valid: torch.Tensor, token_positions: torch.Tensor, tokens: torch.Tensor) -> None:
         lengths = valid.long().sum(-1)
         empty = (lengths == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"gatekv.compress: batch row(s) {empty} are all padding")
-        budget_rows = self.budget.tokens(lengths)
-        short = ((budget_rows < lengths) & (budget_rows < self.sinks + self.window)).nonzero().flatten().tolist()
-        if short:
-            raise ValueError(
-                f"budget {self.budget.value} gives {budget_rows[short].tolist()} tokens for row(s) {short}, fewer "
-                f"than sinks + window = {self.sinks + self.window}"
-            )
+        budget_rows = self._budget_tokens(self.budget, lengths)
         self._budget_rows = budget_rows
         if hasattr(self.merger, "reset"):
             self.merger.reset()
@@ -690,11 +696,7 @@ class SharedPrefill:
         budget = _resolve_budget(budget, "budget")
         base = self._base_stats
         lengths = base.prompt_tokens.to(held["cache"].layers[0].lengths.device)
-        budget_rows = budget.tokens(lengths)
-        short = ((budget_rows < lengths) & (budget_rows < session.sinks + session.window)).nonzero().flatten().tolist()
-        if short:
-            raise ValueError(f"budget {budget.value} gives {budget_rows[short].tolist()} tokens for row(s) {short}, "
-                             f"fewer than sinks + window = {session.sinks + session.window}")
+        budget_rows = session._budget_tokens(budget, lengths)
         cache = copy.deepcopy(held["cache"])
         scores = []
         for l in range(session.spec.num_layers):
