@@ -210,7 +210,7 @@ def test_eval_resumes_a_shared_cell_from_its_finished_samples(tmp_path, model, t
     document = json.loads(path.read_text())
     (key, entry), = document["cells"].items()
     document["cells"] = {}
-    document["partial"] = {key: entry["samples"][:2]}  # a crash after two of three samples
+    document["partial"] = {key: [{"index": i, **r} for i, r in enumerate(entry["samples"][:2])]}  # crashed at sample 3
     path.write_text(json.dumps(document))
     calls = _count_answers(monkeypatch)
     results = run_eval(config, model=model, tokenizer=tokenizer, progress=False)
@@ -309,3 +309,23 @@ def test_eval_methods_with_allocator_options_and_a_merger(tmp_path, model, token
         _config(tmp_path, methods=[{"name": "x", "scorer": "snapkv", "allocator_options": {"adakv": {"alpha": 0.2}}}])
     with pytest.raises(ValueError, match="unknown merge 'blend'"):
         _config(tmp_path, methods=[{"name": "x", "scorer": "snapkv", "merge": "blend"}])
+
+
+def test_a_cell_added_on_resume_gets_every_sample_in_order(tmp_path, model, tokenizer):
+    base = dict(tasks=["niah_single"], budgets=[0.3], num_samples=3)
+    first = _config(tmp_path, methods=[{"name": "snapkv", "scorer": "snapkv"}], **base)
+    run_eval(first, model=model, tokenizer=tokenizer, progress=False)
+    path = first.output_dir / "results.json"
+    document = json.loads(path.read_text())
+    (key, entry), = document["cells"].items()
+    document["cells"] = {}
+    document["partial"] = {key: [{"index": 0, **entry["samples"][0]}]}
+    path.write_text(json.dumps(document))
+    both = _config(tmp_path, methods=[{"name": "snapkv", "scorer": "snapkv"}, {"name": "tova", "scorer": "tova"}], **base)
+    resumed = run_eval(both, model=model, tokenizer=tokenizer, progress=False)
+    alone = run_eval(_config(tmp_path / "alone", methods=[{"name": "tova", "scorer": "tova"}], **base), model=model,
+                     tokenizer=tokenizer, progress=False)
+    tova_key = key.replace("snapkv", "tova")
+    assert [s["seed"] for s in resumed.cells[tova_key]["samples"]] == [0, 1, 2]
+    assert [s["prediction"] for s in resumed.cells[tova_key]["samples"]] == [s["prediction"] for s in alone.cells[tova_key]["samples"]]
+    assert [s["seed"] for s in resumed.cells[key]["samples"]] == [0, 1, 2]

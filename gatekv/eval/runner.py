@@ -209,21 +209,24 @@ def _run_shared(config, model, tokenizer, group, task_samples, wrappers, methods
     scorers = {c.method: wrappers[c.method].scorer for c in group}
     settings = [dict(scorer=c.method, allocator=_allocator(methods[c.method], c.allocator), budget=c.budget,
                      merge=wrappers[c.method].compress_options.get("merge")) for c in group]
+    def finished(cell) -> set[int]:
+        return {r["index"] for r in results.partial.get(cell.key, [])}
+
     for index, sample in enumerate(task_samples):
-        pending = [i for i, c in enumerate(group)
-                   if c.key not in results.cells and len(results.partial.get(c.key, [])) <= index]
+        pending = [i for i, c in enumerate(group) if c.key not in results.cells and index not in finished(c)]
         if not pending:
             continue
         answers = runner.answer_settings(sample.context, sample.question, [settings[i] for i in pending],
                                          scorers={group[i].method: scorers[group[i].method] for i in pending},
                                          max_new_tokens=config.max_new_tokens)
         for i, answer in zip(pending, answers):
-            results.partial.setdefault(group[i].key, []).append(_record(sample, answer))
+            results.partial.setdefault(group[i].key, []).append({"index": index, **_record(sample, answer)})
             bar.update(1)
         bar.set_postfix_str(f"shared prefill: {len(pending)} cells, {group[0].task} sample {index + 1}")
         for cell in group:
-            records = results.partial.get(cell.key, [])
-            if len(records) == len(task_samples):
+            if cell.key not in results.cells and len(finished(cell)) == len(task_samples):
+                records = sorted(results.partial[cell.key], key=lambda r: r["index"])
+                records = [{k: v for k, v in r.items() if k != "index"} for r in records]
                 _finish_cell(results, cell, records, sum(r["seconds"] for r in records))
         atomic_write_text(json_path, results.to_json())
 
@@ -271,6 +274,9 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, progress: bool = Tr
     cells = grid(config, list(samples))
     todo = [c for c in cells if c.key not in results.cells]
     total = sum(len(samples[(c.task, c.length)]) - len(results.partial.get(c.key, [])) for c in todo)
+    for key, records in results.partial.items():
+        if any(not isinstance(r, dict) or not isinstance(r.get("index"), int) for r in records):
+            raise ValueError(f"{json_path}: partial records of {key} lack their sample index; move the file away")
     bar = tqdm(total=total, desc="gatekv eval", unit="sample", disable=not progress, dynamic_ncols=True)
     shared = [c for c in todo if _shareable(config, methods[c.method], c, wrappers[c.method])]
     for cell in [c for c in todo if c.allocator == "-"] + [None] + [c for c in todo if c.allocator != "-"]:
