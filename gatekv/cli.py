@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("config", help="eval YAML (see configs/eval/)")
     evaluate.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. num_samples=10")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.add_argument("--card", action="append", default=[], metavar="ADAPTER_DIR",
+                          help="also put the results table into this adapter directory's model card (repeatable)")
 
     export = commands.add_parser(
         "export",
@@ -197,7 +199,8 @@ def _run_generate(args) -> int:
     if not args.stream:
         print(result.text)
     what = kv.adapter.describe() if kv.adapter else (scorer or "full cache")
-    print(f"[gatekv] {what}; {args.allocator} budget {args.budget}: {result.stats_line()}", file=sys.stderr)
+    setting = f"; {args.allocator} budget {args.budget}" if kv.compresses else ""
+    print(f"[gatekv] {what}{setting}: {result.stats_line()}", file=sys.stderr)
     return 0
 
 
@@ -211,6 +214,13 @@ def _run_eval(args) -> int:
     plot = out / "accuracy_vs_budget.png"
     print(f"[gatekv eval] results: {out / 'results.json'}; table: {out / 'results.md'}"
           + (f"; plot: {plot}" if plot.exists() else ""))
+    if args.card:
+        from gatekv.eval.runner import add_to_model_card
+
+        command = " ".join(["gatekv eval", args.config, *args.overrides])
+        for directory in args.card:
+            add_to_model_card(directory, out, command)
+            print(f"[gatekv eval] model card updated: {directory}")
     return 0
 
 

@@ -329,3 +329,26 @@ def test_a_cell_added_on_resume_gets_every_sample_in_order(tmp_path, model, toke
     assert [s["seed"] for s in resumed.cells[tova_key]["samples"]] == [0, 1, 2]
     assert [s["prediction"] for s in resumed.cells[tova_key]["samples"]] == [s["prediction"] for s in alone.cells[tova_key]["samples"]]
     assert [s["seed"] for s in resumed.cells[key]["samples"]] == [0, 1, 2]
+
+
+def test_eval_tables_go_into_an_adapter_model_card(tmp_path, model):
+    from safetensors.torch import load_file
+
+    from gatekv.eval.runner import add_to_model_card
+    from gatekv.heads import Adapter, build_heads
+
+    Adapter(build_heads("retaining_head", model, hidden=8), base_model="tiny:llama", target="cis").save_pretrained(tmp_path / "a")
+    weights = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    with pytest.raises(FileNotFoundError, match="run the evaluation first"):
+        add_to_model_card(tmp_path / "a", tmp_path / "missing", "gatekv eval x.yaml")
+    for name, table in (("needle", "| heads | 0.98 |"), ("suite", "| heads | 0.70 |")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.md").write_text(table + "\n")
+        add_to_model_card(tmp_path / "a", tmp_path / name, f"gatekv eval {name}.yaml")
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "## Evaluation" in card and "| heads | 0.98 |" in card and "| heads | 0.70 |" in card
+    assert "Command: `gatekv eval suite.yaml`" in card
+    loaded = Adapter.from_pretrained(str(tmp_path / "a"))
+    assert sorted(loaded.evaluation["tables"]) == ["needle", "suite"]
+    reloaded = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert all(torch.equal(weights[k], reloaded[k]) for k in weights)

@@ -29,7 +29,7 @@ from gatekv.eval.metrics import score_answer
 from gatekv.eval.tasks import EvalSample, Haystack, make_task_samples
 from gatekv.io import atomic_write, atomic_write_text
 
-__all__ = ["Cell", "EvalResults", "format_markdown", "plot_results", "run_eval"]
+__all__ = ["Cell", "EvalResults", "add_to_model_card", "format_markdown", "plot_results", "run_eval"]
 
 RESULTS_VERSION = 1
 SOLVED = 0.8
@@ -362,6 +362,28 @@ def format_markdown(results: EvalResults) -> str:
                 lines.append(f"| {method} | {allocator} | {label} | {text} | {mean} | {solved_text} | {ratio_text} |")
             lines.append("")
     return "\n".join(lines)
+
+
+def add_to_model_card(adapter_dir, results_dir, command: str) -> None:
+    """Put the table of an eval output directory (``results_dir/results.md``) into the model card of the adapter in
+    ``adapter_dir`` (its ``gatekv_config.json`` evaluation entry and ``README.md``), keyed by the output's name, so
+    several evaluations (e.g. a needle headline and a suite) stand side by side (weights rewritten bit for bit)."""
+    from gatekv.heads.adapter import Adapter
+
+    table_path = Path(results_dir) / "results.md"
+    if not table_path.is_file():
+        raise FileNotFoundError(f"{table_path} does not exist: run the evaluation first")
+    adapter = Adapter.from_pretrained(str(adapter_dir))
+    tables = dict((adapter.evaluation or {}).get("tables") or {})
+    tables[Path(results_dir).name] = {"markdown": table_path.read_text(encoding="utf-8"), "command": command}
+    parts = [f"#### {name}\n\nCommand: `{entry['command']}`\n\n{entry['markdown'].rstrip()}" for name, entry in sorted(tables.items())]
+    adapter.evaluation = {
+        "description": "Query-agnostic (the context is compressed before the question is seen), held-out text and seeds; "
+                       "every method through the same allocators and compacted cache.",
+        "markdown": "\n\n".join(parts),
+        "tables": tables,
+    }
+    adapter.save_pretrained(adapter_dir)
 
 
 def plot_results(results: EvalResults, path: Path) -> Path:
