@@ -627,8 +627,9 @@ def compress(
 
 
 class _ScoreSet(Scorer):
-    """Several scorers over the same layer contexts (one shared prefill): each one's raw ``(B, H_kv, T)`` scores are
-    kept per layer in ``results[name][layer]``; the first one's are returned."""
+    """Several scorers over the same layer contexts (one shared prefill): each one's ``(B, H_kv, T)`` scores, ``-inf``
+    on non-candidate slots as the session masks them, are kept per layer in ``results[name][layer]``; the first one's
+    are returned."""
 
     def __init__(self, scorers: dict[str, Scorer]):
         self.scorers = scorers
@@ -642,7 +643,7 @@ class _ScoreSet(Scorer):
             scores = scorer.score(ctx).float()
             if scores.shape != ctx.positions.shape:
                 raise ValueError(f"scorer {name!r} returned shape {tuple(scores.shape)}, expected {tuple(ctx.positions.shape)}")
-            self.results[name][ctx.layer_idx] = scores
+            self.results[name][ctx.layer_idx] = scores.masked_fill(~ctx.candidates, float("-inf"))
             first = scores if first is None else first
         return first
 
@@ -698,10 +699,7 @@ class SharedPrefill:
         lengths = base.prompt_tokens.to(held["cache"].layers[0].lengths.device)
         budget_rows = session._budget_tokens(budget, lengths)
         cache = copy.deepcopy(held["cache"])
-        scores = []
-        for l in range(session.spec.num_layers):
-            candidates = cache.layers[l].dense_view()[2] >= 0
-            scores.append(self._score_set.results[scorer][l].masked_fill(~candidates, float("-inf")))
+        scores = [self._score_set.results[scorer][l] for l in range(session.spec.num_layers)]
         event = session._evict(cache, "prefill", scores, held["protected"], allocator, budget_rows, merger)
         stats = CompressionStats(prompt_tokens=base.prompt_tokens, budget_tokens=budget_rows.cpu(),
                                  full_kv_bytes=base.full_kv_bytes, events=[event], compact_seconds=event.seconds)
