@@ -108,6 +108,11 @@ class TargetConfig:
     """cis: beta of the SmoothL1 loss."""
     smoothness: float = 0.0025
     """cis: weight of the smoothness term sum over layers of MSE(s[:, :-1], s[:, 1:])."""
+    rank_weight: float = 0.0
+    """cis: weight of the listwise ranking term KL(softmax(label / t) || softmax(score / t)) per layer and head over the
+    prompt tokens outside the protected ``sinks`` and recent ``window`` (0 = Locret's loss alone)."""
+    rank_temperature: float = 1.0
+    """cis: t of the ranking term (labels are pre-softmax logits, so t = 1 ranks like attention would)."""
     topk_fraction: float = 0.1
     """Fraction of prompt tokens whose predicted vs. target top-k overlap is reported (0.1 = top 10%)."""
     eviction_target: float = 0.5
@@ -122,16 +127,23 @@ class TargetConfig:
     temperature: float = 0.5
     """distill: tau of the soft / gumbel mask."""
     sinks: int = 4
-    """distill: first prompt tokens never masked (as the inference session protects its sinks)."""
+    """First prompt tokens the inference session protects: distill never masks them; the cis ranking term leaves
+    them out."""
     window: int = 32
-    """distill: last prompt tokens never masked (the inference session's recent window)."""
+    """Last prompt tokens the inference session protects (its recent window): distill never masks them; the cis
+    ranking term leaves them out."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Optional LoRA on the backbone (distill only)."""
 
     def __post_init__(self):
-        _positive("target", smooth_l1_beta=self.smooth_l1_beta, temperature=self.temperature)
+        _positive("target", smooth_l1_beta=self.smooth_l1_beta, temperature=self.temperature,
+                  rank_temperature=self.rank_temperature)
         if self.smoothness < 0:
             raise ValueError(f"smoothness must be >= 0, got {self.smoothness}")
+        if self.rank_weight < 0:
+            raise ValueError(f"target.rank_weight must be >= 0, got {self.rank_weight}")
+        if self.rank_weight > 0 and self.kind != "cis":
+            raise ValueError(f"target.rank_weight applies to kind 'cis' only, got kind {self.kind!r}")
         if not 0 < self.topk_fraction <= 1:
             raise ValueError(f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
         if not 0 <= self.eviction_target < 1:

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cis_loss", "eviction_rate", "gate_log_mask", "kl_per_sample", "topk_overlap"]
+__all__ = ["cis_loss", "eviction_rate", "gate_log_mask", "kl_per_sample", "listwise_kl", "topk_overlap"]
 
 
 def cis_loss(
@@ -20,9 +20,16 @@ def cis_loss(
     prompt_mask: torch.Tensor,
     beta: float = 1.0,
     smoothness: float = 0.0025,
+    rank_weight: float = 0.0,
+    rank_temperature: float = 1.0,
+    rank_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Locret's loss: SmoothL1(s, label) averaged over tokens, heads and layers + ``smoothness`` * sum over layers of
-    MSE(s[:, :-1], s[:, 1:]) over neighbouring prompt tokens.
+    MSE(s[:, :-1], s[:, 1:]) over neighbouring prompt tokens + ``rank_weight`` * :func:`listwise_kl` (0 = off).
+
+    Regression weighs every token alike, while eviction only uses the order at the top; the listwise term puts the
+    weight there (``rank_mask``: (B, P) bool, the tokens it ranks, e.g. the prompt without the protected sinks and
+    recent window; default ``prompt_mask``).
 
     scores:      (Ly, B, H, P) head outputs
     labels:      (Ly, B, H, P) CIS labels; ``-inf`` (a token no future query can see, e.g. outside a sliding window)
@@ -38,8 +45,29 @@ def cis_loss(
     squared = (scores[..., 1:] - scores[..., :-1]).pow(2) * pairs
     per_layer = squared.sum((2, 3)) / (pairs.sum((2, 3)) * scores.shape[2]).clamp(min=1)  # (Ly, B)
     smooth = per_layer.sum(0)
-    loss = (regression + smoothness * smooth).mean()
-    return loss, {"regression": regression.detach(), "smoothness": smooth.detach()}
+    total = regression + smoothness * smooth
+    parts = {"regression": regression.detach(), "smoothness": smooth.detach()}
+    if rank_weight > 0:
+        rank = listwise_kl(scores, labels, prompt_mask if rank_mask is None else rank_mask & prompt_mask, rank_temperature)
+        total = total + rank_weight * rank
+        parts["rank"] = rank.detach()
+    return total.mean(), parts
+
+
+def listwise_kl(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """ListNet-style ranking loss per sample: KL(softmax(label / t) || softmax(s / t)) over the masked tokens of each
+    (layer, head), averaged over layers and heads. 0 when the scores equal the labels up to a constant; dominated by
+    the tokens the labels rank highest.
+
+    scores, labels: (Ly, B, H, P) ; mask: (B, P) bool (``-inf`` labels are left out too) ; returns (B,)
+    """
+    valid = mask[None, :, None, :] & torch.isfinite(labels)
+    neg = torch.finfo(torch.float32).min
+    target = F.log_softmax(torch.where(valid, labels.float() / temperature, neg), dim=-1)
+    predicted = F.log_softmax(torch.where(valid, scores.float() / temperature, neg), dim=-1)
+    per_list = (target.exp() * (target - predicted) * valid).sum(-1)  # (Ly, B, H)
+    lists = valid.any(-1).float()  # lists with at least one token
+    return (per_list * lists).sum((0, 2)) / lists.sum((0, 2)).clamp(min=1)
 
 
 def topk_overlap(scores: torch.Tensor, labels: torch.Tensor, prompt_lengths: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:

@@ -9,7 +9,7 @@ Targets (../shared/methods.md):
 
 - ``cis``: one no-grad forward of the frozen model computes, per layer, the heads' inputs and Locret's label
   (max over response queries and the GQA group of the pre-softmax logit, post-RoPE). The heads score the prompt
-  tokens; loss = SmoothL1 + smoothness. With a feature cache the frozen forward runs once per sample.
+  tokens; loss = SmoothL1 + smoothness (+ an optional listwise ranking term). With a feature cache the frozen forward runs once per sample.
 - ``distill``: teacher = the frozen model (no-grad, full sequence, KV cache kept). The gates score the prompt tokens
   from the teacher's features; the student re-runs only the response tokens on the teacher's prompt cache with the
   gates' log keep probabilities added to the prompt keys (exact: nothing upstream of the prompt rows depends on the
@@ -212,7 +212,13 @@ class HeadObjective(nn.Module):
     def cis_step(self, batch: dict):
         inputs, labels, mask = self.cis_inputs(batch)
         scores = self.heads.stacked_scores(inputs, mask)
-        loss, parts = cis_loss(scores, labels, mask, self.target.smooth_l1_beta, self.target.smoothness)
+        t = self.target
+        rank_mask = None
+        if t.rank_weight > 0:
+            j = torch.arange(mask.shape[1], device=mask.device)[None]
+            rank_mask = (j >= t.sinks) & (j < batch["prompt_lengths"].to(mask.device)[:, None] - t.window)
+        loss, parts = cis_loss(scores, labels, mask, t.smooth_l1_beta, t.smoothness, t.rank_weight, t.rank_temperature,
+                               rank_mask)
         overlap = topk_overlap(scores, labels, batch["prompt_lengths"], self.target.topk_fraction)
         return loss, {**parts, "topk_overlap": overlap}
 

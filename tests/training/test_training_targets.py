@@ -14,7 +14,7 @@ from gatekv.kernels.reference import column_max_logits_reference
 from gatekv.models import capture_layer_inputs, inspect_model
 from gatekv.training.capture import TrainingCapture
 from gatekv.training.config import LoraConfig, TargetConfig
-from gatekv.training.losses import cis_loss, gate_log_mask, topk_overlap
+from gatekv.training.losses import cis_loss, gate_log_mask, listwise_kl, topk_overlap
 from gatekv.training.models import TINY_FAMILIES, tiny_model
 from gatekv.training.objective import FeatureCache, HeadObjective, _response_rows
 
@@ -194,6 +194,71 @@ def test_cis_loss_ignores_padding_and_unseen_keys():
     loss, parts = cis_loss(scores, labels, mask, beta=1.0, smoothness=0.0)
     expected = (0.5 + 1.5 + 3.5) / 3  # SmoothL1 of 1, 2, 4; the -inf label and the padded 100 are ignored
     torch.testing.assert_close(loss, torch.tensor(expected))
+
+
+def test_listwise_kl_is_shift_invariant_and_ignores_masked_tokens():
+    torch.manual_seed(0)
+    labels = torch.randn(2, 3, 2, 12) * 3
+    labels[0, 1, 0, 5] = float("-inf")  # a key no query sees
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[2, 9:] = False  # padding of the third sample
+    shifted = torch.where(torch.isfinite(labels), labels + 7.0, torch.zeros_like(labels))
+    torch.testing.assert_close(listwise_kl(shifted, labels, mask), torch.zeros(3), atol=1e-5, rtol=0)
+    scores = torch.randn(2, 3, 2, 12)
+    base = listwise_kl(scores, labels, mask)
+    assert (base > 0).all()
+    moved = scores.clone()
+    moved[..., 2, :, 9:] += 50.0  # masked tokens of sample 2
+    moved[0, 1, 0, 5] += 50.0  # the -inf label's token
+    torch.testing.assert_close(listwise_kl(moved, labels, mask), base)
+
+
+def test_listwise_kl_weighs_the_top_of_the_label_order():
+    labels = torch.arange(10.0).reshape(1, 1, 1, 10)
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    top_wrong, bottom_wrong = labels.clone(), labels.clone()
+    top_wrong[..., 9] -= 3.0  # the label's best token scored lower
+    bottom_wrong[..., 0] -= 3.0  # the label's worst token scored lower
+    assert float(listwise_kl(top_wrong, labels, mask)) > 100 * float(listwise_kl(bottom_wrong, labels, mask))
+    # the regression part alone cannot tell the two apart
+    reg_top = cis_loss(top_wrong, labels, mask, smoothness=0.0)[0]
+    reg_bottom = cis_loss(bottom_wrong, labels, mask, smoothness=0.0)[0]
+    torch.testing.assert_close(reg_top, reg_bottom)
+
+
+def test_cis_loss_rank_term_adds_the_weighted_kl_over_its_mask():
+    torch.manual_seed(1)
+    scores, labels = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    rank_mask = torch.zeros(2, 8, dtype=torch.bool)
+    rank_mask[:, 2:6] = True
+    plain, _ = cis_loss(scores, labels, mask, smoothness=0.0)
+    ranked, parts = cis_loss(scores, labels, mask, smoothness=0.0, rank_weight=0.5, rank_mask=rank_mask)
+    expected = plain + 0.5 * listwise_kl(scores, labels, rank_mask).mean()
+    torch.testing.assert_close(ranked, expected)
+    torch.testing.assert_close(parts["rank"], listwise_kl(scores, labels, rank_mask))
+
+
+def test_rank_objective_batch_of_three_equals_mean_of_single_samples(models):
+    model = models["qwen3"]
+    heads = build_heads("retaining_head", model, hidden=8)
+    objective = HeadObjective(model, heads, TargetConfig(rank_weight=1.0, sinks=1, window=2)).eval()
+    samples = random_samples()
+    loss3, metrics3 = objective(batch_of(samples))
+    singles = [objective(batch_of([s])) for s in samples]
+    assert "rank" in metrics3 and (metrics3["rank"] > 0).all()
+    torch.testing.assert_close(loss3, torch.stack([loss for loss, _ in singles]).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(metrics3["rank"], torch.cat([m["rank"] for _, m in singles]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"rank_weight": -1.0}, "target.rank_weight must be >= 0"),
+    ({"rank_temperature": 0.0}, "target.rank_temperature must be > 0"),
+    ({"rank_weight": 1.0, "kind": "distill"}, "applies to kind 'cis' only"),
+])
+def test_rank_settings_are_validated(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TargetConfig(**fields)
 
 
 def test_topk_overlap_bounds():
