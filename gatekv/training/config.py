@@ -135,6 +135,18 @@ class TargetConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Optional LoRA on the backbone (distill only)."""
 
+    def summary(self) -> dict:
+        """The settings that define this objective (what a model card should say the heads were trained for)."""
+        if self.kind == "cis":
+            out = {"kind": "cis", "smooth_l1_beta": self.smooth_l1_beta, "smoothness": self.smoothness}
+            if self.rank_weight > 0:
+                out.update(rank_weight=self.rank_weight, rank_temperature=self.rank_temperature,
+                           rank_excludes={"sinks": self.sinks, "window": self.window})
+            return out
+        return {"kind": "distill", "eviction_target": self.eviction_target, "eviction_weight": self.eviction_weight,
+                "mask": self.mask, "temperature": self.temperature, "sinks": self.sinks, "window": self.window,
+                "lora": self.lora.enabled}
+
     def __post_init__(self):
         _positive("target", smooth_l1_beta=self.smooth_l1_beta, temperature=self.temperature,
                   rank_temperature=self.rank_temperature)

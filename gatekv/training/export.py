@@ -146,6 +146,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, summary: str 
     if summary_path is not None and summary_path.is_file():
         data = json.loads(summary_path.read_text(encoding="utf-8"))
         if data.get("steps") == adapter.training.get("steps"):  # the summary describes this very checkpoint
-            adapter.training.update({k: data[k] for k in ("train_samples", "final_val") if k in data})
+            adapter.training.update({k: data[k] for k in ("train_samples", "objective", "final_val") if k in data})
     adapter.save_pretrained(out_dir)
     return Path(out_dir)

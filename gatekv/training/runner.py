@@ -307,6 +307,7 @@ def train(config: TrainConfig) -> TrainResult:
         "base_model": model_id,
         "head_type": head_config.type,
         "target": config.target.kind,
+        "objective": config.target.summary(),
         "steps": trainer.global_step,
         "data": stats.to_dict(),
         "train_samples": len(train_samples),
@@ -355,7 +356,8 @@ def _export(module, heads, adapter_dir: Path, config: TrainConfig, summary: dict
             base_model=config.model.name,
             base_revision=config.model.revision,
             target=config.target.kind,
-            training={k: summary[k] for k in ("steps", "train_samples", "final_val", "wall_seconds") if k in summary},
+            training={k: summary[k] for k in ("steps", "train_samples", "objective", "final_val", "wall_seconds")
+                      if k in summary},
             lora=lora_from_peft(module.objective.backbone) if config.target.lora.enabled else None,
         )
         adapter.save_pretrained(adapter_dir)

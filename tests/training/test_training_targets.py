@@ -261,6 +261,14 @@ def test_rank_settings_are_validated(fields, message):
         TargetConfig(**fields)
 
 
+def test_objective_summary_names_the_rank_term_only_when_on():
+    plain = TargetConfig().summary()
+    assert plain["kind"] == "cis" and "rank_weight" not in plain
+    ranked = TargetConfig(rank_weight=2.0, sinks=2, window=8).summary()
+    assert ranked["rank_weight"] == 2.0 and ranked["rank_excludes"] == {"sinks": 2, "window": 8}
+    assert TargetConfig(kind="distill").summary()["kind"] == "distill"
+
+
 def test_topk_overlap_bounds():
     labels = torch.arange(20.0).reshape(1, 1, 1, 20)
     lengths = torch.tensor([20])

@@ -94,7 +94,7 @@ def test_export_from_a_checkpoint_equals_the_run_adapter(trained, tmp_path):
     from gatekv.cli import main
     from gatekv.heads import Adapter
 
-    _, result = trained
+    config, result = trained
     assert main(["export", str(result.output_dir), str(tmp_path / "exported")]) == 0
     exported = Adapter.from_pretrained(tmp_path / "exported")
     final = Adapter.from_pretrained(result.adapter_dir)
@@ -102,6 +102,7 @@ def test_export_from_a_checkpoint_equals_the_run_adapter(trained, tmp_path):
         assert torch.equal(exported.heads.state_dict()[name], tensor), name
     assert exported.base_model == final.base_model == "tiny:llama"
     assert exported.training["steps"] == 30 and exported.training["final_val"] == final.training["final_val"]
+    assert exported.training["objective"] == final.training["objective"] == config.target.summary()
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
 
