@@ -9,7 +9,8 @@ Targets (../shared/methods.md):
 
 - ``cis``: one no-grad forward of the frozen model computes, per layer, the heads' inputs and Locret's label
   (max over response queries and the GQA group of the pre-softmax logit, post-RoPE). The heads score the prompt
-  tokens; loss = SmoothL1 + smoothness (+ an optional listwise ranking term). With a feature cache the frozen forward runs once per sample.
+  tokens; loss = SmoothL1 + smoothness (+ an optional listwise ranking term outside the protected sinks and window).
+  With a feature cache the frozen forward runs once per sample.
 - ``distill``: teacher = the frozen model (no-grad, full sequence, KV cache kept). The gates score the prompt tokens
   from the teacher's features; the student re-runs only the response tokens on the teacher's prompt cache with the
   gates' log keep probabilities added to the prompt keys (exact: nothing upstream of the prompt rows depends on the
@@ -215,11 +216,10 @@ class HeadObjective(nn.Module):
         t = self.target
         rank_mask = None
         if t.rank_weight > 0:
-            j = torch.arange(mask.shape[1], device=mask.device)[None]
-            rank_mask = (j >= t.sinks) & (j < batch["prompt_lengths"].to(mask.device)[:, None] - t.window)
+            rank_mask = self.maskable_keys(batch["prompt_lengths"].to(mask.device), mask.shape[1])
         loss, parts = cis_loss(scores, labels, mask, t.smooth_l1_beta, t.smoothness, t.rank_weight, t.rank_temperature,
                                rank_mask)
-        overlap = topk_overlap(scores, labels, batch["prompt_lengths"], self.target.topk_fraction)
+        overlap = topk_overlap(scores, labels, batch["prompt_lengths"], t.topk_fraction)
         return loss, {**parts, "topk_overlap": overlap}
 
     # -- distill -------------------------------------------------------------------------------------------------
@@ -228,7 +228,8 @@ class HeadObjective(nn.Module):
         return self.target.eviction_target * (1.0 if ramp == 0 else min(1.0, step / ramp))
 
     def maskable_keys(self, prompt_lengths: torch.Tensor, num_keys: int) -> torch.Tensor:
-        """(B, T) bool: prompt keys outside the protected sinks and recent window."""
+        """(B, T) bool: prompt keys outside the protected sinks and recent window (the keys distill's gates may mask
+        and the cis ranking term ranks)."""
         j = torch.arange(num_keys, device=prompt_lengths.device)[None]
         return (j >= self.target.sinks) & (j < prompt_lengths[:, None] - self.target.window)
 
