@@ -9,6 +9,14 @@ below 1_000_000, so the two never share text or seeds.
     python train/prepare_data.py --out data/smollm2-train.jsonl --num-samples 160
     python train/prepare_data.py --tokenizer char --out tests_data.jsonl --num-samples 8 --min-tokens 100 --max-tokens 200
 
+The mix of issue 14 (``--mix``, see ``gatekv.training.mix``): real documents of the training corpus whose
+continuation is the response (python-docs; evaluation uses the GNU Info manuals), the synthetic retrieval chats and
+multi-needle chats, contexts log-uniform in [--min-tokens, --max-tokens]; a ``<out>.mix.json`` summary is written
+next to the data (the training run copies it into the adapter card)::
+
+    python train/prepare_data.py --mix docs=0.5,qa=0.35,multi=0.15 --num-samples 128 --max-tokens 8192 \
+        --out runs/data/smollm2-mix.jsonl
+
 Online: convert a Hub dataset (e.g. LongAlpaca) into the same JSONL (Alpaca records become user/assistant chats)::
 
     python train/prepare_data.py --hub-id Yukang/LongAlpaca-12k --out data/longalpaca.jsonl --num-samples 3000
@@ -26,20 +34,7 @@ def _counter(name: str):
 
     if name == "none":
         return synthetic.char_estimate
-    if name == "char":
-        from gatekv.training.models import char_tokenizer
-
-        return synthetic.tokenizer_counter(char_tokenizer())
-    if name == "smollm2":
-        from transformers import AutoTokenizer
-
-        from gatekv.smollm2 import find_smollm2_gguf
-
-        path = find_smollm2_gguf()
-        return synthetic.tokenizer_counter(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
-    from transformers import AutoTokenizer
-
-    return synthetic.tokenizer_counter(AutoTokenizer.from_pretrained(name))
+    return synthetic.tokenizer_counter(_tokenizer(name))
 
 
 def _from_hub(args) -> list[dict]:
@@ -61,6 +56,53 @@ def _from_hub(args) -> list[dict]:
     return records
 
 
+def _tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    if name == "smollm2":
+        from gatekv.smollm2 import find_smollm2_gguf
+
+        path = find_smollm2_gguf()
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if name == "char":
+        from gatekv.training.models import char_tokenizer
+
+        return char_tokenizer()
+    return AutoTokenizer.from_pretrained(name)
+
+
+def _parse_mix(text: str) -> tuple[float, float, float]:
+    shares = {"docs": 0.0, "qa": 0.0, "multi": 0.0}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in shares:
+            raise ValueError(f"--mix: unknown part {name.strip()!r} (parts: docs, qa, multi)")
+        try:
+            shares[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--mix: {part!r} is not part=fraction") from None
+    return shares["docs"], shares["qa"], shares["multi"]
+
+
+def _write_mix(args) -> int:
+    import json
+
+    from gatekv.training import synthetic
+    from gatekv.training.mix import MixConfig, make_mix
+
+    config = MixConfig(num_samples=args.num_samples, shares=_parse_mix(args.mix), min_tokens=args.min_tokens,
+                       max_tokens=args.max_tokens, continuation=args.continuation, corpus=args.corpus,
+                       seed=args.seed_base)
+    records, summary = make_mix(_tokenizer(args.tokenizer), config)
+    path = synthetic.write_jsonl(records, args.out)
+    from gatekv.io import atomic_write_text
+
+    atomic_write_text(str(path) + ".mix.json", json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {len(records)} samples to {path} (docs {summary['docs']}, qa {summary['qa']}, multi "
+          f"{summary['multi']}; {summary['total_context_tokens']:,} context tokens)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from gatekv.training import synthetic
 
@@ -74,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default="smollm2",
                         help="token counting: smollm2 (default), char (the tiny test tokenizer), none (4 chars/token), "
                         "or a Hub tokenizer id")
+    parser.add_argument("--mix", help="docs=F,qa=F,multi=F: the real-document + synthetic mix (gatekv.training.mix)")
+    parser.add_argument("--corpus", default="python-docs", help="--mix: training corpus of the docs part")
+    parser.add_argument("--continuation", type=int, default=256, help="--mix: response tokens of a docs sample")
     parser.add_argument("--hub-id", help="convert this Hub dataset instead of generating (needs network)")
     parser.add_argument("--hub-config", default=None, help="Hub dataset configuration")
     parser.add_argument("--hub-split", default="train", help="Hub dataset split (default train)")
@@ -81,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_samples < 1 or args.min_tokens < 16 or args.max_tokens < args.min_tokens:
         parser.error("need --num-samples >= 1 and 16 <= --min-tokens <= --max-tokens")
     start = time.perf_counter()
+    if args.mix:
+        if args.tokenizer == "none":
+            parser.error("--mix needs a tokenizer (document windows are cut at token offsets)")
+        try:
+            return _write_mix(args)
+        except ValueError as error:
+            print(f"prepare_data: {error}", file=sys.stderr)
+            return 2
     if args.hub_id:
         records = _from_hub(args)
         if not records:

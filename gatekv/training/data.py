@@ -130,7 +130,8 @@ def detect_format(columns: list[str], config: DataConfig) -> str:
             raise ValueError(f"data.text_column: column {config.text_column!r} missing (columns: {columns})")
         return "plain"
     if {"messages", "conversations"} & set(columns):
-        return "sharegpt"
+        # a mix of chats and plain documents (one JSONL, e.g. train/prepare_data.py --mix): decided per record
+        return "mixed" if config.text_column in columns else "sharegpt"
     if {"instruction", "output"} <= set(columns):
         return "alpaca"
     if config.text_column in columns:
@@ -174,13 +175,24 @@ def record_messages(record: dict, kind: str) -> list[dict[str, str]]:
 
 
 def tokenize_record(record: dict, kind: str, tokenizer, config: DataConfig) -> tuple[list[int], int]:
-    """``(token ids, prompt length)`` of one record, before any truncation (``ValueError`` if malformed)."""
+    """``(token ids, prompt length)`` of one record, before any truncation (``ValueError`` if malformed).
+
+    A plain record may carry ``prompt_chars`` (int): the prompt is then its first ``prompt_chars`` characters (a
+    document's context; the rest, its continuation, is the response). Without it, ``plain_prompt_fraction`` splits.
+    """
+    if kind == "mixed":
+        kind = "sharegpt" if record.get("messages") is not None or record.get("conversations") is not None else "plain"
     if kind == "plain":
         text = record.get(config.text_column)
         if not isinstance(text, str) or not text.strip():
             raise ValueError("empty text")
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        return ids, -1  # split after truncation (a fraction of the kept tokens)
+        prompt_chars = record.get("prompt_chars")
+        if prompt_chars is None:
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+            return ids, -1  # split after truncation (a fraction of the kept tokens)
+        if isinstance(prompt_chars, bool) or not isinstance(prompt_chars, int) or not 0 < prompt_chars < len(text):
+            raise ValueError(f"prompt_chars must be an integer in (0, {len(text)}), got {prompt_chars!r}")
+        return _split_tokens(tokenizer, text, prompt_chars, add_special_tokens=True)
     messages = record_messages(record, kind)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("the tokenizer has no chat template (use data.format: plain)")
@@ -192,14 +204,21 @@ def tokenize_record(record: dict, kind: str, tokenizer, config: DataConfig) -> t
     cut = len(first_user)
     if config.prompt_split == "last_paragraph" and "\n\n" in first_user.strip():
         cut = first_user.rstrip().rfind("\n\n")
-    split_char = start + cut
+    return _split_tokens(tokenizer, rendered, start + cut, add_special_tokens=False)
+
+
+def _split_tokens(tokenizer, text: str, split_char: int, add_special_tokens: bool) -> tuple[list[int], int]:
+    """Token ids of ``text`` and how many of them end at or before character ``split_char`` (the prompt)."""
     if getattr(tokenizer, "is_fast", False):
-        encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
         ids = encoded["input_ids"]
-        prompt_length = sum(1 for _, end in encoded["offset_mapping"] if end <= split_char)
+        # the prompt is a prefix: it ends before the first token that ends after split_char (special tokens
+        # added at the end have (0, 0) offsets and must not count)
+        ends = [end for _, end in encoded["offset_mapping"]]
+        prompt_length = next((i for i, end in enumerate(ends) if end > split_char), len(ids))
     else:
-        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-        prompt_length = len(tokenizer(rendered[:split_char], add_special_tokens=False)["input_ids"])
+        ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        prompt_length = len(tokenizer(text[:split_char], add_special_tokens=add_special_tokens)["input_ids"])
     return ids, prompt_length
 
 

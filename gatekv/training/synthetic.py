@@ -159,17 +159,19 @@ def make_sample(
     part: str = "train",
     numeric_share: float = 0.7,
     ask_all_share: float = 0.8,
+    num_facts: tuple[int, int] = (1, 4),
 ) -> SyntheticSample:
     """One sample for ``seed``.
 
     count_tokens: ``list[str] -> list[int]`` token counts of texts (e.g. from the model's tokenizer)
     min_tokens, max_tokens: the context's length in tokens is drawn uniformly in this range
+    num_facts: (low, high) facts inserted (uniform); every fact is asked with probability ``ask_all_share``
     """
     rng = random.Random(seed)
     pool = sentences(part)
     lengths = _sentence_lengths(part, count_tokens)
     used_numbers: set[str] = set()
-    facts = [_fact(rng, numeric_share, used_numbers) for _ in range(rng.randint(1, 4))]
+    facts = [_fact(rng, numeric_share, used_numbers) for _ in range(rng.randint(*num_facts))]
     fact_lengths = count_tokens([" " + f["statement"] for f in facts])
     target = rng.randint(min_tokens, max_tokens) - sum(fact_lengths)
     chosen: list[str] = []
