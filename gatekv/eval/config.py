@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -96,7 +97,8 @@ class EvalConfig:
     budgets: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.5])
     """Kept fraction of the context per KV head."""
     tasks: list[str] = field(default_factory=lambda: ["niah_single"])
-    """Generated tasks (``gatekv.eval.TASKS``)."""
+    """Generated tasks (``gatekv.eval.TASKS``, scored by accuracy) and real-text tasks (``lm``, ``recall``: scored by
+    NLL and KL, see ``gatekv.eval.realtext``)."""
     suites: list[SuiteConfig] = field(default_factory=list)
     """Public suites (extra task columns; their lengths are their own)."""
     lengths: list[int] = field(default_factory=lambda: [2048])
@@ -109,6 +111,17 @@ class EvalConfig:
     """Sample seeds are seed_base .. seed_base + num_samples - 1 (below 1,000,000: the training data's seeds)."""
     haystack_files: list[str] = field(default_factory=list)
     """Local text files for the haystack (default: the held-out part of ``pydoc_data.topics``)."""
+    corpus: str | list[str] = "gnu-info"
+    """Documents of the real-text tasks: a corpus of ``gatekv.corpus`` (``gnu-info``: the evaluation corpus, held out
+    from training, which uses ``python-docs``) or text file / directory paths."""
+    continuation_tokens: int = 128
+    """``lm``: scored tokens after the context (the next N tokens of the same document)."""
+    recall_span: int = 96
+    """``recall``: scored tokens of the verbatim span."""
+    recall_cue: int = 8
+    """``recall``: tokens of the span's start given after the instruction (the cue; not scored)."""
+    recall_region: float = 0.8
+    """``recall``: the span lies in this leading fraction of the context (and outside the recent window)."""
     window: int = 32
     """Recent tokens always kept (and the observation window)."""
     sinks: int = 4
@@ -127,6 +140,7 @@ class EvalConfig:
     """Continue from an existing results.json (finished cells are skipped)."""
 
     def __post_init__(self):
+        from gatekv.eval.realtext import REALTEXT_TASKS
         from gatekv.eval.tasks import TASKS
         from gatekv.training.synthetic import TRAIN_SEED_BASE
 
@@ -136,8 +150,24 @@ class EvalConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"methods: duplicate names {sorted({n for n in names if names.count(n) > 1})}")
         for task in self.tasks:
-            if task not in TASKS:
-                raise ValueError(f"tasks: unknown task {task!r}; valid: {list(TASKS)}")
+            if task not in TASKS + REALTEXT_TASKS:
+                raise ValueError(f"tasks: unknown task {task!r}; valid: {list(TASKS + REALTEXT_TASKS)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks: duplicates in {self.tasks}")
+        for name, value in (("continuation_tokens", self.continuation_tokens), ("recall_span", self.recall_span),
+                            ("recall_cue", self.recall_cue)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0 < self.recall_region <= 1:
+            raise ValueError(f"recall_region must be in (0, 1], got {self.recall_region}")
+        if not self.corpus:
+            raise ValueError("corpus must name a corpus or list text files")
+        if self.realtext_tasks:
+            from gatekv.corpus import CORPORA
+
+            if isinstance(self.corpus, str) and self.corpus in CORPORA and CORPORA[self.corpus].role == "training":
+                warnings.warn(f"corpus {self.corpus!r} is a training corpus: real-text results on it are not held out",
+                              stacklevel=2)
         if not self.tasks and not self.suites:
             raise ValueError("tasks and suites are both empty: nothing to evaluate")
         for budget in self.budgets:
@@ -158,6 +188,13 @@ class EvalConfig:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         if not self.modes:
             raise ValueError("modes must not be empty")
+
+    @property
+    def realtext_tasks(self) -> list[str]:
+        """The real-text tasks of ``tasks`` (``lm``, ``recall``)."""
+        from gatekv.eval.realtext import REALTEXT_TASKS
+
+        return [t for t in self.tasks if t in REALTEXT_TASKS]
 
     @property
     def output_dir(self) -> Path:

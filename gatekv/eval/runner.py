@@ -5,7 +5,9 @@ Output directory (``config.output``)::
     results.json             every finished cell with per-sample predictions and scores (written atomically after
                              each cell, so a crash loses no finished cell; a rerun resumes from it)
     results.md               tables: one per (mode, length), rows = method / allocator / budget, columns = tasks
-    accuracy_vs_budget.png   mean accuracy over tasks vs budget, one line per method and allocator
+                             (accuracy tasks), and one per (mode, length) of the real-text tasks' metrics
+    accuracy_vs_budget.png   mean accuracy over tasks vs budget, one line per method and allocator; one more panel
+                             per real-text metric (lm NLL / KL, recall NLL / KL / copy / exact)
 
 Trained adapters and training-free scorers go through the same path (:class:`gatekv.GateKV`): same prompts, same
 allocators, same compacted cache. The full cache runs once per (task, length) and is the reference row.
@@ -13,6 +15,12 @@ Query-agnostic one-shot cells share one prefill per sample (:func:`gatekv.compre
 scores the same forward, each (scorer, allocator, budget) compacts its own copy): the answers are those of one
 prefill per cell, several times faster; their progress is saved per sample. Cells whose allocator observes the
 prefill (CAKE, D2O), LoRA adapters and query-aware cells run one prefill each.
+
+Real-text tasks (``lm``, ``recall``; :mod:`gatekv.eval.realtext`) are scored teacher-forced, not by generation:
+per sample, the full cache's log-probabilities come from one forward and serve every setting (its KL and Δ NLL);
+the compressed settings of a mode share one prefill of that mode's prompt (query-aware cells too: the prompt then
+ends with the instruction), each (scorer, allocator, budget) a compacted fork that the target is teacher-forced on.
+Their cells hold ``metrics`` (means over samples) instead of ``accuracy``.
 """
 
 from __future__ import annotations
@@ -26,16 +34,21 @@ import torch
 
 from gatekv.eval.config import EvalConfig, MethodConfig
 from gatekv.eval.metrics import score_answer
+from gatekv.eval.realtext import REALTEXT_METRICS, REALTEXT_TASKS
 from gatekv.eval.tasks import EvalSample, Haystack, make_task_samples
 from gatekv.io import atomic_write, atomic_write_text
 
-__all__ = ["Cell", "EvalResults", "add_to_model_card", "format_markdown", "plot_results", "run_eval"]
+__all__ = ["Cell", "EvalResults", "add_to_model_card", "format_markdown", "format_realtext_markdown", "plot_results",
+           "run_eval"]
 
 RESULTS_VERSION = 1
 SOLVED = 0.8
 """A task counts as solved by the full cache at this accuracy; ratios to the full cache use solved tasks only."""
 _COMPARABLE = ("model", "dtype", "num_samples", "seed_base", "haystack_files", "window", "sinks", "prefill",
                "chunk_size", "max_new_tokens")
+_COMPARABLE_REALTEXT = {"corpus": "gnu-info", "continuation_tokens": 128, "recall_span": 96, "recall_cue": 8,
+                        "recall_region": 0.8}
+"""Settings that change real-text samples, with the value a results file written before they existed implies."""
 
 
 @dataclass(frozen=True)
@@ -60,13 +73,14 @@ class EvalResults:
 
     config: dict
     cells: dict[str, dict] = field(default_factory=dict)
-    """``Cell.key`` -> ``{"cell": {...}, "accuracy": float, "n": int, "seconds": float, "samples": [...]}``."""
+    """``Cell.key`` -> ``{"cell": {...}, "accuracy": float, "n": int, "seconds": float, "samples": [...]}``; real-text
+    cells have ``"metrics": {name: mean}`` (``REALTEXT_METRICS``) instead of ``accuracy``."""
     partial: dict[str, list[dict]] = field(default_factory=dict)
     """``Cell.key`` -> per-sample records of a cell still running (shared-prefill cells advance sample by sample)."""
 
     def accuracy(self, cell: Cell) -> float | None:
         entry = self.cells.get(cell.key)
-        return None if entry is None else entry["accuracy"]
+        return None if entry is None else entry.get("accuracy")
 
     def to_json(self) -> str:
         document = {"version": RESULTS_VERSION, "config": self.config, "cells": self.cells}
@@ -107,6 +121,8 @@ def grid(config: EvalConfig, task_lengths: list[tuple[str, int]]) -> list[Cell]:
 
 def _check_resume(existing: EvalResults, config: dict, path: Path) -> None:
     differing = [k for k in _COMPARABLE if existing.config.get(k) != config.get(k)]
+    if any(t in REALTEXT_TASKS for t in config.get("tasks", [])):
+        differing += [k for k, old in _COMPARABLE_REALTEXT.items() if existing.config.get(k, old) != config.get(k)]
     if differing:
         details = "; ".join(f"{k}: {existing.config.get(k)!r} (file) vs {config.get(k)!r} (config)" for k in differing)
         raise ValueError(f"{path} was made with other settings ({details}); use another output or resume: false")
@@ -117,7 +133,20 @@ def _samples(config: EvalConfig, tokenizer, head_tokens: int) -> dict[tuple[str,
 
     haystack = Haystack.from_files(config.haystack_files) if config.haystack_files else None
     out = {}
+    if config.realtext_tasks:
+        from gatekv.corpus import load_corpus
+        from gatekv.eval.realtext import make_realtext_samples
+
+        documents = load_corpus(config.corpus)
+        for task in config.realtext_tasks:
+            for length in config.lengths:
+                out[(task, length)] = make_realtext_samples(
+                    task, tokenizer, documents, length, config.num_samples, config.seed_base,
+                    config.continuation_tokens, config.recall_span, config.recall_cue, config.recall_region,
+                    config.window)
     for task in config.tasks:
+        if task in REALTEXT_TASKS:
+            continue
         for length in config.lengths:
             out[(task, length)] = make_task_samples(task, tokenizer, length, config.num_samples, config.seed_base,
                                                     haystack, head_tokens)
@@ -131,7 +160,13 @@ def _check_lengths(model, config: EvalConfig, samples: dict, question_room: int)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is None:
         return
-    for (task, length), _ in samples.items():
+    for (task, length), task_samples in samples.items():
+        if task in REALTEXT_TASKS:
+            longest = max(len(s.context_ids) + len(s.question_ids) + len(s.target_ids) for s in task_samples)
+            if longest > limit:
+                raise ValueError(f"lengths: {length} tokens (+ {task}'s question and target: {longest} in all) exceed "
+                                 f"the model's max_position_embeddings {limit}")
+            continue
         if length and length + question_room + config.max_new_tokens > limit:
             raise ValueError(
                 f"lengths: {length} tokens (+ question and {config.max_new_tokens} new tokens) exceed the model's "
@@ -231,6 +266,123 @@ def _run_shared(config, model, tokenizer, group, task_samples, wrappers, methods
         atomic_write_text(json_path, results.to_json())
 
 
+def _shares_realtext_prefill(config: EvalConfig, method: MethodConfig, cell: Cell, kv) -> bool:
+    """Whether a real-text cell can be a fork of the shared prefill of its mode's prompt (as :func:`_shareable`, in
+    either mode: a query-aware prompt is the context with the instruction, compressed as a whole)."""
+    return _shareable(config, method, Cell(cell.method, cell.allocator, cell.budget, "query_agnostic", cell.task,
+                                           cell.length), kv)
+
+
+def _realtext_record(index: int, sample, metrics: dict, prompt_tokens: int, cache, stats, seconds: float,
+                     model) -> dict:
+    from gatekv.cache import full_cache_kv_bytes
+
+    kept, kv_ratio = None, 1.0
+    if stats is not None and stats.events:
+        kept = float(stats.events[-1].kept_tokens.double().mean())
+    if cache is not None:
+        total = len(sample.context_ids) + len(sample.question_ids) + len(sample.target_ids) - 1
+        dtype = next(model.parameters()).dtype
+        kv_ratio = cache.kv_bytes() / max(full_cache_kv_bytes(model.config, 1, total, dtype), 1)
+    return {"index": index, "seed": sample.seed, "document": sample.document, "offset": sample.offset, **metrics,
+            "target_tokens": len(sample.target_ids), "prompt_tokens": prompt_tokens, "kept_per_head": kept,
+            "kv_ratio": kv_ratio, "seconds": seconds}
+
+
+def _run_realtext(config, model, group, task_samples, wrappers, methods, results, json_path, bar) -> None:
+    """Every cell of ``group`` (one real-text task and length), sample by sample: the full cache's log-probabilities
+    once per sample, then per mode one shared prefill of the mode's prompt forked per setting (cells that cannot
+    share one run their own session). Progress is saved after each sample (``results.partial``)."""
+    from gatekv.compress import shared_prefill
+    from gatekv.eval.realtext import full_logprobs, score_target, target_logits
+    from gatekv.models import cache_kwarg
+
+    device = next(model.parameters()).device
+    kwarg = cache_kwarg(model)
+
+    def finished(cell) -> set[int]:
+        return {r["index"] for r in results.partial.get(cell.key, [])}
+
+    for index, sample in enumerate(task_samples):
+        pending = [c for c in group if c.key not in results.cells and index not in finished(c)]
+        if not pending:
+            continue
+        task = sample.task
+        start = time.perf_counter()
+        full = full_logprobs(model, sample)
+        full_seconds = time.perf_counter() - start
+        records: dict[str, dict] = {}
+        computed: dict[tuple, dict] = {}  # lm: both modes compress the same prompt, computed once
+        for cell in [c for c in pending if c.allocator == "-"]:
+            metrics = score_target(full, sample.target_ids, full, task)
+            metrics.update(kl=0.0, delta_nll=0.0)  # the reference itself (exactly, not up to rounding)
+            records[cell.key] = _realtext_record(index, sample, metrics, len(sample.context_ids), None, None,
+                                                 full_seconds, model)
+        for mode in config.modes:
+            cells = [c for c in pending if c.mode == mode]
+            prefix, rest = sample.prefix_ids(mode), sample.rest_ids(mode)
+            prefix_kind = "context" if len(prefix) == len(sample.context_ids) else "prompt"
+            todo = []
+            for cell in cells:
+                memo = computed.get((prefix_kind, cell.method, cell.allocator, cell.budget))
+                if memo is not None:
+                    records[cell.key] = {**memo, "index": index}
+                else:
+                    todo.append(cell)
+            prefix_t = torch.tensor([prefix], dtype=torch.long, device=device)
+            together = [c for c in todo if _shares_realtext_prefill(config, methods[c.method], c, wrappers[c.method])]
+            alone = [c for c in todo if c not in together]
+            if together:
+                scorers = {c.method: wrappers[c.method].scorer for c in together}
+                with torch.no_grad(), shared_prefill(model, scorers, window=config.window, sinks=config.sinks,
+                                                     reserve=wrappers[together[0].method].compress_options.get(
+                                                         "reserve", 64)) as shared:
+                    begin = time.perf_counter()
+                    last = shared.prefill(prefix_t)[0]
+                    prefill_seconds = time.perf_counter() - begin
+                    for cell in together:
+                        begin = time.perf_counter()
+                        cache, stats = shared.fork(cell.method, _allocator(methods[cell.method], cell.allocator),
+                                                   cell.budget, wrappers[cell.method].compress_options.get("merge"))
+                        logits = target_logits(model, cache, kwarg, last, rest, len(sample.target_ids))
+                        metrics = score_target(logits, sample.target_ids, full, task)
+                        seconds = prefill_seconds + time.perf_counter() - begin  # each is charged the prefill
+                        records[cell.key] = _realtext_record(index, sample, metrics, len(prefix), cache, stats,
+                                                             seconds, model)
+            for cell in alone:
+                kv = wrappers[cell.method]
+                begin = time.perf_counter()
+                with torch.no_grad(), kv.session(budget=cell.budget,
+                                                 allocator=_allocator(methods[cell.method], cell.allocator)) as session:
+                    cache = session.new_cache()
+                    last = model(input_ids=prefix_t, use_cache=True, logits_to_keep=1, **{kwarg: cache}).logits[0, -1]
+                    logits = target_logits(model, cache, kwarg, last, rest, len(sample.target_ids))
+                    stats = session.stats
+                metrics = score_target(logits, sample.target_ids, full, task)
+                records[cell.key] = _realtext_record(index, sample, metrics, len(prefix), cache, stats,
+                                                     time.perf_counter() - begin, model)
+            for cell in todo:
+                computed[(prefix_kind, cell.method, cell.allocator, cell.budget)] = records[cell.key]
+        for cell in pending:
+            results.partial.setdefault(cell.key, []).append(records[cell.key])
+            bar.update(1)
+        bar.set_postfix_str(f"{task}: {len(pending)} cells, sample {index + 1}")
+        for cell in group:
+            if cell.key not in results.cells and len(finished(cell)) == len(task_samples):
+                rows = sorted(results.partial[cell.key], key=lambda r: r["index"])
+                rows = [{k: v for k, v in r.items() if k != "index"} for r in rows]
+                _finish_realtext_cell(results, cell, rows)
+        atomic_write_text(json_path, results.to_json())
+
+
+def _finish_realtext_cell(results: EvalResults, cell: Cell, records: list[dict]) -> None:
+    metrics = {name: sum(r[name] for r in records) / len(records) for name in REALTEXT_METRICS[cell.task]}
+    metrics["full_nll"] = sum(r["full_nll"] for r in records) / len(records)
+    results.cells[cell.key] = {"cell": cell.__dict__, "metrics": metrics, "n": len(records),
+                               "seconds": sum(r["seconds"] for r in records), "samples": records}
+    results.partial.pop(cell.key, None)
+
+
 def _allocator(method: MethodConfig, name: str):
     """The allocator ``name`` of ``method``: its name, or an instance when the method gives it options."""
     if name not in method.allocator_options:
@@ -278,6 +430,8 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, progress: bool = Tr
         if any(not isinstance(r, dict) or not isinstance(r.get("index"), int) for r in records):
             raise ValueError(f"{json_path}: partial records of {key} lack their sample index; move the file away")
     bar = tqdm(total=total, desc="gatekv eval", unit="sample", disable=not progress, dynamic_ncols=True)
+    realtext = [c for c in todo if c.task in REALTEXT_TASKS]
+    todo = [c for c in todo if c.task not in REALTEXT_TASKS]
     shared = [c for c in todo if _shareable(config, methods[c.method], c, wrappers[c.method])]
     for cell in [c for c in todo if c.allocator == "-"] + [None] + [c for c in todo if c.allocator != "-"]:
         if cell is None:  # after the full-cache reference rows: cells sharing one prefill per sample
@@ -303,6 +457,10 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, progress: bool = Tr
             bar.set_postfix_str(f"{cell.method}/{cell.allocator}/{cell.budget:g} {cell.task}")
         _finish_cell(results, cell, records, time.perf_counter() - start)
         atomic_write_text(json_path, results.to_json())  # a crash from here on loses no finished cell
+    for task, length in samples:
+        group = [c for c in realtext if (c.task, c.length) == (task, length)]
+        if group:
+            _run_realtext(config, model, group, samples[(task, length)], wrappers, methods, results, json_path, bar)
     bar.close()
     atomic_write_text(out / "results.md", format_markdown(results))
     try:
@@ -323,13 +481,24 @@ def _cells(results: EvalResults) -> list[Cell]:
 
 def format_markdown(results: EvalResults) -> str:
     """Tables per (mode, length): rows method / allocator / budget, columns tasks, mean, mean over solved tasks and
-    its ratio to the full cache (solved = full-cache accuracy >= 0.8)."""
-    cells = _cells(results)
+    its ratio to the full cache (solved = full-cache accuracy >= 0.8); then, for the real-text tasks, tables per
+    (mode, length) of their metrics (:func:`format_realtext_markdown`)."""
+    all_cells = _cells(results)
+    cells = [c for c in all_cells if c.task not in REALTEXT_TASKS]
+    lines = []
+    if cells:
+        lines += _accuracy_markdown(results, cells)
+    if len(cells) != len(all_cells):
+        lines += format_realtext_markdown(results).splitlines()
+    return "\n".join(lines)
+
+
+def _accuracy_markdown(results: EvalResults, cells: list[Cell]) -> list[str]:
     full = {(c.task, c.length): results.cells[c.key]["accuracy"] for c in cells if c.allocator == "-"}
     lengths = sorted({c.length for c in cells})
     modes = sorted({c.mode for c in cells if c.mode != "-"}) or ["-"]
     tasks = sorted({c.task for c in cells}, key=lambda t: (t.split(":")[0], t))
-    n = {entry["n"] for entry in results.cells.values()}
+    n = {results.cells[c.key]["n"] for c in cells}
     lines = [f"Accuracy (n = {', '.join(map(str, sorted(n)))} samples per cell); 'solved' = tasks the full cache "
              f"answers with >= {SOLVED:.0%}; 'vs full' = mean over solved tasks / full cache's.", ""]
     for mode in modes:
@@ -361,6 +530,62 @@ def format_markdown(results: EvalResults) -> str:
                 ratio_text = "" if ratio is None else f"{ratio:.2f}"
                 lines.append(f"| {method} | {allocator} | {label} | {text} | {mean} | {solved_text} | {ratio_text} |")
             lines.append("")
+    return lines
+
+
+_METRIC_LABELS = {"nll": "NLL", "delta_nll": "Δ NLL", "kl": "KL", "copy": "copy", "exact": "exact"}
+_METRIC_TITLES = {"nll": "NLL per target token (nats)", "delta_nll": "Δ NLL vs full cache (nats)",
+                  "kl": "KL(full || compressed) per token (nats)",
+                  "copy": "span fraction copied before the first mistake", "exact": "whole span copied (fraction)"}
+
+
+def format_realtext_markdown(results: EvalResults) -> str:
+    """Real-text tables per (mode, length): rows method / allocator / budget, columns each task's metrics (means over
+    the cell's samples; the full cache's Δ and KL are ``-``)."""
+    cells = [c for c in _cells(results) if c.task in REALTEXT_TASKS]
+    if not cells:
+        return ""
+    corpus = results.config.get("corpus")
+    n = {results.cells[c.key]["n"] for c in cells}
+    lines = [f"Real text (corpus {corpus}; n = {', '.join(map(str, sorted(n)))} samples per cell; lower is better for "
+             "NLL, Δ NLL and KL, in nats per token, teacher-forced). lm: the next "
+             f"{results.config.get('continuation_tokens')} tokens of the document; recall: a verbatim "
+             f"{results.config.get('recall_span')}-token span of the context after an instruction and a cue; "
+             "Δ NLL = NLL - the full cache's on the same samples; KL = KL(full || compressed); copy = fraction of "
+             "the span greedily reproduced before the first mistake; exact = whole span reproduced.", ""]
+    tasks = [t for t in REALTEXT_TASKS if any(c.task == t for c in cells)]
+    lengths = sorted({c.length for c in cells})
+    modes = sorted({c.mode for c in cells if c.mode != "-"}) or ["-"]
+    for mode in modes:
+        for length in lengths:
+            row_cells = [c for c in cells if c.length == length and (c.mode == mode or c.allocator == "-")]
+            if not any(c.allocator != "-" for c in row_cells) and mode != modes[0]:
+                continue
+            present = [t for t in tasks if any(c.task == t for c in row_cells)]
+            if not present:
+                continue
+            columns = [(t, m) for t in present for m in REALTEXT_METRICS[t]]
+            lines += [f"### {mode.replace('_', '-')}, {length} tokens: real text", ""]
+            lines.append("| method | allocator | budget | " + " | ".join(f"{t} {_METRIC_LABELS[m]}" for t, m in columns) + " |")
+            lines.append("|" + "---|" * (len(columns) + 3))
+            rows = sorted({(c.method, c.allocator, c.budget) for c in row_cells},
+                          key=lambda r: (r[1] != "-", r[0], r[1], r[2]))
+            for method, allocator, budget in rows:
+                values = []
+                for task, metric in columns:
+                    key = Cell(method, allocator, budget, "-" if allocator == "-" else mode, task, length).key
+                    entry = results.cells.get(key)
+                    if entry is None:
+                        values.append("")
+                    elif allocator == "-" and metric in ("delta_nll", "kl"):
+                        values.append("-")
+                    elif metric == "delta_nll":
+                        values.append(f"{entry['metrics'][metric]:+.3f}")
+                    else:
+                        values.append(f"{entry['metrics'][metric]:.3f}")
+                label = "full" if allocator == "-" else f"{budget:.0%}"
+                lines.append(f"| {method} | {allocator} | {label} | " + " | ".join(values) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -387,8 +612,9 @@ def add_to_model_card(adapter_dir, results_dir, command: str) -> None:
 
 
 def plot_results(results: EvalResults, path: Path) -> Path:
-    """Mean accuracy over tasks vs budget (one panel per mode and length, one line per method/allocator; the full
-    cache dashed). Needs matplotlib (``pip install 'gatekv[eval]'``)."""
+    """Metrics vs budget, one row of panels per mode and length: mean accuracy over the accuracy tasks, then one panel
+    per real-text metric (NLL, KL, and recall's copy / exact); one line per method/allocator, the full cache dashed.
+    Needs matplotlib (``pip install 'gatekv[eval]'``)."""
     try:
         import matplotlib
 
@@ -397,29 +623,45 @@ def plot_results(results: EvalResults, path: Path) -> Path:
     except ImportError:
         raise ImportError("the plot needs matplotlib: pip install 'gatekv[eval]'") from None
     cells = _cells(results)
-    panels = sorted({(c.mode, c.length) for c in cells if c.allocator != "-"})
-    if not panels:
-        panels = [("-", c.length) for c in cells][:1]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (mode, length) in zip(axes[0], panels):
-        full = [results.cells[c.key]["accuracy"] for c in cells if c.allocator == "-" and c.length == length]
-        if full:
-            ax.axhline(sum(full) / len(full), color="black", linestyle="--", label="full cache")
-        lines = sorted({(c.method, c.allocator) for c in cells if c.mode == mode and c.length == length and c.allocator != "-"})
-        for method, allocator in lines:
-            points = {}
-            for c in cells:
-                if (c.method, c.allocator, c.mode, c.length) == (method, allocator, mode, length):
-                    points.setdefault(c.budget, []).append(results.cells[c.key]["accuracy"])
-            budgets = sorted(points)
-            ax.plot(budgets, [sum(points[b]) / len(points[b]) for b in budgets], marker="o", label=f"{method} / {allocator}")
-        ax.set_xscale("log")
-        ax.set_xlabel("kept fraction of the context (per KV head)")
-        ax.set_ylabel("accuracy (mean over tasks)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{mode.replace('_', '-')}, {length or 'native'} tokens")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    rows = sorted({(c.mode, c.length) for c in cells if c.allocator != "-"})
+    if not rows:
+        rows = [("-", c.length) for c in cells][:1]
+    # a panel: (title, y label, tasks it averages, value of a cell entry, y limits or None)
+    panels = []
+    if any(c.task not in REALTEXT_TASKS for c in cells):
+        panels.append(("accuracy", "accuracy (mean over tasks)", {c.task for c in cells if c.task not in REALTEXT_TASKS},
+                       lambda entry: entry["accuracy"], (-0.02, 1.02)))
+    for task in REALTEXT_TASKS:
+        if any(c.task == task for c in cells):
+            for metric in REALTEXT_METRICS[task]:
+                if metric == "delta_nll":
+                    continue  # the NLL panel shows it against the full cache's line
+                limits = (-0.02, 1.02) if metric in ("copy", "exact") else None
+                panels.append((f"{task}: {_METRIC_LABELS[metric]}", _METRIC_TITLES[metric], {task},
+                               lambda entry, m=metric: entry["metrics"][m], limits))
+    fig, axes = plt.subplots(len(rows), len(panels), figsize=(5.5 * len(panels), 4 * len(rows)), squeeze=False)
+    for row, (mode, length) in enumerate(rows):
+        for ax, (title, ylabel, tasks, value, limits) in zip(axes[row], panels):
+            full = [value(results.cells[c.key]) for c in cells if c.allocator == "-" and c.length == length and c.task in tasks]
+            if full:
+                ax.axhline(sum(full) / len(full), color="black", linestyle="--", label="full cache")
+            lines = sorted({(c.method, c.allocator) for c in cells if c.mode == mode and c.length == length
+                            and c.allocator != "-" and c.task in tasks})
+            for method, allocator in lines:
+                points = {}
+                for c in cells:
+                    if (c.method, c.allocator, c.mode, c.length) == (method, allocator, mode, length) and c.task in tasks:
+                        points.setdefault(c.budget, []).append(value(results.cells[c.key]))
+                budgets = sorted(points)
+                ax.plot(budgets, [sum(points[b]) / len(points[b]) for b in budgets], marker="o", label=f"{method} / {allocator}")
+            ax.set_xscale("log")
+            ax.set_xlabel("kept fraction of the context (per KV head)")
+            ax.set_ylabel(ylabel)
+            if limits is not None:
+                ax.set_ylim(*limits)
+            ax.set_title(f"{title}; {mode.replace('_', '-')}, {length or 'native'} tokens")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=".png")
