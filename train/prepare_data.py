@@ -14,8 +14,8 @@ continuation is the response (python-docs; evaluation uses the GNU Info manuals)
 multi-needle chats, contexts log-uniform in [--min-tokens, --max-tokens]; a ``<out>.mix.json`` summary is written
 next to the data (the training run copies it into the adapter card)::
 
-    python train/prepare_data.py --mix docs=0.5,qa=0.35,multi=0.15 --num-samples 128 --max-tokens 8192 \
-        --out runs/data/smollm2-mix.jsonl
+    python train/prepare_data.py --mix docs=0.5,qa=0.43,multi=0.07 --num-samples 84 --max-tokens 7936 \
+        --part-max-tokens docs=4096,qa=2400 --out runs/data/smollm2-mix.jsonl
 
 Online: convert a Hub dataset (e.g. LongAlpaca) into the same JSONL (Alpaca records become user/assistant chats)::
 
@@ -84,6 +84,16 @@ def _parse_mix(text: str) -> tuple[float, float, float]:
     return shares["docs"], shares["qa"], shares["multi"]
 
 
+def _parse_part_max(text: str) -> tuple[int | None, int | None, int | None]:
+    limits: dict[str, int | None] = {"docs": None, "qa": None, "multi": None}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        if name.strip() not in limits or not value.strip().isdigit():
+            raise ValueError(f"--part-max-tokens: {part!r} is not docs|qa|multi=TOKENS")
+        limits[name.strip()] = int(value)
+    return limits["docs"], limits["qa"], limits["multi"]
+
+
 def _write_mix(args) -> int:
     import json
 
@@ -91,7 +101,8 @@ def _write_mix(args) -> int:
     from gatekv.training.mix import MixConfig, make_mix
 
     config = MixConfig(num_samples=args.num_samples, shares=_parse_mix(args.mix), min_tokens=args.min_tokens,
-                       max_tokens=args.max_tokens, continuation=args.continuation, corpus=args.corpus,
+                       max_tokens=args.max_tokens, part_max_tokens=_parse_part_max(args.part_max_tokens),
+                       continuation=args.continuation, corpus=args.corpus,
                        seed=args.seed_base)
     records, summary = make_mix(_tokenizer(args.tokenizer), config)
     path = synthetic.write_jsonl(records, args.out)
@@ -119,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mix", help="docs=F,qa=F,multi=F: the real-document + synthetic mix (gatekv.training.mix)")
     parser.add_argument("--corpus", default="python-docs", help="--mix: training corpus of the docs part")
     parser.add_argument("--continuation", type=int, default=256, help="--mix: response tokens of a docs sample")
+    parser.add_argument("--part-max-tokens", default="qa=4096",
+                        help="--mix: longest context per part, e.g. docs=4096,qa=2400 (others: --max-tokens)")
     parser.add_argument("--hub-id", help="convert this Hub dataset instead of generating (needs network)")
     parser.add_argument("--hub-config", default=None, help="Hub dataset configuration")
     parser.add_argument("--hub-split", default="train", help="Hub dataset split (default train)")

@@ -36,7 +36,9 @@ class MixConfig:
     min_tokens: int = 512
     """Shortest context in tokens."""
     max_tokens: int = 8192
-    """Longest context in tokens (docs: context + continuation stays below it + ``continuation``)."""
+    """Longest context in tokens (every part; ``part_max_tokens`` may lower it per part)."""
+    part_max_tokens: tuple[int | None, int | None, int | None] = (None, 4096, None)
+    """Longest context of docs / qa / multi (None = ``max_tokens``); multi contexts start at 2,048 tokens."""
     continuation: int = 256
     """docs: response tokens after the context."""
     multi_facts: tuple[int, int] = (4, 8)
@@ -52,6 +54,8 @@ class MixConfig:
             raise ValueError(f"shares must be three non-negative fractions (docs, qa, multi), got {self.shares}")
         if not 16 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"need 16 <= min_tokens <= max_tokens, got {self.min_tokens}, {self.max_tokens}")
+        if len(self.part_max_tokens) != 3 or any(m is not None and m < self.min_tokens for m in self.part_max_tokens):
+            raise ValueError(f"part_max_tokens must be three lengths >= min_tokens (or None), got {self.part_max_tokens}")
         if self.continuation < 1:
             raise ValueError(f"continuation must be >= 1, got {self.continuation}")
         if not 1 <= self.multi_facts[0] <= self.multi_facts[1]:
@@ -67,6 +71,11 @@ class MixConfig:
         for i in sorted(range(3), key=lambda i: raw[i] - counts[i], reverse=True)[: self.num_samples - sum(counts)]:
             counts[i] += 1
         return counts[0], counts[1], counts[2]
+
+    def part_max(self, part: int) -> int:
+        """Longest context of part 0 (docs), 1 (qa) or 2 (multi)."""
+        limit = self.part_max_tokens[part]
+        return self.max_tokens if limit is None else min(limit, self.max_tokens)
 
 
 def _log_uniform(rng: random.Random, low: int, high: int) -> int:
@@ -101,7 +110,7 @@ def document_records(tokenizer, count: int, config: MixConfig) -> list[dict]:
         available = len(ids) - start - config.continuation
         if available < config.min_tokens:
             continue
-        length = min(_log_uniform(rng, config.min_tokens, config.max_tokens), available)
+        length = min(_log_uniform(rng, config.min_tokens, config.part_max(0)), available)
         start += rng.randrange(0, max(1, min(available - length, 2048)) + 1) if available > length else 0
         end_prompt, end = start + length, start + length + config.continuation
         first, cut, last = offsets[start][0], offsets[end_prompt - 1][1], offsets[end - 1][1]
@@ -118,21 +127,22 @@ def make_mix(tokenizer, config: MixConfig) -> tuple[list[dict], dict]:
     count_tokens = synthetic.tokenizer_counter(tokenizer)
     records = document_records(tokenizer, docs, config) if docs else []
     rng = random.Random(config.seed + 1)
-    qa_max = min(config.max_tokens, 4096)  # retrieval chats: the generator's haystack is short prose sentences
     for i in range(qa):
         seed = config.seed + 100_000 + i
-        length = _log_uniform(rng, config.min_tokens, max(config.min_tokens, qa_max))
+        length = _log_uniform(rng, config.min_tokens, config.part_max(1))
         sample = synthetic.make_sample(seed, count_tokens, min_tokens=length, max_tokens=length)
         records.append(_chat_record(sample, "qa"))
     for i in range(multi):
         seed = config.seed + 200_000 + i
-        length = _log_uniform(rng, max(config.min_tokens, 2048), config.max_tokens)
+        multi_max = config.part_max(2)
+        length = _log_uniform(rng, min(max(config.min_tokens, 2048), multi_max), multi_max)
         sample = synthetic.make_sample(seed, count_tokens, min_tokens=length, max_tokens=length,
                                        num_facts=config.multi_facts, ask_all_share=1.0)
         records.append(_chat_record(sample, "multi"))
     random.Random(config.seed + 2).shuffle(records)
     summary = {"docs": docs, "qa": qa, "multi": multi, "corpus": config.corpus,
-               "context_tokens": [config.min_tokens, config.max_tokens], "continuation": config.continuation,
+               "context_tokens": {name: [config.min_tokens, config.part_max(i)] for i, name in
+                                  enumerate(("docs", "qa", "multi"))}, "continuation": config.continuation,
                "multi_facts": list(config.multi_facts), "seed": config.seed,
                "total_context_tokens": sum(r["meta"]["context_tokens"] for r in records), "config": asdict(config)}
     return records, summary
