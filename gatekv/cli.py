@@ -7,14 +7,71 @@
     gatekv eval configs/eval/quickstart.yaml num_samples=10
     gatekv train configs/train/smollm2-135m-retaining-head.yaml trainer.max_steps=100
     gatekv validate configs/train/smollm2-135m-retaining-head.yaml
+
+Errors are one line on stderr naming the field, file or value, with a non-zero exit: 2 for a bad input or config,
+1 for a fault while running (disk full, a non-finite loss, ...), 143 when ``gatekv train`` stopped on SIGTERM.
+``--debug`` anywhere on the command line (or ``GATEKV_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "run_reporting_errors"]
+
+_DEBUG_FLAG = "--debug"
+
+
+class CommandError(Exception):
+    """A fault with a ready one-line message and the exit status to use. Library errors may carry an ``exit_code``
+    attribute too (``gatekv.training.runner.TrainingStopped``): it is honoured the same way."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
+    """``(debug?, argv without --debug)``."""
+    debug = _DEBUG_FLAG in argv or os.environ.get("GATEKV_DEBUG", "") not in ("", "0")
+    return debug, [a for a in argv if a != _DEBUG_FLAG]
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) if str(error).strip() else ""
+    return text or type(error).__name__
+
+
+def run_reporting_errors(prog: str, call, debug: bool) -> int:
+    """Run ``call()`` (returns an exit status); turn any exception into one line on stderr and a non-zero status.
+
+    Bad input (``ValueError``, ``FileNotFoundError``, ``NotADirectoryError``, ``PermissionError``) exits 2, an error
+    with an int ``exit_code`` attribute that status, anything else 1 with the exception type named. ``debug``: re-raise
+    instead.
+    """
+    try:
+        return call()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if debug:
+            raise
+        if isinstance(getattr(error, "exit_code", None), int):
+            print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
+            return error.exit_code
+        if isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)):
+            print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
+            return 2
+        print(f"{prog}: error: {type(error).__name__}: {_one_line(error)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 def _budget(text: str) -> float | int:
@@ -139,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_bench_decode(args) -> int:
     from gatekv.bench import bench_decode
+    from gatekv.inference import check_device
 
+    check_device(args.device, "--device")
     bench_decode(
         length=args.length,
         budgets=tuple(args.budget),
@@ -161,6 +220,9 @@ def _run_generate(args) -> int:
 
     from gatekv.inference import GateKV
 
+    from gatekv.inference import check_device
+
+    check_device(args.device, "--device")
     if args.prompt is not None:
         context = args.prompt
     elif args.prompt_file == "-":
@@ -170,7 +232,10 @@ def _run_generate(args) -> int:
             with open(args.prompt_file, encoding="utf-8") as handle:
                 context = handle.read()
         except OSError as error:
-            raise SystemExit(f"gatekv generate: --prompt-file {args.prompt_file}: {error.strerror}")
+            raise ValueError(f"--prompt-file {args.prompt_file}: {error.strerror}") from None
+    if not context.strip():
+        source_name = "--prompt" if args.prompt is not None else f"--prompt-file {args.prompt_file}"
+        raise ValueError(f"{source_name}: the prompt is empty")
     scorer = args.scorer if args.scorer is not None else (None if args.adapter else "snapkv")
     if scorer is not None and scorer.lower() in ("none", "full"):
         scorer = None
@@ -228,7 +293,7 @@ def _run_export(args) -> int:
     try:
         from gatekv.training.export import export_checkpoint
     except ImportError as error:  # the train extra is needed to read training checkpoints
-        raise SystemExit(f"gatekv export needs the training extra (pip install 'gatekv[train]'): {error}")
+        raise CommandError(f"gatekv export needs the training extra (pip install 'gatekv[train]'): {error}")
     out = export_checkpoint(args.checkpoint, args.out_dir, summary=args.summary)
     print(f"[gatekv export] adapter written to {out}")
     return 0
@@ -254,24 +319,21 @@ def _passthrough(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    debug, argv = _debug_requested(sys.argv[1:] if argv is None else list(argv))
     entry, rest = _passthrough(argv)
     if entry is not None:
-        return entry(rest)
+        if argv[0] in ("train", "validate"):  # their own entry points report errors (and read --debug) themselves
+            rest = rest + [_DEBUG_FLAG] * debug
+        return run_reporting_errors(f"gatekv {argv[0]}", lambda: entry(rest), debug)
     args = build_parser().parse_args(argv)
+    runners = {"generate": _run_generate, "export": _run_export, "eval": _run_eval}
     if args.command == "bench" and args.bench == "decode":
-        return _run_bench_decode(args)
-    try:
-        if args.command == "generate":
-            return _run_generate(args)
-        if args.command == "export":
-            return _run_export(args)
-        if args.command == "eval":
-            return _run_eval(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"gatekv {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown commands first
+        run = _run_bench_decode
+        prog = "gatekv bench decode"
+    else:
+        run = runners[args.command]  # argparse rejects unknown commands first
+        prog = f"gatekv {args.command}"
+    return run_reporting_errors(prog, lambda: run(args), debug)
 
 
 if __name__ == "__main__":

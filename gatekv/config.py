@@ -35,6 +35,18 @@ import yaml
 
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``5e-4`` and ``1e3`` as floats (YAML 1.1 wants a dot: ``5.0e-4``), so a
+    quoted ``"5e-4"`` stays a string and can be refused where a number is expected."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_NUMBER.pattern + "$"), list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
 __all__ = [
     "apply_overrides",
     "describe",
@@ -59,7 +71,7 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ValueError(f"config file {path} is not valid YAML: {error}") from None
     if data is None:
@@ -78,11 +90,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ValueError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         raise ValueError(f"override {text!r}: the value is not valid YAML ({error})") from None
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # YAML 1.1 reads "5e-4" as a string
-        value = float(value)
     return key.split("."), value
 
 
@@ -215,9 +225,8 @@ def _convert(tp: Any, value: Any, path: str):
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # YAML 1.1 reads 5e-4 as a string
-            return float(value)
-        raise ValueError(f"{path}: expected float, got {type(value).__name__} {value!r}")
+        hint = " (a quoted number is a string: write it without quotes)" if isinstance(value, str) else ""
+        raise ValueError(f"{path}: expected float, got {type(value).__name__} {value!r}{hint}")
     if tp is str:
         if isinstance(value, str):
             return value

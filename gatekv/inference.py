@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +28,7 @@ import torch
 from gatekv.compress import CompressionSession, CompressionStats, compress
 from gatekv.models import cache_kwarg, output_cache
 
-__all__ = ["Answer", "GateKV", "load_base_model"]
+__all__ = ["Answer", "GateKV", "check_device", "load_base_model"]
 
 
 @dataclass
@@ -62,14 +63,34 @@ class Answer:
         )
 
 
+def check_device(device, what: str = "device") -> torch.device:
+    """``torch.device(device)``, or ``ValueError`` naming ``what`` if it is not a device name or not available here
+    (``cuda`` without CUDA, an index past the last GPU)."""
+    try:
+        parsed = torch.device(device if device is not None else "cpu")
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{what}: {device!r} is not a device (use cpu, cuda or cuda:N): {error}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what}: {device!r} but torch sees no CUDA device here (this torch "
+                             + ("has no CUDA support" if torch.version.cuda is None else "found no GPU") + "); use cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"{what}: {device!r} but there are only {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type not in ("cpu", "mps", "xpu", "meta"):
+        raise ValueError(f"{what}: {device!r} is not supported (use cpu or cuda[:N])")
+    return parsed
+
+
 def load_base_model(name_or_path: str, revision: str | None = None, dtype: torch.dtype | None = None, device=None):
     """``(model, tokenizer)``: ``"smollm2"`` (or its Hub id when offline/not cached) = the embedded SmolLM2;
     ``"tiny:<family>"`` = a tiny random test model; anything else goes to transformers' ``from_pretrained`` (local
-    path, HF cache, Hub)."""
+    path, HF cache, Hub). ``ValueError`` naming the model if it cannot be found or loaded, or the device if absent."""
     from gatekv.heads.adapter import SMOLLM2_HUB_ID
 
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ValueError(f"base model: expected a name, Hub id or path, got {name_or_path!r}")
     dtype = dtype or torch.float32
-    device = torch.device(device or "cpu")
+    device = check_device(device)
     if name_or_path == "smollm2" or (name_or_path == SMOLLM2_HUB_ID and _prefer_embedded(SMOLLM2_HUB_ID, revision)):
         from gatekv.smollm2 import load_smollm2
 
@@ -80,8 +101,16 @@ def load_base_model(name_or_path: str, revision: str | None = None, dtype: torch
         return tiny_model(name_or_path.split(":", 1)[1]).to(device=device, dtype=dtype).eval(), char_tokenizer()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except OSError as error:  # transformers: not a local path, not cached (offline) or not on the Hub
+        from gatekv.heads.adapter import _hub_failure
+
+        local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or os.path.exists(name_or_path)
+        if local:
+            raise ValueError(f"base model {name_or_path!r}: no loadable model there ({' '.join(str(error).split())[:200]})") from None
+        raise ValueError(_hub_failure(f"base model {name_or_path!r}", error.__cause__ or error)) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -233,6 +262,8 @@ class GateKV:
         input_ids = input_ids.to(device)
         if attention_mask is not None:
             generate_kwargs["attention_mask"] = attention_mask.to(device)
+        if not self.compresses:
+            _warn_if_too_long(self.model, input_ids.shape[-1])
         self._default_stop(generate_kwargs)
         with torch.no_grad(), self.session(**overrides):
             return self.model.generate(input_ids, **generate_kwargs)
@@ -260,22 +291,29 @@ class GateKV:
             raise ValueError("answer() needs a tokenizer: pass one to GateKV(model, tokenizer, ...)")
         if not isinstance(context, str) or not isinstance(question, (str, type(None))):
             raise TypeError("context must be a string and question a string or None")
+        if not context.strip():
+            raise ValueError("context: the prompt is empty")
         context_ids, full_ids, options = self._prompt(context, question, chat, max_new_tokens, streamer=streamer)
         if full_ids.shape[1] == context_ids.shape[1]:
             query_aware = True  # nothing follows the context: compressing "before the question" is the same thing
+        if not self.compresses:
+            _warn_if_too_long(self.model, full_ids.shape[1])  # compress() warns itself when it is in the loop
         start = time.perf_counter()
         stats = None
         with torch.no_grad(), self.session(**overrides) as session:
             if session is None:
                 output = self.model.generate(full_ids, **options)
-                held = _dense_cache_bytes(output_cache(output))
             else:
-                cache = session.new_cache()
+                # compress() makes the cache at the prefill, or keeps the plain one when the budget covers the prompt
+                # (a no-op, like compress() itself); a cache passed in here would always be a compressed one
+                extra = {}
                 if not query_aware:
-                    self.model(input_ids=context_ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): cache})
-                output = self.model.generate(full_ids, **{cache_kwarg(self.model): cache}, **options)
-                held = cache.kv_bytes()
+                    prefill = self.model(input_ids=context_ids, use_cache=True, logits_to_keep=1)
+                    extra[cache_kwarg(self.model)] = output_cache(prefill)
+                output = self.model.generate(full_ids, **extra, **options)
                 stats = session.stats
+            cache = output_cache(output)
+            held = cache.kv_bytes() if hasattr(cache, "kv_bytes") else _dense_cache_bytes(cache)
         return _make_answer(self.model, self.tokenizer, output.sequences, full_ids.shape[1], held, stats,
                             time.perf_counter() - start, options.get("eos_token_id"))
 
@@ -309,7 +347,7 @@ class GateKV:
         context_ids, full_ids, options = self._prompt(context, question, chat, max_new_tokens)
         window = self.compress_options.get("window", 32)
         sinks = self.compress_options.get("sinks", 4)
-        reserve = self.compress_options.get("reserve", 64)
+        reserve = self.compress_options.get("reserve")  # None: sized like compress() does
         answers = []
         with torch.no_grad(), shared_prefill(self.model, scorers, window=window, sinks=sinks, reserve=reserve) as shared:
             start = time.perf_counter()
@@ -404,6 +442,14 @@ def _as_list(value) -> list:
     if isinstance(value, torch.Tensor):
         return value.flatten().tolist()
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _warn_if_too_long(model, prompt_tokens: int) -> None:
+    """Warn (once per call) when the prompt is longer than the model's ``max_position_embeddings``."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and prompt_tokens > limit:
+        warnings.warn(f"the prompt has {prompt_tokens} tokens, more than the model's max_position_embeddings "
+                      f"{limit}: outputs past that length are unreliable", stacklevel=3)
 
 
 def _dense_cache_bytes(cache) -> int:

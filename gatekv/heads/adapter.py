@@ -264,8 +264,11 @@ class Adapter(
         """
         from gatekv.heads.config import ModelFingerprint
 
+        model_print = ModelFingerprint.from_model(model)
         if not allow_mismatch:
-            self.fingerprint.check_matches(ModelFingerprint.from_model(model))
+            self.fingerprint.check_matches(model_print)
+        # compress() checks the fingerprint again; this marks the explicit override for exactly this model
+        self.heads.accepted_fingerprint = model_print
         device = next(model.parameters()).device
         return self.heads.to(device).eval().requires_grad_(False)
 
@@ -294,7 +297,10 @@ class Adapter(
     def _save_pretrained(self, save_directory: Path) -> None:
         """ModelHubMixin hook: write the adapter files (each atomically) into ``save_directory``."""
         save_directory = Path(save_directory)
+        if save_directory.exists() and not save_directory.is_dir():
+            raise ValueError(f"adapter directory {save_directory} is a file")
         save_directory.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(save_directory)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.heads.state_dict().items()}
         _write_safetensors(save_directory / ADAPTER_WEIGHTS, tensors, {"format": "pt", "gatekv_head_type": self.config.type})
         if self.lora is not None:
@@ -391,15 +397,18 @@ class Adapter(
             return cls.load_directory(path)
         if path.exists() or model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
             raise FileNotFoundError(f"adapter directory not found: {model_id}")
-        folder = snapshot_download(
-            repo_id=model_id,
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            local_files_only=local_files_only,
-            token=token,
-            allow_patterns=_HUB_FILES,
-        )
+        try:
+            folder = snapshot_download(
+                repo_id=model_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                local_files_only=local_files_only,
+                token=token,
+                allow_patterns=_HUB_FILES,
+            )
+        except Exception as error:  # offline and not cached, unknown repo or revision, network: name the id
+            raise FileNotFoundError(_hub_failure(f"adapter {model_id!r}", error)) from None
         return cls.load_directory(folder)
 
     @classmethod
@@ -462,7 +471,7 @@ class Adapter(
                 raise ValueError(f"{weights_path}: {name} holds NaN or infinite values")
         lora = None
         if document.get("lora") is not None:
-            lora = LoraWeights.load(directory / document["lora"].get("path", LORA_DIR))
+            lora = LoraWeights.load(_inside(directory, document["lora"].get("path", LORA_DIR), config_path, "lora.path"))
         elif (directory / LORA_DIR).exists():
             warnings.warn(f"{directory / LORA_DIR} is ignored: {config_path} does not declare LoRA weights", stacklevel=2)
         heads.load_state_dict(tensors)
@@ -486,6 +495,47 @@ class Adapter(
 # ----------------------------------------------------------------------------------------------------------------------
 # file helpers
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def _inside(directory: Path, relative, config_path: Path, key: str) -> Path:
+    """``directory / relative`` if ``relative`` is a relative path that stays inside ``directory`` (saved artifacts
+    only reference their own files); ``ValueError`` naming ``key`` otherwise."""
+    if not isinstance(relative, str) or not relative.strip():
+        raise ValueError(f"{config_path}: {key} must be a relative path inside the adapter directory, got {relative!r}")
+    if os.path.isabs(relative) or Path(relative).expanduser() != Path(relative):
+        raise ValueError(f"{config_path}: {key} {relative!r} is absolute; it must name a directory inside {directory}")
+    root = directory.resolve()
+    target = (directory / relative).resolve()
+    if target != root and root not in target.parents:
+        raise ValueError(f"{config_path}: {key} {relative!r} points outside the adapter directory {directory}")
+    return directory / relative
+
+
+def _hub_failure(what: str, error: BaseException) -> str:
+    """One line for a failed Hub lookup (``LocalEntryNotFoundError`` offline, unknown repo, network)."""
+    name = type(error).__name__
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    if "LocalEntryNotFound" in name or offline:
+        why = "not a local directory and not in the Hugging Face cache" + (" (HF_HUB_OFFLINE is set)" if offline else "")
+    elif "RepositoryNotFound" in name:
+        why = "no such repository on the Hub (or it is private: log in with `hf auth login`)"
+    elif "RevisionNotFound" in name:
+        why = "that revision does not exist on the Hub"
+    else:
+        why = f"could not be fetched from the Hub ({name})"
+    return f"{what}: {why}"
+
+
+def _remove_stale_temp_files(directory: Path) -> None:
+    """Temporary files that a killed save left in ``directory`` (:func:`gatekv.io.atomic_write` names them
+    ``.<file>.<random>.tmp``)."""
+    names = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD, "adapter_config.json")
+    for folder in (directory, directory / LORA_DIR):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if entry.is_file() and entry.name.endswith(".tmp") and entry.name.startswith(tuple(f".{n}." for n in names)):
+                entry.unlink(missing_ok=True)
 
 
 def _warn_pickles(directory: Path) -> None:

@@ -62,8 +62,16 @@ def _help_config() -> str:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    """``gatekv train CONFIG [a.b=c ...]``: returns 0 on success, 2 for a bad config or input (message on stderr)."""
-    argv = _launcher_environment(list(sys.argv[1:] if argv is None else argv))
+    """``gatekv train CONFIG [a.b=c ...]``: returns 0 on success, 2 for a bad config or input, 1 for a fault while
+    training (disk full, non-finite loss), 143 when stopped by SIGTERM (one line on stderr; ``--debug``: traceback)."""
+    from gatekv.cli import _debug_requested, run_reporting_errors
+
+    debug, argv = _debug_requested(list(sys.argv[1:] if argv is None else argv))
+    return run_reporting_errors("gatekv train", lambda: _train(argv), debug)
+
+
+def _train(argv: list[str]) -> int:
+    argv = _launcher_environment(argv)
     parser = argparse.ArgumentParser(prog="gatekv train", description="Train retaining heads / gates on a frozen model.")
     parser.add_argument("config", nargs="?", help="YAML config (configs/train/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="config overrides key.path=value, e.g. trainer.max_steps=50")
@@ -78,41 +86,45 @@ def train_main(argv: list[str] | None = None) -> int:
     from gatekv.config import dump_yaml
     from gatekv.training.config import load_train_config
 
-    try:
-        config = load_train_config(args.config, args.overrides)
-    except ValueError as error:
-        print(f"gatekv train: error: {error}", file=sys.stderr)
-        return 2
+    config = load_train_config(args.config, args.overrides)
     if args.print_config:
         print(dump_yaml(config), end="")
         return 0
     _log_to_stderr()
     from gatekv.training.runner import train
 
-    try:
-        train(config)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"gatekv train: error: {error}", file=sys.stderr)
-        return 2
+    train(config)
     return 0
 
 
 def validate_main(argv: list[str] | None = None) -> int:
     """``gatekv validate CONFIG... [--set a.b=c ...]``: 0 if every config is valid, 2 otherwise (one line per file)."""
-    parser = argparse.ArgumentParser(prog="gatekv validate", description="Check training configs without training.")
-    parser.add_argument("configs", nargs="+", help="YAML config files")
+    from gatekv.cli import _debug_requested, _one_line
+
+    debug, argv = _debug_requested(list(sys.argv[1:] if argv is None else argv))
+    parser = argparse.ArgumentParser(prog="gatekv validate", description="Check training configs without training: "
+                                     "everything gatekv train would refuse before loading the model.")
+    parser.add_argument("configs", nargs="+", help="YAML config files (a key=value argument is an override)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override applied to every config (repeatable)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    parser.add_argument("--no-device-check", action="store_true",
+                        help="do not require the configured accelerator here (check a GPU config on a CPU machine)")
+    args = parser.parse_args(argv)
     from gatekv.training.config import load_train_config
     from gatekv.training.runner import validate
 
+    # `gatekv validate CONFIG a.b=c` reads like `gatekv train CONFIG a.b=c`: key=value arguments are overrides
+    inline = [a for a in args.configs if re.match(r"^[A-Za-z_][\w.]*=", a) and not os.path.exists(a)]
+    overrides = list(args.overrides) + inline
+    paths = [a for a in args.configs if a not in inline]
     status = 0
-    for path in args.configs:
+    for path in paths:
         try:
-            notes = validate(load_train_config(path, args.overrides))
-        except (ValueError, FileNotFoundError) as error:
-            print(f"{path}: error: {error}", file=sys.stderr)
+            notes = validate(load_train_config(path, overrides), check_device=not args.no_device_check)
+        except Exception as error:
+            if debug:
+                raise
+            print(f"{path}: error: {_one_line(error)}", file=sys.stderr)
             status = 2
             continue
         print(f"{path}: ok" + "".join(f"\n  note: {n}" for n in notes))

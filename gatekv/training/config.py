@@ -351,10 +351,28 @@ class TrainConfig:
     """Seed of the data order, the head initialisation and the per-step reseed."""
 
     def __post_init__(self):
+        _check_finite(self)
+        if isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed!r}")
         if self.data.feature_cache is not None and self.target.kind != "cis":
             raise ValueError("data.feature_cache only works with target.kind: cis (distill needs the live backbone)")
         if self.trainer.strategy == "deepspeed" and self.optim.grad_clip is not None and self.optim.grad_clip_algorithm == "value":
             raise ValueError("optim.grad_clip_algorithm: DeepSpeed clips by norm only; set it to 'norm' (or grad_clip: null)")
+
+
+def _check_finite(config, path: str = "") -> None:
+    """``ValueError`` naming the first float field (at any depth) that is NaN or infinite (``optim.lr=.inf``)."""
+    import dataclasses
+    import math
+
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        key = f"{path}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"{key} must be a finite number, got {value!r}")
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -365,13 +383,28 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
 def check_files(config: TrainConfig) -> None:
     """Checks that touch the file system (run by ``validate`` and ``train``): the data path exists and the
     DeepSpeed config parses. ``ValueError`` naming the key and the file."""
-    if config.data.path is not None and not Path(config.data.path).exists():
-        raise ValueError(f"data.path: {config.data.path} does not exist (train/prepare_data.py writes one)")
+    if config.data.path is not None:
+        _check_data_path(Path(config.data.path))
     if config.trainer.deepspeed_config is not None:
         load_deepspeed_config(config.trainer.deepspeed_config)
     resume = config.output.resume
     if resume not in ("auto", "never") and not Path(resume).exists():
         raise ValueError(f"output.resume: checkpoint {resume} does not exist")
+
+
+def _check_data_path(path: Path) -> None:
+    """``ValueError`` naming ``data.path`` if it is missing, a directory without data files, or an empty file."""
+    if not path.exists():
+        raise ValueError(f"data.path: {path} does not exist (train/prepare_data.py writes one)")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".jsonl", ".parquet"))
+        if not files:
+            raise ValueError(f"data.path: directory {path} holds no .json/.jsonl/.parquet files")
+    else:
+        files = [path]
+    for file in files:
+        if file.stat().st_size == 0 or (file.suffix != ".parquet" and not file.read_bytes()[:1 << 20].strip()):
+            raise ValueError(f"data.path: {file} is empty")
 
 
 def load_deepspeed_config(path: str | Path) -> dict:

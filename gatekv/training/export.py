@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from pathlib import Path
 
 import torch
 
 from gatekv.heads.adapter import Adapter, LoraWeights
 
-__all__ = ["adapter_from_checkpoint", "base_model_name", "export_checkpoint", "jsonable", "lora_from_peft"]
+__all__ = [
+    "adapter_from_checkpoint",
+    "base_model_name",
+    "export_checkpoint",
+    "jsonable",
+    "lora_from_peft",
+    "read_checkpoint_file",
+]
 
 _HEAD_PREFIX = re.compile(r"^(?:_forward_module\.|module\.)*objective\.heads\.")
 _LORA_KEY = re.compile(r"^(?:_forward_module\.|module\.)*objective\.backbone\.(base_model\.model\..+\.lora_[AB])\.default\.weight$")
@@ -67,6 +75,28 @@ def jsonable(value):
     return value
 
 
+def read_checkpoint_file(path: Path, where: str = "checkpoint") -> dict:
+    """The dict stored in a Lightning checkpoint file (``torch.load(weights_only=True)``); ``ValueError`` naming
+    ``where`` and the file if it is not a checkpoint at all, or a truncated / corrupt one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{where}: {path} is not a file")
+    looks_like_one = bool(re.fullmatch(r"step-\d+\.ckpt", path.name)) or path.suffix in (".ckpt", ".pt", ".pth")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; a cut-off one has no central directory
+        if looks_like_one:
+            raise ValueError(f"{where}: {path} is truncated or corrupt (not a complete checkpoint file)")
+        raise ValueError(f"{where}: {path} is not a gatekv training checkpoint (expected a step-N.ckpt file from "
+                         "gatekv train, a DeepSpeed checkpoint directory or a run directory)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = " ".join(str(error).split("\n")[0].split()) or type(error).__name__
+        raise ValueError(f"{where}: {path} is truncated or corrupt ({reason[:200]})") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{where}: {path} is not a gatekv training checkpoint (it holds a {type(checkpoint).__name__})")
+    return checkpoint
+
+
 def _checkpoint_file(path: Path) -> Path:
     """A run directory -> its newest checkpoint; a checkpoint file or DeepSpeed checkpoint directory -> itself."""
     from gatekv.training.runner import find_resume_checkpoint
@@ -90,12 +120,7 @@ def _load_checkpoint(path: Path) -> tuple[dict, dict]:
         files = sorted(path.glob("*/mp_rank_00_model_states.pt")) + sorted(path.glob("*/zero_pp_rank_0_mp_rank_00_model_states.pt"))
         meta = torch.load(files[0], map_location="cpu", weights_only=True).get("gatekv") if files else None
     else:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ValueError(f"could not read checkpoint {path}: {error}") from None
-        if not isinstance(checkpoint, dict):
-            raise ValueError(f"{path} is not a gatekv training checkpoint")
+        checkpoint = read_checkpoint_file(path)
         state, meta = checkpoint.get("state_dict") or {}, checkpoint.get("gatekv")
     if not isinstance(meta, dict) or "head_type" not in meta:
         raise ValueError(f"{path} was not written by gatekv train (no 'gatekv' run identity in it)")

@@ -9,9 +9,11 @@ same random numbers (Gumbel noise) as an uninterrupted one.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 import resource
 import time
 from pathlib import Path
@@ -25,7 +27,28 @@ from gatekv.training.config import TrainConfig
 from gatekv.training.data import Sample, StatefulBatchLoader, _Collator, length_sorted_batches, tokens_in
 from gatekv.training.objective import HeadObjective
 
-__all__ = ["AtomicCheckpointIO", "HeadDataModule", "HeadTrainingModule", "MetricsRecorder", "lr_lambda"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointOnSigterm",
+    "CheckpointWriteError",
+    "HeadDataModule",
+    "HeadTrainingModule",
+    "MetricsRecorder",
+    "NonFiniteLoss",
+    "lr_lambda",
+]
+
+_STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss (or a trainable weight about to be checkpointed) is NaN or infinite: the run stops, and the checkpoint
+    written before it stays the newest one."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, I/O error); its temporary file was removed and the previous
+    checkpoint kept."""
 
 
 def lr_lambda(warmup_steps: int, max_steps: int, schedule: str, min_ratio: float):
@@ -69,6 +92,8 @@ class HeadTrainingModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, metrics = self.objective(batch, step=self.global_step)
+        if not torch.isfinite(loss.detach()):
+            raise NonFiniteLoss(f"the training loss is {float(loss.detach())} at step {self.global_step}")
         self._log("train", loss, metrics, batch)
         self.last_step_metrics = {"train/loss": float(loss.detach())}
         self.last_step_metrics.update({f"train/{k}": float(v.float().nanmean()) for k, v in metrics.items() if v.numel()})
@@ -117,6 +142,9 @@ class HeadTrainingModule(L.LightningModule):
         state = checkpoint.get("state_dict")
         if state is not None:
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
+            bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if bad:  # never let a checkpoint of broken weights replace the last good one
+                raise NonFiniteLoss(f"trainable weights {bad[:3]} hold NaN or infinite values at step {self.global_step}")
         checkpoint["gatekv"] = self.meta
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -172,17 +200,70 @@ class HeadDataModule(L.LightningDataModule):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file in the same directory, fsyncs it, then renames it into place."""
+    """Writes each checkpoint to a temporary file in the same directory, fsyncs it, then renames it into place; then
+    deletes older ``step-N.ckpt`` files beyond the newest ``keep`` (also those of an earlier, killed run).
+
+    A failed write (disk full, I/O error) removes the temporary file, keeps every existing checkpoint and raises
+    :class:`CheckpointWriteError` naming the path.
+    """
+
+    def __init__(self, keep: int = 1):
+        super().__init__()
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.keep = keep
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as handle:
-            torch.save(checkpoint, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as error:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointWriteError(_write_failure(path, error)) from error
+        self._prune(path)
+
+    def _prune(self, newest: Path) -> None:
+        steps = []
+        for entry in newest.parent.iterdir():
+            match = _STEP_FILE.match(entry.name)
+            if match and entry.is_file():
+                steps.append((int(match.group(1)), entry))
+        for _, old in sorted(steps, reverse=True)[self.keep:]:
+            if old != newest:
+                old.unlink(missing_ok=True)
+
+
+def _write_failure(path: Path, error: BaseException) -> str:
+    """One line saying why writing checkpoint ``path`` failed (torch's zip writer reports ENOSPC as a RuntimeError
+    ``[enforce fail at inline_container.cc] ... file write failed``)."""
+    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "file write failed" in str(error)
+    previous = sorted((p for p in path.parent.glob("step-*.ckpt") if p != path), key=lambda p: p.name)
+    kept = f"; the previous checkpoint {previous[-1].name} is kept" if previous else ""
+    if full:
+        return f"disk full at {path}: the checkpoint was not written{kept}"
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else " ".join(str(error).split())
+    return f"could not write checkpoint {path}: {reason}{kept}"
+
+
+class CheckpointOnSigterm(L.Callback):
+    """On SIGTERM (what schedulers and Kubernetes send), write ``step-N.ckpt`` at the end of the current step, at the
+    very point ``ModelCheckpoint`` writes its own, so that a rerun resumes exactly there; Lightning then stops the
+    loop (``SIGTERMException``), which ``train()`` turns into a non-zero exit."""
+
+    def __init__(self, checkpoint_dir: Path, every_n_steps: int):
+        self.checkpoint_dir, self.every = Path(checkpoint_dir), every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if not trainer.received_sigterm or step >= trainer.max_steps or step % self.every == 0:
+            return  # not stopping, finishing anyway, or ModelCheckpoint writes this step itself
+        trainer.save_checkpoint(self.checkpoint_dir / f"step-{step:06d}.ckpt")
 
 
 def peak_rss_mib() -> float:

@@ -12,10 +12,13 @@ Run directory (``output.dir``)::
 
 from __future__ import annotations
 
+import errno
+import importlib.util
 import json
 import logging
 import os
 import re
+import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,10 +30,22 @@ from gatekv.config import dump_yaml
 from gatekv.io import atomic_write_text
 from gatekv.training.config import TrainConfig, check_files, load_deepspeed_config
 
-__all__ = ["TrainResult", "find_resume_checkpoint", "format_curve", "train", "validate"]
+__all__ = ["TrainResult", "TrainingStopped", "find_resume_checkpoint", "format_curve", "train", "validate"]
 
 log = logging.getLogger("gatekv.training")
 _STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
+_TEMP_FILE = re.compile(r"^\.step-\d+\.ckpt\.tmp-\d+$")
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
+"""Exit status of ``gatekv train`` stopped by SIGTERM (the shell's convention for a process ended by that signal)."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped before ``trainer.max_steps`` (SIGTERM, a non-finite loss, a failed checkpoint write); the
+    message says why and which checkpoint a rerun resumes from. ``exit_code``: what ``gatekv train`` exits with."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -51,11 +66,17 @@ class TrainResult:
     """The frozen base model (peft-wrapped when LoRA was trained)."""
 
 
-def validate(config: TrainConfig) -> list[str]:
+def validate(config: TrainConfig, check_device: bool = True) -> list[str]:
     """Every check that needs no model download or training: types (already done by loading), files, DeepSpeed
-    JSON, tiny-model family, SmolLM2 package. Returns notes (empty = nothing to say); raises ``ValueError``."""
+    JSON, tiny-model family, SmolLM2 package, logger packages, the output directory and (``check_device``) the
+    accelerator. Returns notes (empty = nothing to say); raises ``ValueError`` for what ``train`` would refuse."""
     check_files(config)
+    _check_environment(config, check_device)
+    _check_output_dir(Path(config.output.dir), create=False)
     notes = []
+    if config.optim.warmup_steps > config.trainer.max_steps:
+        notes.append(f"optim.warmup_steps {config.optim.warmup_steps} > trainer.max_steps {config.trainer.max_steps}: "
+                     "the learning rate never reaches optim.lr")
     name = config.model.name
     if name.startswith("tiny:"):
         from gatekv.training.models import TINY_FAMILIES
@@ -69,26 +90,82 @@ def validate(config: TrainConfig) -> list[str]:
             find_smollm2_gguf()
         except FileNotFoundError as error:
             notes.append(f"model.name smollm2: {error}")
-    if config.trainer.strategy == "deepspeed" and not torch.cuda.is_available():
+    if config.trainer.strategy == "deepspeed" and not check_device and not torch.cuda.is_available():
         notes.append("trainer.strategy deepspeed: no CUDA device here (the run needs a GPU)")
     if config.data.feature_cache is not None:
         notes.append(f"data.feature_cache: features are cached under {config.data.feature_cache}")
     return notes
 
 
-def find_resume_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest complete ``step-N.ckpt`` (a file, or a DeepSpeed directory holding its ``latest`` marker)."""
+def _check_environment(config: TrainConfig, check_device: bool) -> None:
+    """``ValueError`` for a missing logger package, and (``check_device``) for a GPU run on a machine without CUDA."""
+    if "tensorboard" in config.output.loggers and not any(
+        importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")
+    ):
+        raise ValueError("output.loggers: tensorboard needs the tensorboard package (pip install tensorboard), "
+                         "or remove it from the list")
+    if not check_device or torch.cuda.is_available():
+        return
+    if config.trainer.accelerator == "gpu":
+        raise ValueError("trainer.accelerator: gpu, but torch sees no CUDA device here (use cpu or auto)")
+    if config.trainer.strategy == "deepspeed":
+        raise ValueError("trainer.strategy: deepspeed needs a CUDA device and torch sees none here")
+
+
+def _check_output_dir(out: Path, create: bool) -> None:
+    """``ValueError`` naming ``output.dir`` if it is a file, cannot be created or is not writable. ``create``: make
+    it and write a probe file (train, before the model is loaded); else check its nearest existing parent (validate)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == out else f"cannot be created: {existing} is a file"
+        raise ValueError(f"output.dir: {out} {what}")
+    if not create:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"output.dir: {out} is not writable ({existing} does not allow writing)")
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"output.dir: {out} is not writable: {error.strerror or error}") from None
+
+
+def _remove_stale_temp_files(checkpoint_dir: Path) -> None:
+    """Temporary files of checkpoint writes that a killed or failed run left behind (``.step-N.ckpt.tmp-PID``)."""
     if not checkpoint_dir.is_dir():
-        return None
+        return
+    for entry in checkpoint_dir.iterdir():
+        if _TEMP_FILE.match(entry.name) and entry.is_file():
+            entry.unlink(missing_ok=True)
+            log.info("removed %s (left by an interrupted checkpoint write)", entry.name)
+
+
+def _step_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every complete-looking ``step-N.ckpt`` in ``checkpoint_dir``, newest first."""
+    if not checkpoint_dir.is_dir():
+        return []
     found = []
     for entry in checkpoint_dir.iterdir():
         match = _STEP_FILE.match(entry.name)
         if match and (entry.is_file() or (entry / "latest").is_file()):
             found.append((int(match.group(1)), entry))
-    return max(found)[1] if found else None
+    return sorted(found, reverse=True)
 
 
-def _resolve_resume(config: TrainConfig, checkpoint_dir: Path) -> Path | None:
+def find_resume_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest ``step-N.ckpt`` (a file, or a DeepSpeed directory holding its ``latest`` marker); whether it is
+    readable is checked when it is opened (:func:`_resolve_resume` falls back to an older one)."""
+    found = _step_checkpoints(checkpoint_dir)
+    return found[0][1] if found else None
+
+
+def _resolve_resume(config: TrainConfig, checkpoint_dir: Path) -> tuple[Path | None, dict | None]:
+    """``(checkpoint to resume from, its gatekv run identity)``: ``auto`` takes the newest readable one, warning
+    about (and skipping) truncated or corrupt newer ones; an explicit path must be readable."""
     resume = config.output.resume
     existing = find_resume_checkpoint(checkpoint_dir)
     if resume == "never":
@@ -97,10 +174,27 @@ def _resolve_resume(config: TrainConfig, checkpoint_dir: Path) -> Path | None:
                 f"output.resume is 'never' but {checkpoint_dir} already holds checkpoints ({existing.name}); "
                 "use output.resume=auto or another output.dir (nothing was overwritten)"
             )
-        return None
-    if resume == "auto":
-        return existing
-    return Path(resume)
+        return None, None
+    if resume != "auto":
+        return Path(resume), _read_checkpoint_meta(Path(resume))
+    unreadable = []
+    for _, path in _step_checkpoints(checkpoint_dir):
+        try:
+            meta = _read_checkpoint_meta(path)
+        except ValueError as error:
+            unreadable.append(path)
+            log.warning("skipping %s: %s", path, error)
+            warnings.warn(f"output.resume: skipping {path}: {error}", stacklevel=2)
+            continue
+        if unreadable:
+            log.warning("resuming from the previous complete checkpoint %s", path.name)
+        return path, meta
+    if unreadable:
+        raise ValueError(
+            f"output.resume: no readable checkpoint in {checkpoint_dir}: {unreadable[0]} is truncated or corrupt; "
+            "delete it to start over (or set output.resume to another checkpoint)"
+        )
+    return None, None
 
 
 def _read_checkpoint_meta(path: Path) -> dict | None:
@@ -109,10 +203,9 @@ def _read_checkpoint_meta(path: Path) -> dict | None:
         if not files:
             return None
         path = files[0]
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"output.resume: could not read checkpoint {path}: {error}") from None
+    from gatekv.training.export import read_checkpoint_file
+
+    checkpoint = read_checkpoint_file(path, "output.resume")
     return checkpoint.get("gatekv")
 
 
@@ -169,15 +262,19 @@ def train(config: TrainConfig) -> TrainResult:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from gatekv.heads import HeadConfig, build_heads
     from gatekv.training.data import load_records, pad_token_id, prepare_samples, split_train_val
     from gatekv.training.models import load_base_model
     from gatekv.training.module import (
         AtomicCheckpointIO,
+        CheckpointOnSigterm,
+        CheckpointWriteError,
         HeadDataModule,
         HeadTrainingModule,
         MetricsRecorder,
+        NonFiniteLoss,
         check_checkpoint_meta,
         peak_rss_mib,
         read_metrics,
@@ -185,11 +282,17 @@ def train(config: TrainConfig) -> TrainResult:
     from gatekv.training.objective import FeatureCache, HeadObjective
 
     check_files(config)
+    _check_environment(config, check_device=True)
+    if config.optim.warmup_steps > config.trainer.max_steps:
+        log.warning("optim.warmup_steps %d > trainer.max_steps %d: the learning rate never reaches optim.lr",
+                    config.optim.warmup_steps, config.trainer.max_steps)
     if config.trainer.threads is not None:
         torch.set_num_threads(config.trainer.threads)
     out = Path(config.output.dir)
     checkpoint_dir = out / "checkpoints"
-    resume = _resolve_resume(config, checkpoint_dir)
+    _check_output_dir(out, create=True)  # before minutes of model loading, not after
+    _remove_stale_temp_files(checkpoint_dir)
+    resume, saved = _resolve_resume(config, checkpoint_dir)
 
     # -- model, heads ------------------------------------------------------------------------------------------------
     model, tokenizer, model_id = load_base_model(config.model)
@@ -216,7 +319,6 @@ def train(config: TrainConfig) -> TrainResult:
     }
     resume_step = None
     if resume is not None:
-        saved = _read_checkpoint_meta(resume)
         check_checkpoint_meta(saved, meta, f"checkpoint {resume}")
         match = _STEP_FILE.match(resume.name)
         resume_step = int(match.group(1)) if match else None
@@ -250,13 +352,14 @@ def train(config: TrainConfig) -> TrainResult:
             every_n_train_steps=trainer_cfg.checkpoint_every_n_steps, save_top_k=1, save_last=False,
         ),
         MetricsRecorder(out / "metrics.jsonl", trainer_cfg.log_every_n_steps),
+        CheckpointOnSigterm(checkpoint_dir, trainer_cfg.checkpoint_every_n_steps),
     ]
     if trainer_cfg.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     loggers = []
     if "csv" in config.output.loggers:
         loggers.append(CSVLogger(save_dir=str(out), name="logs", version=f"run-{resume_step or 0}"))
-    if "tensorboard" in config.output.loggers:
+    if "tensorboard" in config.output.loggers:  # the package was checked before the model was loaded
         from lightning.pytorch.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=f"run-{resume_step or 0}"))
@@ -281,7 +384,7 @@ def train(config: TrainConfig) -> TrainResult:
         enable_progress_bar=trainer_cfg.progress_bar,
         enable_model_summary=False,
         deterministic=trainer_cfg.deterministic,
-        plugins=None if deepspeed else [AtomicCheckpointIO()],
+        plugins=None if deepspeed else [AtomicCheckpointIO(keep=1)],
         use_distributed_sampler=False,  # the loaders shard batches per process themselves (resumable)
         default_root_dir=str(out),
     )
@@ -292,10 +395,22 @@ def train(config: TrainConfig) -> TrainResult:
         # the frozen backbone is in eval mode on purpose (Lightning warns about it) and the val loader is tiny
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None)
+        except SIGTERMException:  # a SystemExit(None) of Lightning's: it would exit 0 without adapter or summary
+            newest = find_resume_checkpoint(checkpoint_dir)
+            where = f"; a rerun resumes from {newest}" if newest is not None else "; no checkpoint was written yet"
+            raise TrainingStopped(f"stopped by SIGTERM at step {trainer.global_step}{where}",
+                                  SIGTERM_EXIT_CODE) from None
+        except NonFiniteLoss as error:
+            newest = find_resume_checkpoint(checkpoint_dir)
+            kept = f"; the last good checkpoint is {newest}" if newest is not None else "; no checkpoint was written"
+            raise TrainingStopped(f"{error}{kept} (lower optim.lr or check the data)") from None
+        except CheckpointWriteError as error:
+            raise TrainingStopped(str(error)) from None
     wall = time.perf_counter() - start
     if trainer.interrupted:
-        raise RuntimeError("training was interrupted; rerun with output.resume=auto to continue")
+        raise TrainingStopped("training was interrupted; rerun with output.resume=auto to continue")
     last_val = max((r["step"] for r in read_metrics(out / "metrics.jsonl") if r["stage"] == "val"), default=-1)
     if val_samples and last_val != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # final validation, recorded like the others
