@@ -101,6 +101,8 @@ class CompressionStats:
     """True when the budget covered the whole prompt and nothing was changed."""
     cascade_peak_kv_bytes: int = 0
     """Largest KV allocation seen inside a prefill forward, before each layer's cascade re-eviction (CAKE)."""
+    replay_seconds: float = 0.0
+    """Time of a replaying scorer's extra forwards (KVzip's context reconstruction), their scoring included."""
 
     @property
     def peak_kv_bytes(self) -> int:
@@ -177,6 +179,8 @@ class CompressionSession:
             query = torch.as_tensor(query)
             if query.dtype not in (torch.int32, torch.int64) or query.dim() not in (1, 2) or query.shape[-1] == 0:
                 raise ValueError(f"query must be token ids of shape (q,) or (B, q) with q >= 1, got {tuple(query.shape)} {query.dtype}")
+        if query is not None and self.scorer.replays:
+            raise ValueError(f"scorer {self.scorer.name!r} replays the context (query-agnostic): query= is not supported")
         self.query = query
         self.prefill, self.chunk_size, self.window, self.sinks = prefill, chunk_size, window, sinks
         self.reserve, self.record = reserve, record
@@ -195,6 +199,9 @@ class CompressionSession:
         self._query_rows: torch.Tensor | None = None
         self._phase = "prefill"
         self._held: dict | None = None  # set by SharedPrefill: the prefill is scored but not compacted
+        self._prompt_tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # replaying scorers: (ids, positions)
+        self._replay_columns = (0, 0)  # prompt columns of the forward just prefilled (what the replay reconstructs)
+        self._replay_chunk = None  # the ReplayChunk being scored
 
     # -- public ---------------------------------------------------------------------------------------------------
     def new_cache(self) -> CompressedCache:
@@ -279,10 +286,16 @@ class CompressionSession:
                 raise ValueError("gatekv.compress: empty prompt (0 tokens)")
             self._phase = "prefill"  # also during the leading chunks (cascading allocators read it)
             self._start_prompt(valid, token_positions, tokens)
+            if self.scorer.replays:
+                if tokens.is_floating_point():
+                    raise ValueError(f"scorer {self.scorer.name!r} replays the prompt's tokens: pass input_ids, not inputs_embeds")
+                self._prompt_tokens = (tokens, token_positions)
+            columns = (max(q - self.chunk_size, 0) if self.prefill == "chunked" else 0, q)  # the last forward's
             if self.prefill == "chunked" and q > self.chunk_size:
                 kwargs = self._run_leading_chunks(cache, kwargs, mask, positions, token_positions)
                 q = kwargs["input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"].shape[1]
                 token_positions = token_positions[:, -q:]
+            self._replay_columns = columns
             self._phase = "prefill"
             self._scoring = self.query is None
         else:
@@ -384,6 +397,7 @@ class CompressionSession:
         decoder = self.model.get_decoder()
         for start, end in zip([0] + boundaries[:-1], boundaries):
             self._declare(cache, token_positions[:, start:end])
+            self._replay_columns = (start, end)
             self._scoring = self.query is None
             decoder(
                 **{key: tokens[:, start:end]},
@@ -408,6 +422,8 @@ class CompressionSession:
         """After a forward: observe the query (query-aware), then allocate and compact every layer."""
         if kind != "decode" and self.query is not None:
             self._observe_query(cache)
+        elif kind != "decode" and self.scorer.replays:
+            self._replay(cache)
         if not self._scores:
             self._scoring = False
             return
@@ -459,6 +475,40 @@ class CompressionSession:
             decoder(input_ids=self._query_rows, position_ids=obs_positions, use_cache=True, **{cache_kwarg(decoder): cache})
         finally:
             self._observer_from = None
+
+    def _replay(self, cache: CompressedCache) -> None:
+        """Replaying scorers (KVzip): run the scorer's replay forwards for the prompt columns just prefilled, each
+        scored like query observers; after each, its KV is dropped (the cache and the stored scores are as after the
+        prompt again), so the last one's scores decide the eviction."""
+        start_time = time.perf_counter()
+        ids, token_positions = self._prompt_tokens
+        start, end = self._replay_columns
+        decoder = self.model.get_decoder()
+        for chunk in self.scorer.replay_inputs(ids, token_positions, start, end):
+            base = [(layer.lengths.clone(), layer.max_length()) for layer in cache.layers]
+            last = self._last_position.to(chunk.valid.device)
+            positions = torch.where(chunk.valid, last[:, None] + chunk.valid.long().cumsum(-1),
+                                    torch.full_like(chunk.input_ids, -1))
+            self._observer_from = last + 1
+            self._replay_chunk = chunk
+            cache.begin_forward(positions, advance=False)
+            self._scoring = True
+            try:
+                decoder(input_ids=chunk.input_ids, position_ids=positions.clamp(min=0), use_cache=True,
+                        **{cache_kwarg(decoder): cache})
+            finally:
+                self._observer_from = None
+                self._replay_chunk = None
+            for l, (layer, (lengths, width)) in enumerate(zip(cache.layers, base)):
+                counts = lengths.reshape(layer.batch_size, layer.num_heads)
+                keep = torch.arange(width, device=lengths.device).expand(layer.batch_size, layer.num_heads, width)
+                layer.compact(keep, counts, 0)
+                if l in self._scores:
+                    scores, protected = self._scores[l]
+                    self._scores[l] = (scores[..., :width], protected[..., :width])
+                if isinstance(self.scorer, _ScoreSet):
+                    self.scorer.trim(l, width)
+        self.stats.replay_seconds += time.perf_counter() - start_time
 
     # -- attention and scoring ------------------------------------------------------------------------------------
     def _attend(self, module, query: torch.Tensor, scale: float, sliding_window) -> torch.Tensor:
@@ -519,6 +569,7 @@ class CompressionSession:
             pre_rope_queries=captured.get("pre_rope_queries"),
             pre_rope_keys=captured.get("pre_rope_keys"),
             pre_rope_values=captured.get("pre_rope_values"),
+            replay=self._replay_chunk,
             state=state,
         )
         scores = self.scorer.score(ctx).float()
@@ -528,15 +579,18 @@ class CompressionSession:
         last = torch.where(candidates, positions, torch.full_like(positions, -1)).amax(-1, keepdim=True)
         row_start = self._row_start.to(positions.device)[:, None, None]
         protected = candidates & ((positions - row_start < self.sinks) | (positions > last - self.window))
-        if getattr(self.allocator, "needs_window_attention", False):
+        # allocators observe the prompt's own window, not a replay (KVzip)
+        if getattr(self.allocator, "needs_window_attention", False) and self._replay_chunk is None:
             self.allocator.observe_layer(layer_idx, ctx.window_attention(), candidates)
         self._scores[layer_idx] = (scores, protected)
         names = [n for n in self.scorer.state_names if n in ctx.state]
         if names:
             layer.write_state({n: ctx.state[n] for n in names})
         captured.clear()
-        # not while query observers run: the prompt forward already filled every layer, there is no peak to cut
-        if getattr(self.allocator, "cascade", False) and self._phase == "prefill" and self._observer_from is None:
+        # not while query observers run: the prompt forward already filled every layer, there is no peak to cut;
+        # not for replaying scorers: their scores exist only after the replay (the allocation then runs once)
+        if (getattr(self.allocator, "cascade", False) and self._phase == "prefill" and self._observer_from is None
+                and not self.scorer.replays):
             self._cascade(layer_idx)
 
     def _cascade(self, layer_idx: int) -> None:
@@ -632,14 +686,30 @@ class _ScoreSet(Scorer):
     are returned."""
 
     def __init__(self, scorers: dict[str, Scorer]):
+        replaying = [name for name, s in scorers.items() if s.replays]
+        if len(replaying) > 1:
+            raise ValueError(f"a shared prefill takes at most one replaying scorer (each replays its own inputs), got {replaying}")
         self.scorers = scorers
+        self.replays = bool(replaying)
+        self._replaying = scorers[replaying[0]] if replaying else None
         self.needs = frozenset().union(*(s.needs for s in scorers.values()))
         self.state_names = tuple(dict.fromkeys(n for s in scorers.values() for n in s.state_names))
         self.results: dict[str, dict[int, torch.Tensor]] = {name: {} for name in scorers}
 
+    def replay_inputs(self, token_ids, token_positions, start, end):
+        return self._replaying.replay_inputs(token_ids, token_positions, start, end)
+
+    def trim(self, layer_idx: int, width: int) -> None:
+        """Drop slots past ``width`` from the stored scores of layer ``layer_idx`` (a replay's KV was dropped)."""
+        for results in self.results.values():
+            if layer_idx in results:
+                results[layer_idx] = results[layer_idx][..., :width]
+
     def score(self, ctx: LayerContext) -> torch.Tensor:
         first = None
         for name, scorer in self.scorers.items():
+            if ctx.replay is not None and not scorer.replays:
+                continue  # a replay forward is scored by the replaying scorer only
             scores = scorer.score(ctx).float()
             if scores.shape != ctx.positions.shape:
                 raise ValueError(f"scorer {name!r} returned shape {tuple(scores.shape)}, expected {tuple(ctx.positions.shape)}")

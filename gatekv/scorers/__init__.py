@@ -1,7 +1,7 @@
 """Scorers: one file per method; ``get_scorer(name)`` builds one by name."""
 
 from gatekv.scorers import h2o, knorm, random, snapkv, streaming_llm, tova  # noqa: F401  (registration)
-from gatekv.scorers import a2sf, cake, compresskv, defensivekv, expected_attention, triattention  # noqa: F401
-from gatekv.scorers.base import LayerContext, Scorer, available_scorers, get_scorer, register_scorer
+from gatekv.scorers import a2sf, cake, compresskv, defensivekv, expected_attention, kvzip, triattention  # noqa: F401
+from gatekv.scorers.base import LayerContext, ReplayChunk, Scorer, available_scorers, get_scorer, register_scorer
 
-__all__ = ["LayerContext", "Scorer", "available_scorers", "get_scorer", "register_scorer"]
+__all__ = ["LayerContext", "ReplayChunk", "Scorer", "available_scorers", "get_scorer", "register_scorer"]

@@ -16,7 +16,25 @@ import torch
 
 from gatekv.kernels import window_attention as _window_attention
 
-__all__ = ["LayerContext", "Scorer", "available_scorers", "get_scorer", "register_scorer"]
+__all__ = ["LayerContext", "ReplayChunk", "Scorer", "available_scorers", "get_scorer", "register_scorer"]
+
+
+@dataclass
+class ReplayChunk:
+    """One extra forward a replaying scorer (``Scorer.replays``, e.g. KVzip) asks the session to run after a prompt
+    (chunk) was prefilled: its tokens attend to the cache, are scored like observer queries, and their KV is dropped.
+
+    The session gives the real tokens positions that continue each row's prompt (last position + 1, + 2, ...).
+    """
+
+    input_ids: torch.Tensor
+    """(B, n) int64 token ids, left-padded."""
+    valid: torch.Tensor
+    """(B, n) bool: False for padding."""
+    span: torch.Tensor
+    """(B, 2) int64 ``[start, end)`` positions of the prompt tokens this forward reconstructs (empty: start = end)."""
+    row_start: torch.Tensor
+    """(B,) int64 position of each row's first prompt token."""
 
 
 @dataclass
@@ -60,6 +78,8 @@ class LayerContext:
     """(B, H_kv, q, d) keys before RoPE (after k-norm for Qwen3); set if requested."""
     pre_rope_values: torch.Tensor | None = None
     """(B, H_kv, q, d_v) values of the new tokens; set if requested."""
+    replay: ReplayChunk | None = None
+    """The replay forward being scored (replaying scorers only); None during the prompt's own forwards."""
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per-slot scorer state, each (B, H_kv, T) float32 (NaN for slots never scored). Scorers may replace
     entries; the session stores them back with the cache (they follow compaction)."""
@@ -116,16 +136,27 @@ class Scorer:
     """Base class: implement :meth:`score`; set ``needs`` to ask for optional context fields.
 
     ``needs`` may contain ``"hidden_states"`` and ``"pre_rope"`` (pre-RoPE q/k/v of the new tokens);
-    ``state_names`` lists the per-slot state entries the scorer keeps across forwards.
+    ``state_names`` lists the per-slot state entries the scorer keeps across forwards. A scorer with
+    ``replays = True`` gets extra forwards after each prompt (chunk): :meth:`replay_inputs` says what they feed; the
+    scores of the last one decide the eviction.
     """
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     state_names: ClassVar[tuple[str, ...]] = ()
+    replays: ClassVar[bool] = False
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         """Return ``(B, H_kv, T)`` float32 importance of every slot of ``ctx``; higher = keep."""
         raise NotImplementedError
+
+    def replay_inputs(self, token_ids: torch.Tensor, token_positions: torch.Tensor, start: int,
+                      end: int) -> list[ReplayChunk]:
+        """Replaying scorers: the forwards to run after the prompt columns ``start:end`` were prefilled.
+
+        token_ids: (B, L) the whole prompt (left-padded); token_positions: (B, L) int64, -1 = padding.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not replay")
 
     def __repr__(self) -> str:
         fields = {k: v for k, v in vars(self).items() if not k.startswith("_")}
