@@ -435,6 +435,7 @@ def train(config: TrainConfig) -> TrainResult:
         "final": {k: v for k, v in (curve[-1] if curve else {}).items()},
         "final_val": next((r for r in reversed(curve) if r["stage"] == "val"), None),
         "feature_cache": None if feature_cache is None else {"hits": feature_cache.hits, "misses": feature_cache.misses},
+        "data_mix": _data_mix(config.data.path),
     }
     adapter_dir = None
     if trainer.is_global_zero:
@@ -451,6 +452,18 @@ def train(config: TrainConfig) -> TrainResult:
     heads.eval()
     return TrainResult(out, adapter_dir, trainer.global_step, str(resume) if resume else None, curve, summary,
                        heads, backbone)
+
+
+def _data_mix(path: str | None) -> dict | None:
+    """The mix summary ``train/prepare_data.py --mix`` wrote next to the data (``<path>.mix.json``), for the card."""
+    if path is None or not Path(str(path) + ".mix.json").is_file():
+        return None
+    try:
+        mix = json.loads(Path(str(path) + ".mix.json").read_text())
+    except (OSError, ValueError) as error:
+        log.warning("data mix summary %s.mix.json unreadable (%s): not recorded", path, error)
+        return None
+    return {k: v for k, v in mix.items() if k != "config"} if isinstance(mix, dict) else None
 
 
 def _export(module, heads, adapter_dir: Path, config: TrainConfig, summary: dict, deepspeed: bool) -> None:
@@ -471,8 +484,8 @@ def _export(module, heads, adapter_dir: Path, config: TrainConfig, summary: dict
             base_model=config.model.name,
             base_revision=config.model.revision,
             target=config.target.kind,
-            training={k: summary[k] for k in ("steps", "train_samples", "objective", "final_val", "wall_seconds")
-                      if k in summary},
+            training={k: summary[k] for k in ("steps", "train_samples", "objective", "final_val", "wall_seconds",
+                                              "data_mix") if summary.get(k) is not None},
             lora=lora_from_peft(module.objective.backbone) if config.target.lora.enabled else None,
         )
         adapter.save_pretrained(adapter_dir)

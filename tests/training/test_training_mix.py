@@ -98,3 +98,15 @@ def test_make_mix_counts_windows_and_determinism(tmp_path, tokenizer):
 def test_mix_config_errors(field, value, match):
     with pytest.raises(ValueError, match=match):
         MixConfig(**{field: value})
+
+
+def test_mix_summary_goes_to_the_training_summary(tmp_path):
+    from gatekv.training.runner import _data_mix
+
+    data = tmp_path / "mix.jsonl"
+    data.write_text("")
+    assert _data_mix(str(data)) is None  # no summary next to the data: nothing recorded
+    (tmp_path / "mix.jsonl.mix.json").write_text(json.dumps({"docs": 3, "qa": 2, "multi": 1, "config": {"x": 1}}))
+    assert _data_mix(str(data)) == {"docs": 3, "qa": 2, "multi": 1}
+    (tmp_path / "mix.jsonl.mix.json").write_text("{broken")
+    assert _data_mix(str(data)) is None
