@@ -2,13 +2,17 @@
 
 Per layer, the tokens live in flat buffers, one contiguous *segment* per (row, KV head) (layout in
 ``gatekv/kernels/reference.py``). Segments have preallocated growth room: a decode step writes one token per
-segment in place; when a segment is full every segment is regrown geometrically (amortised O(1) per token).
+segment in place. The room is what the caller declared it will append (``CompressedCache.expect``: generate's
+``max_new_tokens``) or, when unknown, ``reserve`` slots, regrown geometrically in the appended tokens when full
+(O(log n) reallocations for n tokens), so the bytes stay at the kept tokens + the generated ones + a small room.
 Compaction gathers the kept slots into new, right-sized buffers and drops the old ones, so the allocated bytes
 follow the budget, not the prompt. Keys are stored post-RoPE with their original positions; new tokens continue
 from the true (logical) sequence length, which ``get_seq_length`` reports.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -26,12 +30,14 @@ class CompressedLayer(CacheLayerMixin):
     """
 
     is_compileable = False
-    is_croppable = False
+    is_croppable = True  # the newest tokens can always be dropped again (assisted decoding's rejected drafts)
 
     def __init__(self, reserve: int = 64, growth: float = 1.5):
         super().__init__()
         self.reserve = reserve
         self.growth = growth
+        self.expected = 0  # tokens the caller declared it will still append (0 = unknown)
+        self.appended = 0  # tokens appended since the last compaction (the geometric growth's base)
         self.positions: torch.Tensor | None = None
         self.starts = self.caps = self.lengths = None
         self.state: dict[str, torch.Tensor] = {}
@@ -86,7 +92,37 @@ class CompressedLayer(CacheLayerMixin):
         self.batch_select_indices(rows)
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a compressed cache cannot be cropped: evicted tokens are gone")
+        """Drop the ``-tokens_to_remove`` newest tokens of every row (transformers' convention: n <= 0 removes -n).
+
+        Evicted tokens are gone, but the newest ones were appended after every eviction (they are protected by the
+        recent window), so dropping them restores the cache to what it held before they came. Per row, the slots whose
+        position is among the row's ``n`` newest are dropped; when they are the segments' last slots (always, unless
+        ``decode_budget`` refilled evicted slots in place) this only shortens the segments.
+        """
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes the number of tokens to remove as n <= 0, got {tokens_to_remove}")
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized or self.lengths.numel() == 0:
+            return
+        t = self.max_length()
+        slot = torch.arange(t, device=self.starts.device)
+        filled = slot[None, :] < self.lengths[:, None]  # (S, T)
+        rows = torch.where(filled, self.starts[:, None] + slot[None, :], torch.zeros_like(slot)[None, :])
+        positions = torch.where(filled, self.positions[rows], torch.full_like(rows, -1))
+        row_last = positions.reshape(self.batch_size, -1).amax(-1)  # (B,)
+        cutoff = (row_last - n + 1).repeat_interleave(self.num_heads)[:, None]  # (S, 1)
+        keep = filled & ~(positions >= cutoff)
+        counts = keep.sum(-1)
+        if bool((keep == (slot[None, :] < counts[:, None])).all()):  # the dropped slots are each segment's last ones
+            self.lengths = counts
+        else:
+            order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept slots first, in order
+            self._relayout(torch.arange(counts.numel(), device=counts.device), counts, extra=self.caps - counts,
+                           indices=order)
+        self._host_layout = None
+        self.appended = max(self.appended - n, 0)
+        if self.expected:
+            self.expected += n
 
     # -- ragged storage ------------------------------------------------------------------------------------------
     def max_length(self) -> int:
@@ -164,9 +200,12 @@ class CompressedLayer(CacheLayerMixin):
                 f"cache holds batch {self.batch_size} x {self.num_heads} KV heads, got keys of shape {tuple(key_states.shape)}"
             )
         need = self.lengths + q
+        remaining = max(self.expected - q, 0)
         if bool((need > self.caps).any()):
-            if q == 1:  # decode: geometric growth keeps appends amortised O(1)
-                slack = torch.clamp((need.double() * (self.growth - 1)).ceil().long(), min=self.reserve)
+            if remaining:  # the caller said how many tokens follow: room for exactly those
+                slack = torch.full_like(need, max(remaining, 1))
+            elif q == 1:  # decode of unknown length: geometric in the appended tokens, O(log n) regrowths
+                slack = torch.full_like(need, max(self.reserve, 1, math.ceil((self.appended + q) * (self.growth - 1))))
             else:  # prefill chunk: exact size, compaction follows
                 slack = torch.full_like(need, self.reserve)
             all_segments = torch.arange(need.numel(), device=need.device)
@@ -184,6 +223,8 @@ class CompressedLayer(CacheLayerMixin):
         new += [nan] * len(names)
         kernels.append(buffers, self.starts, self.lengths, new)
         self.lengths = need
+        self.expected = remaining
+        self.appended += q
         self._host_layout = None
         self.has_padding = self.has_padding or bool((positions < 0).any())
         real = torch.where(positions >= 0, positions, torch.full_like(positions, torch.iinfo(torch.long).max))
@@ -193,12 +234,14 @@ class CompressedLayer(CacheLayerMixin):
     def compact(self, indices: torch.Tensor, counts: torch.Tensor, reserve: int | None = None, merge=None) -> None:
         """Keep, per (row, head), the slots ``indices[b, h, :counts[b, h]]`` (ascending); free everything else.
 
-        indices: (B, H_kv, K_max) int64; counts: (B, H_kv) int64. New capacity = counts + ``reserve``.
+        indices: (B, H_kv, K_max) int64; counts: (B, H_kv) int64. New capacity = counts + ``reserve`` (default: the
+        tokens declared to follow, else the layer's ``reserve``).
         merge:   optional ``(sources, targets, weights, source_counts)``: dropped slots (B, H_kv, E) merged into the
                  kept token of rank ``targets`` (B, H_kv, E) with ``weights`` (B, H_kv, E); ``source_counts``
                  (B, H_kv) valid entries (``kernels.merge``). Keys and values change; positions do not.
         """
-        reserve = self.reserve if reserve is None else reserve
+        if reserve is None:
+            reserve = self.expected if self.expected else self.reserve
         segments = self.batch_size * self.num_heads
         flat_counts = counts.reshape(segments).to(self.lengths.device)
         if bool((flat_counts > self.lengths).any()):
@@ -210,6 +253,7 @@ class CompressedLayer(CacheLayerMixin):
             extra=torch.full_like(flat_counts, reserve),
             indices=indices.reshape(segments, -1).to(self.lengths.device),
         )
+        self.appended = 0
         if merge is not None:
             flat = [t.reshape(segments, *t.shape[2:]).to(self.lengths.device) for t in merge]
             kernels.merge([self.keys, self.values], self.starts, [old_keys, old_values], old_starts, *flat)
@@ -277,13 +321,36 @@ class CompressedCache(Cache):
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if self.pending_positions is None:
-            raise RuntimeError("CompressedCache used outside gatekv.compress(): no token positions were declared")
+            raise RuntimeError(
+                "CompressedCache used outside gatekv.compress(): this cache belongs to a finished (or never started) "
+                "compression session; run the forward inside the same `with compress(...)` block, or start a new one"
+            )
         self.layers[layer_idx].append(key_states, value_states, self.pending_positions)
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Logical tokens processed (pads included), not the physical slots: new positions continue from here."""
         return self.logical_length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the ``-tokens_to_remove`` newest tokens (n <= 0, transformers 5.2x), e.g. assisted decoding's rejected
+        draft tokens; see :meth:`CompressedLayer.crop`."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes the number of tokens to remove as n <= 0, got {tokens_to_remove}")
+        if -tokens_to_remove > self.logical_length:
+            raise ValueError(f"cannot crop {-tokens_to_remove} tokens: the cache holds {self.logical_length}")
+        for layer in self.layers:
+            layer.crop(tokens_to_remove)
+        self.logical_length += tokens_to_remove
+
+    def expect(self, tokens: int, reserve: int | None = None) -> None:
+        """Declare that about ``tokens`` more tokens will be appended (0 = unknown): the next compaction or regrowth
+        leaves room for exactly them instead of regrowing as they come. ``reserve``: the room given when the
+        count is unknown or exceeded (smallest regrowth step)."""
+        for layer in self.layers:
+            layer.expected = max(int(tokens), 0)
+            if reserve is not None:
+                layer.reserve = reserve
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].max_length() if layer_idx < len(self.layers) else 0

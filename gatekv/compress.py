@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -65,6 +66,50 @@ def _register_attention() -> None:
 
     if ATTENTION_NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(ATTENTION_NAME, _ragged_attention_forward)
+
+
+_DEFAULT_RESERVE = 64
+
+
+def _auto_reserve(prompt_tokens: int) -> int:
+    """Decode room per (row, KV head) when the generation length is unknown: 1/64 of the prompt (<= 2% of the full
+    cache), at most 64 slots; it regrows geometrically as tokens come."""
+    return max(1, min(_DEFAULT_RESERVE, prompt_tokens // 64))
+
+
+@dataclass
+class _GenerateCall:
+    """What compress() learns from a ``model.generate`` call: the prompt length and how many tokens will follow."""
+
+    prompt_length: int | None
+    max_new_tokens: int | None
+    draft_tokens: int = 0
+    """Draft tokens verified per step (assisted / prompt-lookup decoding): room for them too."""
+    started: bool = False
+
+    @property
+    def room(self) -> int:
+        """Slots the decode will append after the prefill (0 = unknown); the prefill forward yields the first token."""
+        if not self.max_new_tokens:
+            return 0
+        return self.max_new_tokens - 1 + self.draft_tokens
+
+    @classmethod
+    def from_call(cls, model, args, kwargs) -> "_GenerateCall":
+        inputs = args[0] if args else next((kwargs[k] for k in ("input_ids", "inputs", "inputs_embeds")
+                                            if kwargs.get(k) is not None), None)
+        prompt = inputs.shape[1] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
+        config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        max_new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+        if max_new is None and prompt is not None:
+            max_length = kwargs.get("max_length", getattr(config, "max_length", None))
+            max_new = None if max_length is None else max(int(max_length) - prompt, 0)
+        drafts = 0
+        if kwargs.get("assistant_model") is not None:
+            drafts = kwargs.get("num_assistant_tokens", getattr(config, "num_assistant_tokens", 0)) or 0
+        elif kwargs.get("prompt_lookup_num_tokens"):
+            drafts = kwargs["prompt_lookup_num_tokens"]
+        return cls(prompt, None if max_new is None else int(max_new), int(drafts))
 
 
 @dataclass
@@ -152,7 +197,7 @@ class CompressionSession:
         sinks: int = 4,
         decode_budget: float | int | None = None,
         query: torch.Tensor | None = None,
-        reserve: int = 64,
+        reserve: int | None = None,
         record: bool = False,
         merge: str | Merger | None = None,
     ):
@@ -165,6 +210,8 @@ class CompressionSession:
         if prefill not in PREFILL_MODES:
             raise ValueError(f"prefill must be one of {list(PREFILL_MODES)}, got {prefill!r}")
         for name, value, low in (("chunk_size", chunk_size, 1), ("window", window, 0), ("sinks", sinks, 0), ("reserve", reserve, 0)):
+            if name == "reserve" and value is None:
+                continue  # sized from generate's max_new_tokens, or small and growing
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if not self.budget.is_ratio and self.budget.value < sinks + window:
@@ -199,6 +246,10 @@ class CompressionSession:
         self._query_rows: torch.Tensor | None = None
         self._phase = "prefill"
         self._held: dict | None = None  # set by SharedPrefill: the prefill is scored but not compacted
+        self._busy = False  # inside a hook: the decoder forwards the session runs itself pass through untouched
+        self._generate: _GenerateCall | None = None  # the model.generate() call in progress, if any
+        self._draft_hidden: torch.Tensor | None = None  # assisted decoding: the prompt's last hidden state
+        self._original_generate = None
         self._prompt_tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # replaying scorers: (ids, positions)
         self._replay_columns = (0, 0)  # prompt columns of the forward just prefilled (what the replay reconstructs)
         self._replay_chunk = None  # the ReplayChunk being scored
@@ -206,8 +257,13 @@ class CompressionSession:
     # -- public ---------------------------------------------------------------------------------------------------
     def new_cache(self) -> CompressedCache:
         """A fresh cache for this model; pass it as ``cache`` (``past_key_values`` in older transformers) (generate creates one automatically)."""
-        self.cache = CompressedCache(self.spec.num_layers, reserve=self.reserve)
+        self.cache = CompressedCache(self.spec.num_layers, reserve=_DEFAULT_RESERVE if self.reserve is None else self.reserve)
         return self.cache
+
+    def expect_new_tokens(self, tokens: int | None) -> None:
+        """Declare how many tokens will be generated after the next prefill (``model.generate`` does it itself from
+        ``max_new_tokens``; a hand-written decode loop may): the cache then keeps room for exactly them."""
+        self._generate = None if tokens is None else _GenerateCall(prompt_length=None, max_new_tokens=int(tokens))
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     def _enter(self) -> None:
@@ -216,8 +272,11 @@ class CompressionSession:
                 raise RuntimeError("this model is already inside a gatekv.compress() context")
         _register_attention()
         self._original_impl = self.model.config._attn_implementation
-        self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._after_forward, with_kwargs=True))
+        # On the decoder, not the LM wrapper: ``model.model(ids, cache=...)`` (kvpress-style prefill) is compressed too.
+        decoder = self.model.get_decoder()
+        self._handles.append(decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._handles.append(decoder.register_forward_hook(self._after_forward, with_kwargs=True))
+        self._wrap_generate()
         hidden = "hidden_states" in self.scorer.needs
         pre_rope = "pre_rope" in self.scorer.needs
         if hidden or pre_rope:
@@ -230,6 +289,7 @@ class CompressionSession:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._unwrap_generate()
         for module in self.spec.attention_modules:
             _SESSIONS.pop(module, None)
         self._set_impl(self._original_impl)
@@ -240,8 +300,52 @@ class CompressionSession:
         if name is not None and self.model.config._attn_implementation != name:
             self.model.set_attn_implementation(name)
 
+    def _wrap_generate(self) -> None:
+        """Shadow ``model.generate`` on the instance (restored on exit) to learn the prompt length and
+        ``max_new_tokens`` of each call: the decode room is sized from them (and assisted decoding's first forward,
+        prompt + draft tokens, is split at the prompt)."""
+        model = self.model
+        self._original_generate = model.__dict__.get("generate")  # an instance attribute to restore, if any
+        original = model.generate
+
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            previous = self._generate
+            self._generate = _GenerateCall.from_call(model, args, kwargs)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._generate = previous
+
+        model.generate = generate
+
+    def _unwrap_generate(self) -> None:
+        if "generate" in self.model.__dict__:
+            del self.model.generate
+        if self._original_generate is not None:
+            self.model.generate = self._original_generate
+        self._original_generate = None
+
     # -- forward hooks --------------------------------------------------------------------------------------------
     def _before_forward(self, model, args, kwargs):
+        if self._busy:  # a decoder forward the session itself runs (prefill chunks, observers, replays)
+            return None
+        self._busy = True
+        try:
+            return self._prepare_forward(model, args, kwargs)
+        finally:
+            self._busy = False
+
+    def _after_forward(self, model, args, kwargs, output):
+        if self._busy:
+            return None
+        self._busy = True
+        try:
+            return self._end_forward(kwargs, output)
+        finally:
+            self._busy = False
+
+    def _prepare_forward(self, model, args, kwargs):
         if args:  # generate passes keywords; a positional input_ids is moved into kwargs
             kwargs = {**kwargs, "input_ids": args[0]}
             args = ()
@@ -265,7 +369,7 @@ class CompressionSession:
                 return args, kwargs
             cache = self.new_cache()
             kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
-            kwargs[cache_kwarg(self.model)] = cache
+            kwargs[cache_kwarg(model)] = cache
             kwargs["use_cache"] = True
         self.cache = cache
         self._set_impl(ATTENTION_NAME)
@@ -281,11 +385,18 @@ class CompressionSession:
         valid = mask[:, -q:].bool() if mask is not None else torch.ones(batch, q, dtype=torch.bool, device=tokens.device)
         token_positions = torch.where(valid, positions, torch.full_like(positions, -1))
 
+        call = self._generate
         if cache.forwards == 0:  # the prefill: this forward's tokens are the prompt to compress
             if q == 0:
                 raise ValueError("gatekv.compress: empty prompt (0 tokens)")
+            if call is not None and not call.started and call.prompt_length is not None and q > call.prompt_length:
+                # assisted / prompt-lookup decoding: the first forward holds the prompt and draft tokens; the
+                # prompt alone is the prefill to compress, the drafts are decoded after it (and cropped if rejected)
+                return self._split_drafts(model, kwargs, mask, positions, q - call.prompt_length)
             self._phase = "prefill"  # also during the leading chunks (cascading allocators read it)
             self._start_prompt(valid, token_positions, tokens)
+            if self.reserve is None:
+                cache.expect(0, reserve=_auto_reserve(int(valid.long().sum(-1).max())))
             if self.scorer.replays:
                 if tokens.is_floating_point():
                     raise ValueError(f"scorer {self.scorer.name!r} replays the prompt's tokens: pass input_ids, not inputs_embeds")
@@ -303,18 +414,48 @@ class CompressionSession:
             self._scoring = self._decode_rows is not None and cache.layers[0].max_length() + q > int(
                 self._decode_rows.min()
             )
+            if call is not None and not call.started and call.room:  # a generate() continuing a prefilled cache
+                cache.expect(q + call.room)
+        if call is not None:
+            call.started = True
         self._declare(cache, token_positions)
         return args, kwargs
 
-    def _after_forward(self, model, args, kwargs, output):
+    def _split_drafts(self, model, kwargs, mask, positions, drafts: int):
+        """Run the prompt (all but the last ``drafts`` tokens) as its own forward through these hooks (the prefill,
+        compressed), keep its last hidden state, and return the kwargs of a decode forward over the draft tokens;
+        ``_end_forward`` puts the prompt's hidden state back in front (generate reads its logits)."""
+        key = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"
+        head = dict(kwargs, position_ids=positions[:, :-drafts])
+        head[key] = kwargs[key][:, :-drafts]
+        if mask is not None:
+            head["attention_mask"] = mask[:, : mask.shape[1] - drafts]
+        self._busy = False
+        try:
+            prompt_output = model(**head)
+        finally:
+            self._busy = True
+        tail = dict(kwargs, position_ids=positions[:, -drafts:])
+        tail[key] = kwargs[key][:, -drafts:]
+        args, tail = self._prepare_forward(model, (), tail)
+        self._draft_hidden = prompt_output[0][:, -1:]
+        return args, tail
+
+    def _end_forward(self, kwargs, output):
         cache = find_cache(kwargs)
         if not isinstance(cache, CompressedCache):
             return output
         if self._phase == "prefill":
+            call = self._generate
+            if call is not None and call.room:
+                cache.expect(call.room)  # the decode room, given at the compaction that follows
             self._finish_step(cache, "prefill")
             self._phase = "decode"
         elif self._scoring:
             self._finish_step(cache, "decode")
+        if self._draft_hidden is not None:
+            output.last_hidden_state = torch.cat([self._draft_hidden, output.last_hidden_state], 1)
+            self._draft_hidden = None
         return output
 
     # -- prompt handling --------------------------------------------------------------------------------------------
@@ -453,7 +594,7 @@ class CompressionSession:
             merge = None
             if merger is not None:
                 merge = _merge_spec(merger, cache, l, scores[l], protected[l], plan.indices[l], plan.counts[l])
-            cache.layers[l].compact(plan.indices[l], plan.counts[l], self.reserve, merge)
+            cache.layers[l].compact(plan.indices[l], plan.counts[l], self.reserve, merge)  # None: the cache's room
         cache.compressions += 1
         seconds = time.perf_counter() - start
         kept_positions = None
@@ -648,7 +789,7 @@ def compress(
     sinks: int = 4,
     decode_budget: float | int | None = None,
     query: torch.Tensor | None = None,
-    reserve: int = 64,
+    reserve: int | None = None,
     record: bool = False,
     merge: str | Merger | None = None,
 ) -> Iterator[CompressionSession]:
@@ -664,7 +805,10 @@ def compress(
     decode_budget:  keep the cache at this size while generating (ratio of the prompt or a count); None = grow
     query:          token ids (q,) or (B, q): query-aware scoring with these tokens as the observation window
                     (they are not kept); None = the prompt's own last tokens observe
-    reserve:        free slots per (row, head) after compaction, so decoding appends without copying
+    reserve:        free slots per (row, head) after compaction, so decoding appends without copying. None (default):
+                    sized from ``model.generate``'s ``max_new_tokens`` (or ``session.expect_new_tokens``), else 1/64
+                    of the prompt (at most 64) regrown geometrically: KV bytes stay at the budget + the generated
+                    tokens + <= 2% of the full cache. An int: exactly that room after every compaction.
     record:         keep the kept positions of every eviction in ``stats.events`` (tests, analysis)
     merge:          merger name (``ems``, ``d2o``, ``kvmerger``, ``razor``; ``gatekv.merge``) or instance: dropped
                     tokens are merged into kept ones at every eviction (not at a cascade allocator's inner steps)
@@ -782,7 +926,7 @@ def shared_prefill(
     scorers: dict[str, str | Scorer],
     window: int = 32,
     sinks: int = 4,
-    reserve: int = 64,
+    reserve: int | None = None,
     record: bool = False,
 ) -> Iterator[SharedPrefill]:
     """Evaluate many (scorer, allocator, budget) settings on one prompt with a single prefill (one-shot mode)::
