@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sinks", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scorers", nargs="+", default=["oracle", "snapkv", "streaming_llm", "tova", "heads"],
+                        help="settings to run (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from gatekv.heads.adapter import Adapter
@@ -107,6 +109,7 @@ def main(argv=None) -> int:
     scorers = {"oracle": oracle, "snapkv": "snapkv", "streaming_llm": "streaming_llm", "tova": "tova"}
     if heads is not None:
         scorers["heads"] = heads
+    scorers = {name: scorer for name, scorer in scorers.items() if name in args.scorers}
     settings = [(name, alloc) for name in scorers for alloc in (("uniform",) if name == "streaming_llm" else ("uniform", "adakv"))]
     nll: dict = {}
     kl: dict = {}
@@ -117,7 +120,8 @@ def main(argv=None) -> int:
         with torch.no_grad():
             full = F.log_softmax(model(input_ids=ids).logits[0, args.length - 1 : -1].float(), -1)
             nll.setdefault("full", []).append(float(-full.gather(1, target[:, None]).mean()))
-            oracle.labels = cis_labels(model, ids, args.length)
+            if "oracle" in scorers:
+                oracle.labels = cis_labels(model, ids, args.length)
             with shared_prefill(model, scorers, window=args.window, sinks=args.sinks) as shared:
                 first = shared.prefill(ids[:, : args.length])
                 for budget in args.budget:

@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Locret's regime: chunked prefill with a fixed token budget per KV head, next to one-shot at the same budget.
+
+For each context length and setting (``one_shot:BUDGET`` or ``chunked:CHUNK:BUDGET``, BUDGET in tokens per KV head),
+query-agnostic (the context is compressed before the question / continuation is seen):
+
+- single-needle accuracy (``gatekv.eval.tasks`` niah_single, held-out haystack and seeds, answered greedily);
+- real-text ``lm`` (the GNU Info manuals: held out from training): NLL of the next tokens, Δ vs the full cache and
+  KL(full ‖ compressed), teacher-forced (``gatekv.eval.realtext``);
+- the measured peak KV bytes of the prefill (``CompressionStats.peak_kv_bytes``: the largest allocation right before
+  an eviction) in MiB and as a multiple of budget + one chunk (one-shot: the full prompt).
+
+The full cache is run on the same samples. Prints a markdown table and writes it (and a JSON) under --out::
+
+    python benchmarks/chunked_regime.py --lengths 8192 --settings one_shot:512 chunked:512:512 --needle 10 --lm 0
+    python benchmarks/chunked_regime.py --lengths 4096 --settings one_shot:256 chunked:512:256 chunked:1024:256 \\
+        one_shot:512 chunked:512:512 chunked:1024:512 --needle 10 --lm 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def parse_setting(text: str) -> dict:
+    parts = text.split(":")
+    try:
+        if parts[0] == "one_shot" and len(parts) == 2:
+            return {"prefill": "one_shot", "chunk_size": None, "budget": int(parts[1])}
+        if parts[0] == "chunked" and len(parts) == 3:
+            return {"prefill": "chunked", "chunk_size": int(parts[1]), "budget": int(parts[2])}
+    except ValueError:
+        pass
+    raise SystemExit(f"--settings: {text!r} is not one_shot:BUDGET or chunked:CHUNK:BUDGET")
+
+
+def label(setting: dict) -> str:
+    if setting["prefill"] == "one_shot":
+        return f"one-shot, {setting['budget']} tok/head"
+    return f"chunked {setting['chunk_size']}, {setting['budget']} tok/head"
+
+
+def kv_bytes_per_token(model) -> int:
+    """K + V bytes of one token in every layer and KV head (the model's dtype)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
+
+
+def run_needle(kv_for, model, tokenizer, setting, samples) -> dict:
+    from gatekv.eval.metrics import score_answer
+
+    kv = kv_for(setting)
+    scores, peaks, held = [], [], []
+    for sample in samples:
+        answer = kv.answer(sample.context, sample.question, query_aware=False, max_new_tokens=24)
+        scores.append(score_answer(answer.text, sample.answers, sample.metric))
+        if answer.stats is not None:
+            peaks.append(answer.stats.peak_kv_bytes)
+        held.append(answer.kv_bytes)
+    return {"accuracy": sum(scores) / len(scores), "n": len(scores),
+            "peak_kv_bytes": max(peaks) if peaks else None, "held_kv_bytes": max(held)}
+
+
+def run_lm(model, tokenizer, heads, setting, samples, fulls, allocator) -> dict:
+    from gatekv.compress import compress
+    from gatekv.eval.realtext import score_target, target_logits
+    from gatekv.models import cache_kwarg
+
+    kwarg = cache_kwarg(model)
+    records, peaks = [], []
+    for sample, full in zip(samples, fulls):
+        ids = torch.tensor([sample.context_ids])
+        rest = sample.question_ids + sample.target_ids
+        options = {"chunk_size": setting["chunk_size"]} if setting["prefill"] == "chunked" else {}
+        with torch.no_grad(), compress(model, heads, allocator, setting["budget"], prefill=setting["prefill"],
+                                       **options) as session:
+            cache = session.new_cache()
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kwarg: cache})
+            logits = target_logits(model, cache, kwarg, out.logits[0, -1], rest, len(sample.target_ids))
+            peaks.append(session.stats.peak_kv_bytes)
+        records.append(score_target(logits, sample.target_ids, full, "lm"))
+    mean = lambda key: sum(r[key] for r in records) / len(records)  # noqa: E731
+    return {"nll": mean("nll"), "delta_nll": mean("delta_nll"), "kl": mean("kl"), "n": len(records),
+            "peak_kv_bytes": max(peaks)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapter", default="checkpoints/smollm2-135m-retaining-heads")
+    parser.add_argument("--allocator", default="adakv")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096])
+    parser.add_argument("--settings", nargs="+", default=["one_shot:512", "chunked:512:512"])
+    parser.add_argument("--needle", type=int, default=10, help="needle samples per length (0 = skip)")
+    parser.add_argument("--lm", type=int, default=0, help="lm samples per length (0 = skip)")
+    parser.add_argument("--continuation", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/smollm2-chunked")
+    args = parser.parse_args(argv)
+    settings = [parse_setting(s) for s in args.settings]
+    torch.set_num_threads(args.threads)
+    from gatekv.corpus import load_corpus
+    from gatekv.eval.realtext import full_logprobs, make_realtext_samples
+    from gatekv.eval.tasks import make_task_samples
+    from gatekv.heads.adapter import Adapter
+    from gatekv.inference import GateKV, prompt_ids
+    from gatekv.smollm2 import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    adapter = Adapter.from_pretrained(args.adapter)
+    heads = adapter.heads_for(model)
+    per_token = kv_bytes_per_token(model)
+
+    def kv_for(setting):
+        if setting is None:
+            return GateKV(model, tokenizer)
+        options = {"chunk_size": setting["chunk_size"]} if setting["prefill"] == "chunked" else {}
+        return GateKV(model, tokenizer, scorer=heads, allocator=args.allocator, budget=setting["budget"],
+                      prefill=setting["prefill"], **options)
+
+    rows = []
+    head_tokens = prompt_ids(tokenizer, "", "")[0].shape[1]
+    for length in args.lengths:
+        needle = make_task_samples("niah_single", tokenizer, length, args.needle, 0, None, head_tokens) if args.needle else []
+        lm = make_realtext_samples("lm", tokenizer, load_corpus("gnu-info"), length, args.lm, 0,
+                                   args.continuation) if args.lm else []
+        fulls = [full_logprobs(model, s) for s in lm]
+        full_nll = [float(-f.gather(1, torch.tensor(s.target_ids)[:, None]).mean()) for s, f in zip(lm, fulls)]
+        for setting in [None, *settings]:
+            start = time.perf_counter()
+            row = {"length": length, "setting": "full cache" if setting is None else label(setting)}
+            if needle:
+                result = run_needle(kv_for, model, tokenizer, setting, needle)
+                row.update(needle=result["accuracy"], needle_n=result["n"], peak_kv_bytes=result["peak_kv_bytes"])
+            if lm and setting is not None:
+                result = run_lm(model, tokenizer, heads, setting, lm, fulls, args.allocator)
+                row.update(lm_nll=result["nll"], lm_delta=result["delta_nll"], lm_kl=result["kl"], lm_n=result["n"])
+                row["peak_kv_bytes"] = max(row.get("peak_kv_bytes") or 0, result["peak_kv_bytes"])
+            elif lm:
+                row.update(lm_nll=sum(full_nll) / len(full_nll), lm_n=len(lm))
+            full_bytes = length * per_token
+            if setting is None:
+                row["peak_kv_bytes"] = full_bytes
+                row["peak_bound_bytes"] = full_bytes
+            else:
+                room = setting["chunk_size"] if setting["prefill"] == "chunked" else length
+                row["peak_bound_bytes"] = (setting["budget"] + room) * per_token
+            row["full_kv_bytes"] = full_bytes
+            row["seconds"] = time.perf_counter() - start
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"Adapter {args.adapter}, allocator {args.allocator}, query-agnostic; needle: niah_single (held-out "
+             f"haystack, seeds 0..{args.needle - 1}); lm: gnu-info (held out), next {args.continuation} tokens. Peak KV: "
+             "largest allocation of the prefill (MiB); bound = (budget + chunk) tokens per head (one-shot: the prompt).",
+             "", "| context | setting | needle | lm NLL | Δ NLL | KL | peak KV MiB | peak / bound | peak / full |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for row in rows:
+        peak = row.get("peak_kv_bytes")
+        lines.append(
+            f"| {row['length']} | {row['setting']} | {fmt(row.get('needle'), '.2f')} | {fmt(row.get('lm_nll'), '.3f')} | "
+            f"{fmt(row.get('lm_delta'), '+.3f')} | {fmt(row.get('lm_kl'), '.3f')} | {fmt(peak and peak / 2**20, '.1f')} | "
+            f"{fmt(peak and peak / row['peak_bound_bytes'], '.2f')} | {fmt(peak and peak / row['full_kv_bytes'], '.3f')} |")
+    name = "_".join(str(n) for n in args.lengths)
+    (out / f"results-{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"results-{name}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
