@@ -92,11 +92,11 @@ def test_score_target_metrics():
     target = full.argmax(-1).tolist()
     same = score_target(full, target, full, "recall")
     assert same["kl"] == pytest.approx(0, abs=1e-12) and same["delta_nll"] == pytest.approx(0, abs=1e-12)
-    assert same["copy"] == 1.0 and same["exact"] == 1.0
+    assert same["copy"] == 1.0 and same["exact"] == 1.0 and same["top1"] == 1.0
     other = full.clone()
     other[2] = other[2].flip(-1)  # position 2 now predicts something else
     scored = score_target(other, target, full, "recall")
-    assert scored["copy"] == 2 / 5 and scored["exact"] == 0.0 and scored["kl"] > 0 and scored["delta_nll"] > 0
+    assert scored["copy"] == 2 / 5 and scored["exact"] == 0.0 and scored["top1"] == 4 / 5 and scored["kl"] > 0 and scored["delta_nll"] > 0
     manual = -(other.log_softmax(-1).gather(1, torch.tensor(target)[:, None])).mean()
     assert scored["nll"] == pytest.approx(float(manual), abs=1e-12)
     assert set(score_target(other, target, full, "lm")) == {"nll", "full_nll", "delta_nll", "kl"}
@@ -174,7 +174,7 @@ def test_runner_metrics_match_plain_references(finished, model, tokenizer, docum
                 assert record["delta_nll"] == pytest.approx(record["nll"] - reference["nll"], abs=1e-9)
                 if entry["cell"]["budget"] == 1.0:  # keeps the whole prompt: the full cache's numbers
                     assert record["kl"] < 1e-6 and record["nll"] == pytest.approx(reference["nll"], abs=1e-5)
-                    assert record.get("copy") == reference.get("copy")
+                    assert record.get("copy") == reference.get("copy") and record.get("top1") == reference.get("top1")
                 else:
                     assert record["kv_ratio"] < 1
         compressed = [e for e in cells.values() if e["cell"]["task"] == task and e["cell"]["budget"] == 0.3]
@@ -210,7 +210,9 @@ def test_shared_prefill_equals_one_session_per_cell(tmp_path, finished, model, t
 
     config, shared = finished
     monkeypatch.setattr(runner, "_shares_realtext_prefill", lambda *args: False)
-    alone = run_eval(_config(tmp_path, budgets=[0.3]), model=model, tokenizer=tokenizer, progress=False)
+    alone = run_eval(_config(tmp_path, budgets=[0.3], tasks=["recall"], num_samples=1), model=model,
+                     tokenizer=tokenizer, progress=False)
+    assert len(alone.cells) == 1 + 2 * 3
     for key, entry in alone.cells.items():
         mine = shared.cells[key]["samples"]
         for a, b in zip(mine, entry["samples"]):
@@ -260,7 +262,7 @@ def test_markdown_plot_and_card_show_the_realtext_metrics(tmp_path, finished, mo
     config, results = finished
     table = (config.output_dir / "results.md").read_text()
     assert f"### query-agnostic, {LENGTH} tokens: real text" in table and f"### query-aware, {LENGTH} tokens: real text" in table
-    header = "| method | allocator | budget | lm NLL | lm Δ NLL | lm KL | recall NLL | recall Δ NLL | recall KL | recall copy | recall exact |"
+    header = "| method | allocator | budget | lm NLL | lm Δ NLL | lm KL | recall NLL | recall Δ NLL | recall KL | recall copy | recall exact | recall top-1 |"
     assert header in table and "Accuracy (" not in table
     full_row = next(line for line in table.splitlines() if line.startswith("| full | - | full |"))
     columns = [c.strip() for c in full_row.strip("|").split("|")]
@@ -299,3 +301,9 @@ def test_realtext_config_bad_input(tmp_path):
             _config(tmp_path, **change)
     with pytest.warns(UserWarning, match="training corpus"):
         _config(tmp_path, corpus="python-docs")
+
+
+def test_realtext_too_long_for_the_model(tmp_path, model, tokenizer):
+    config = _config(tmp_path, lengths=[4090], tasks=["lm"], num_samples=1)
+    with pytest.raises(ValueError, match="exceed the model's max_position_embeddings 4096"):
+        run_eval(config, model=model, tokenizer=tokenizer, progress=False)

@@ -18,8 +18,9 @@ Tasks (``REALTEXT_TASKS``), both on plain text (no chat template):
 - ``recall``: the same context, then :data:`RECALL_INSTRUCTION` followed by the first ``recall_cue`` tokens of a
   verbatim earlier span of the context (a cue), and the span's next ``recall_span`` tokens are the target. The span
   lies in the first ``recall_region`` of the context and outside the recent window. Metrics: NLL / Δ NLL / KL on the
-  span, ``copy`` (fraction of the span greedily reproduced before the first mistake) and ``exact`` (1 if the whole
-  span is). Query-agnostic: the context is compressed before the instruction is seen; query-aware: the instruction
+  span, ``copy`` (fraction of the span greedily reproduced before the first mistake), ``exact`` (1 if the whole
+  span is) and ``top1`` (teacher-forced: fraction of span tokens that are the argmax; a small model's copies break
+  early, so this separates settings where ``copy`` is near 0 for all). Query-agnostic: the context is compressed before the instruction is seen; query-aware: the instruction
   and the cue are the end of the compressed prompt (its observation window).
 
 The greedy metrics come from the teacher-forced logits: greedy decoding reproduces the span up to its first
@@ -50,7 +51,7 @@ RECALL_INSTRUCTION = "\n\nRepeat the following passage from the document above w
 
 REALTEXT_METRICS = {
     "lm": ("nll", "delta_nll", "kl"),
-    "recall": ("nll", "delta_nll", "kl", "copy", "exact"),
+    "recall": ("nll", "delta_nll", "kl", "copy", "exact", "top1"),
 }
 """Per task, the metrics a cell reports (means over its samples)."""
 
@@ -210,7 +211,8 @@ def target_logits(model, cache, cache_kwarg: str, last_logits: torch.Tensor, res
 def score_target(logits: torch.Tensor, target: list[int], full: torch.Tensor, task: str) -> dict:
     """Per-sample metrics of ``logits`` (T, vocab) predicting ``target`` (T,) against the full cache's log-probabilities
     ``full`` (T, vocab): ``nll`` and ``full_nll`` (mean per token, nats), ``delta_nll``, ``kl`` (mean per token of
-    KL(full || this), each position's value clamped at 0 against rounding) and, for ``recall``, ``copy`` / ``exact``."""
+    KL(full || this), each position's value clamped at 0 against rounding) and, for ``recall``, ``copy`` / ``exact`` /
+    ``top1`` (fraction of span tokens that are the argmax given the true span before them)."""
     target_t = torch.tensor(target, dtype=torch.long, device=logits.device)
     logprobs = torch.log_softmax(logits.double(), dim=-1)
     full = full.to(logprobs.device)
@@ -221,5 +223,6 @@ def score_target(logits: torch.Tensor, target: list[int], full: torch.Tensor, ta
     if task == "recall":
         right = (logits.argmax(-1) == target_t).tolist()
         first_wrong = right.index(False) if False in right else len(right)
-        record.update(copy=first_wrong / len(right), exact=float(first_wrong == len(right)))
+        record.update(copy=first_wrong / len(right), exact=float(first_wrong == len(right)),
+                      top1=sum(right) / len(right))
     return record

@@ -336,7 +336,7 @@ def _run_realtext(config, model, group, task_samples, wrappers, methods, results
                 scorers = {c.method: wrappers[c.method].scorer for c in together}
                 with torch.no_grad(), shared_prefill(model, scorers, window=config.window, sinks=config.sinks,
                                                      reserve=wrappers[together[0].method].compress_options.get(
-                                                         "reserve", 64)) as shared:
+                                                         "reserve")) as shared:
                     begin = time.perf_counter()
                     last = shared.prefill(prefix_t)[0]
                     prefill_seconds = time.perf_counter() - begin
@@ -533,10 +533,11 @@ def _accuracy_markdown(results: EvalResults, cells: list[Cell]) -> list[str]:
     return lines
 
 
-_METRIC_LABELS = {"nll": "NLL", "delta_nll": "Δ NLL", "kl": "KL", "copy": "copy", "exact": "exact"}
+_METRIC_LABELS = {"nll": "NLL", "delta_nll": "Δ NLL", "kl": "KL", "copy": "copy", "exact": "exact", "top1": "top-1"}
 _METRIC_TITLES = {"nll": "NLL per target token (nats)", "delta_nll": "Δ NLL vs full cache (nats)",
                   "kl": "KL(full || compressed) per token (nats)",
-                  "copy": "span fraction copied before the first mistake", "exact": "whole span copied (fraction)"}
+                  "copy": "span fraction copied before the first mistake", "exact": "whole span copied (fraction)",
+                  "top1": "span tokens that are the argmax (teacher-forced)"}
 
 
 def format_realtext_markdown(results: EvalResults) -> str:
@@ -552,7 +553,8 @@ def format_realtext_markdown(results: EvalResults) -> str:
              f"{results.config.get('continuation_tokens')} tokens of the document; recall: a verbatim "
              f"{results.config.get('recall_span')}-token span of the context after an instruction and a cue; "
              "Δ NLL = NLL - the full cache's on the same samples; KL = KL(full || compressed); copy = fraction of "
-             "the span greedily reproduced before the first mistake; exact = whole span reproduced.", ""]
+             "the span greedily reproduced before the first mistake; exact = whole span reproduced; top-1 = fraction of "
+             "span tokens that are the argmax given the true span before them.", ""]
     tasks = [t for t in REALTEXT_TASKS if any(c.task == t for c in cells)]
     lengths = sorted({c.length for c in cells})
     modes = sorted({c.mode for c in cells if c.mode != "-"}) or ["-"]
@@ -636,7 +638,7 @@ def plot_results(results: EvalResults, path: Path) -> Path:
             for metric in REALTEXT_METRICS[task]:
                 if metric == "delta_nll":
                     continue  # the NLL panel shows it against the full cache's line
-                limits = (-0.02, 1.02) if metric in ("copy", "exact") else None
+                limits = (-0.02, 1.02) if metric in ("copy", "exact", "top1") else None
                 panels.append((f"{task}: {_METRIC_LABELS[metric]}", _METRIC_TITLES[metric], {task},
                                lambda entry, m=metric: entry["metrics"][m], limits))
     fig, axes = plt.subplots(len(rows), len(panels), figsize=(5.5 * len(panels), 4 * len(rows)), squeeze=False)
