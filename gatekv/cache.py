@@ -258,6 +258,24 @@ class CompressedLayer(CacheLayerMixin):
             flat = [t.reshape(segments, *t.shape[2:]).to(self.lengths.device) for t in merge]
             kernels.merge([self.keys, self.values], self.starts, [old_keys, old_values], old_starts, *flat)
 
+    def evict_in_place(self, indices: torch.Tensor, counts: torch.Tensor) -> None:
+        """Keep, per (row, head), the slots ``indices[b, h, :counts[b, h]]``, inside the current buffers: each kept slot
+        past ``counts`` moves into a dropped one (``kernels.evict_in_place``), O(dropped x d), capacity unchanged.
+
+        The fixed-size decode eviction (``decode_budget``): the token appended at the tail takes the evicted slot,
+        and the freed tail slot takes the next token. Slots stop being in position order; nothing reads them in order.
+        """
+        segments = self.batch_size * self.num_heads
+        flat_counts = counts.reshape(segments).to(self.lengths.device)
+        if bool((flat_counts > self.lengths).any()):
+            raise ValueError("keep plan keeps more slots than a segment holds")
+        buffers, _, _ = self._buffers()
+        kernels.evict_in_place(buffers, self.starts, self.lengths, indices.reshape(segments, -1).to(self.lengths.device),
+                               flat_counts)
+        self.lengths = flat_counts.clone()
+        self._host_layout = None
+        self.appended = 0  # the size is fixed now: a regrowth (uneven per-head counts) adds the small reserve only
+
     def dense_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Padded copies for scoring: keys (B, H, T, d), values (B, H, T, d_v), positions (B, H, T) (-1 pad), state.
 

@@ -447,8 +447,9 @@ class CompressionSession:
             return output
         if self._phase == "prefill":
             call = self._generate
-            if call is not None and call.room:
-                cache.expect(call.room)  # the decode room, given at the compaction that follows
+            if call is not None and call.room:  # the decode room, given at the compaction that follows
+                room = call.room if self._decode_rows is None else min(call.room, int(self._decode_rows.max()))
+                cache.expect(room)
             self._finish_step(cache, "prefill")
             self._phase = "decode"
         elif self._scoring:
@@ -594,7 +595,10 @@ class CompressionSession:
             merge = None
             if merger is not None:
                 merge = _merge_spec(merger, cache, l, scores[l], protected[l], plan.indices[l], plan.counts[l])
-            cache.layers[l].compact(plan.indices[l], plan.counts[l], self.reserve, merge)  # None: the cache's room
+            if kind == "decode" and merge is None:  # fixed-size decode: the new tokens take the evicted slots, O(d)
+                cache.layers[l].evict_in_place(plan.indices[l], plan.counts[l])
+            else:
+                cache.layers[l].compact(plan.indices[l], plan.counts[l], self.reserve, merge)  # None: the cache's room
         cache.compressions += 1
         seconds = time.perf_counter() - start
         kept_positions = None

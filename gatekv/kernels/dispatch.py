@@ -63,6 +63,23 @@ def compact(src, src_starts, indices, counts, dst_starts, dst_rows, fill=None):
     return reference.compact_reference(src, src_starts, indices, counts, dst_starts, dst_rows, fill)
 
 
+def evict_in_place(buffers, starts, lengths, indices, counts):
+    """Evict inside each segment's slots, moving only the kept tail slots into the holes (see
+    ``reference.evict_in_place_reference``); vectorised PyTorch on every device."""
+    if not isinstance(buffers, (list, tuple)) or len(buffers) == 0:
+        raise ValueError(f"buffers must be a non-empty list of tensors (N_cap, *feature), got {type(buffers).__name__}")
+    for i, buf in enumerate(buffers):
+        _tensor(f"buffers[{i}]", buf, tuple(range(1, 9)), "any", "(N_cap, *feature)")
+        _same_device(f"buffers[{i}]", buf, "buffers[0]", buffers[0])
+    _check_segments(starts, lengths, "starts", "lengths", "buffers[0]", buffers[0])
+    _tensor("indices", indices, (2,), "int", "(S, K_max)")
+    if indices.shape[0] != starts.shape[0]:
+        raise ValueError(f"indices must be (S, K_max) with S = {starts.shape[0]}, got {tuple(indices.shape)}")
+    _tensor("counts", counts, (1,), "int", "(S,)")
+    _shape("counts", counts, tuple(starts.shape), "(S,)")
+    reference.evict_in_place_reference(buffers, starts, lengths, indices, counts)
+
+
 def merge(dst, dst_starts, src, src_starts, sources, targets, weights, source_counts):
     """Merge dropped tokens into the kept ones of the compacted storage, in place (``reference.merge_reference``)."""
     _check_merge(dst, dst_starts, src, src_starts, sources, targets, weights, source_counts)

@@ -24,6 +24,7 @@ __all__ = [
     "append_reference",
     "column_max_logits_reference",
     "compact_reference",
+    "evict_in_place_reference",
     "layout_from_caps",
     "merge_reference",
     "ragged_attention_reference",
@@ -90,6 +91,45 @@ def append_reference(
     rows = rows.reshape(-1)
     for buf, tokens in zip(dst, new):
         buf[rows] = tokens.reshape(num_segments * q, *tokens.shape[2:]).to(buf.dtype)
+
+
+def evict_in_place_reference(
+    buffers: list[torch.Tensor],
+    starts: torch.Tensor,
+    lengths: torch.Tensor,
+    indices: torch.Tensor,
+    counts: torch.Tensor,
+) -> None:
+    """Evict inside each segment's own slots, in place: O(evicted tokens) data movement, no new buffer.
+
+    buffers: flat buffers (N_cap, *feature) (keys, values, positions, per-slot state)
+    starts:  (S,) first row of each segment; lengths: (S,) filled slots before the eviction (not modified here)
+    indices: (S, K_max) int64 slots kept *within* the segment (any order); entries ``>= counts`` ignored
+    counts:  (S,) int64 kept slots per segment
+
+    Afterwards segment ``s``'s first ``counts[s]`` slots hold exactly its kept tokens: kept slots already below
+    ``counts[s]`` stay where they are, and each kept slot at or above ``counts[s]`` moves into a dropped slot below
+    it (the j-th such slot into the j-th hole). Slot order is therefore not position order; the caller sets
+    ``lengths = counts``.
+    """
+    num_segments, k_max = indices.shape
+    device = starts.device
+    width = int(lengths.max().item()) if lengths.numel() else 0
+    if width == 0:
+        return
+    counts = counts.to(device)
+    rank = torch.arange(k_max, device=device)[None, :] < counts[:, None]
+    keep = torch.zeros(num_segments, width + 1, dtype=torch.bool, device=device)
+    keep.scatter_(1, torch.where(rank, indices.to(device), torch.full_like(indices.to(device), width)), True)
+    keep = keep[:, :width]
+    slot = torch.arange(width, device=device)[None, :]
+    filled = slot < lengths.to(device)[:, None]
+    below = slot < counts[:, None]
+    rows = starts[:, None] + slot
+    holes = rows[filled & below & ~keep]  # row-major: by segment, then slot
+    movers = rows[keep & ~below]
+    for buf in buffers:
+        buf[holes] = buf[movers]
 
 
 def merge_reference(

@@ -1,0 +1,86 @@
+"""In-place decode eviction (decode_budget): same kept tokens as a compaction, O(dropped) movement, same buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gatekv import compress, kernels
+from gatekv.cache import CompressedLayer
+from gatekv.kernels.reference import compact_reference, evict_in_place_reference, layout_from_caps
+from tiny_models import random_batch, tiny_model
+
+
+def _segments_sorted(buffers, starts, lengths, order_by=2):
+    """Per segment, its filled rows of every buffer, sorted by position (buffers[order_by])."""
+    out = []
+    for start, length in zip(starts.tolist(), lengths.tolist()):
+        rows = torch.arange(start, start + length)
+        order = torch.argsort(buffers[order_by][rows], stable=True)
+        out.append([buf[rows][order] for buf in buffers])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_evict_in_place_keeps_exactly_what_compaction_keeps(seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([0, 1, 7, 12, 5, 12])
+    caps = lengths + torch.tensor([0, 2, 1, 0, 3, 4])
+    starts, rows = layout_from_caps(caps)
+    keys = torch.randn(rows, 8, generator=g)
+    values = torch.randn(rows, 8, dtype=torch.float64, generator=g)
+    positions = torch.randperm(rows, generator=g)  # distinct, in no particular order (earlier in-place evictions)
+    state = torch.randn(rows, generator=g)
+    k_max = int(lengths.max())
+    counts = torch.stack([torch.randint(0, int(n) + 1, (1,), generator=g)[0] for n in lengths])
+    indices = torch.zeros(len(lengths), k_max, dtype=torch.long)
+    for s, (n, c) in enumerate(zip(lengths.tolist(), counts.tolist())):
+        indices[s, :c] = torch.sort(torch.randperm(n, generator=g)[:c]).values
+    buffers = [keys, values, positions, state]
+    dst_starts, dst_rows = layout_from_caps(counts)
+    expected = compact_reference(buffers, starts, indices, counts, dst_starts, dst_rows, [0, 0, -1, 0])
+    moved = [b.clone() for b in buffers]
+    kernels.evict_in_place(moved, starts, lengths, indices, counts)
+    got = _segments_sorted(moved, starts, counts)
+    want = _segments_sorted(expected, dst_starts, counts)
+    for got_segment, want_segment in zip(got, want):
+        for a, b in zip(got_segment, want_segment):
+            assert torch.equal(a, b)  # data movement: exact
+    # rows outside the kept slots of each segment are untouched only where nothing moved in: kept slots below
+    # counts never move
+    for s, (start, c) in enumerate(zip(starts.tolist(), counts.tolist())):
+        kept_low = [i for i in indices[s, :c].tolist() if i < c]
+        for i in kept_low:
+            assert torch.equal(moved[0][start + i], keys[start + i])
+
+
+def test_evict_in_place_edge_cases():
+    starts, rows = layout_from_caps(torch.tensor([3, 3]))
+    keys = torch.arange(rows * 2, dtype=torch.float32).reshape(rows, 2)
+    lengths = torch.tensor([3, 3])
+    # keep all / keep none: nothing moves
+    for counts, indices in ((torch.tensor([3, 3]), torch.arange(3).repeat(2, 1)), (torch.tensor([0, 0]), torch.zeros(2, 3, dtype=torch.long))):
+        moved = [keys.clone()]
+        evict_in_place_reference(moved, starts, lengths, indices, counts)
+        assert torch.equal(moved[0], keys)
+    # drop slot 0 of a full segment: the last slot moves into it
+    moved = [keys.clone()]
+    evict_in_place_reference(moved, starts, lengths, torch.tensor([[1, 2, 0], [0, 1, 2]]), torch.tensor([2, 3]))
+    assert torch.equal(moved[0][0], keys[2]) and torch.equal(moved[0][1], keys[1])
+    with pytest.raises(ValueError, match="indices"):
+        kernels.evict_in_place([keys], starts, lengths, torch.zeros(3, 3, dtype=torch.long), torch.tensor([1, 1]))
+
+
+@pytest.mark.parametrize("allocator", ["uniform", "adakv"])
+def test_decode_budget_evicts_in_place_without_reallocating(allocator):
+    model = tiny_model("qwen2")
+    ids, mask = random_batch(2, 80, pad=[0, 6], seed=3)
+    with compress(model, "h2o", allocator, budget=0.5, decode_budget=40, window=4, record=True) as session:
+        model.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    decode = [e for e in session.stats.events if e.kind == "decode"]
+    assert len(decode) == 11
+    for event in decode:
+        assert event.kv_bytes_after == event.kv_bytes_before  # same buffers
+        assert int(event.kept_tokens.sum(-1).max()) <= 40 * event.kept_tokens.shape[-1]
+    if allocator == "uniform":
+        assert session.cache.layers[0].regrow_count == 1  # the prefill's own allocation; none while decoding
