@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from gatekv.config import load_config
 
@@ -101,18 +101,31 @@ class LoraConfig:
 class TargetConfig:
     """What the heads learn."""
 
-    kind: Literal["cis", "distill"] = "cis"
+    kind: Literal["cis", "distill", "teacher"] = "cis"
     """cis: regress Locret's causal importance score (max future pre-softmax logit over response queries and the GQA
-    group); distill: KL to the frozen model with soft gate masks on prompt keys + an eviction-rate hinge."""
+    group); distill: KL to the frozen model with soft gate masks on prompt keys + an eviction-rate hinge; teacher:
+    regress (and rank) the scores a registered scorer gives the prompt tokens (``teacher``: kvzip = the KVzap recipe)."""
+    teacher: Optional[str] = None
+    """teacher: name of the registered scorer whose scores are the labels (kvzip, snapkv, expected_attention, ...)."""
+    teacher_options: dict[str, Any] = field(default_factory=dict)
+    """teacher: keyword options of that scorer (e.g. kvzip: {chunk_size: 2048}; snapkv: {window: 64})."""
+    teacher_query: bool = False
+    """teacher: query-aware labels: the sample's response tokens are the scorer's observation queries (SnapKV
+    query-aware); false = the scorer sees the prompt alone (KVzip is query-agnostic: it refuses true)."""
+    teacher_transform: Literal["log", "none"] = "log"
+    """teacher: regress log(max(score, teacher_floor)) (KVzap regresses log KVzip scores) or the raw score."""
+    teacher_floor: float = 1e-6
+    """teacher: smallest score before the log (scores of attention-weight scorers lie in [0, 1])."""
     smooth_l1_beta: float = 1.0
-    """cis: beta of the SmoothL1 loss."""
+    """cis / teacher: beta of the SmoothL1 loss."""
     smoothness: float = 0.0025
-    """cis: weight of the smoothness term sum over layers of MSE(s[:, :-1], s[:, 1:])."""
+    """cis / teacher: weight of the smoothness term sum over layers of MSE(s[:, :-1], s[:, 1:])."""
     rank_weight: float = 0.0
-    """cis: weight of the listwise ranking term KL(softmax(label / t) || softmax(score / t)) per layer and head over the
-    prompt tokens outside the protected ``sinks`` and recent ``window`` (0 = Locret's loss alone)."""
+    """cis / teacher: weight of the listwise ranking term KL(softmax(label / t) || softmax(score / t)) per layer and
+    head over the prompt tokens outside the protected ``sinks`` and recent ``window`` (0 = Locret's loss alone)."""
     rank_temperature: float = 1.0
-    """cis: t of the ranking term (labels are pre-softmax logits, so t = 1 ranks like attention would)."""
+    """cis / teacher: t of the ranking term (CIS labels are pre-softmax logits and log teacher scores log-weights, so
+    t = 1 ranks like attention would)."""
     topk_fraction: float = 0.1
     """Fraction of prompt tokens whose predicted vs. target top-k overlap is reported (0.1 = top 10%)."""
     eviction_target: float = 0.5
@@ -137,8 +150,13 @@ class TargetConfig:
 
     def summary(self) -> dict:
         """The settings that define this objective (what a model card should say the heads were trained for)."""
-        if self.kind == "cis":
-            out = {"kind": "cis", "smooth_l1_beta": self.smooth_l1_beta, "smoothness": self.smoothness}
+        if self.kind in ("cis", "teacher"):
+            out = {"kind": self.kind, "smooth_l1_beta": self.smooth_l1_beta, "smoothness": self.smoothness}
+            if self.kind == "teacher":
+                out.update(teacher=self.teacher, teacher_options=dict(self.teacher_options),
+                           teacher_query=self.teacher_query, teacher_transform=self.teacher_transform)
+                if self.teacher_transform == "log":
+                    out["teacher_floor"] = self.teacher_floor
             if self.rank_weight > 0:
                 out.update(rank_weight=self.rank_weight, rank_temperature=self.rank_temperature,
                            rank_excludes={"sinks": self.sinks, "window": self.window})
@@ -147,6 +165,29 @@ class TargetConfig:
                 "mask": self.mask, "temperature": self.temperature, "sinks": self.sinks, "window": self.window,
                 "lora": self.lora.enabled}
 
+    def _check_teacher(self) -> None:
+        """The teacher fields: a registered scorer that accepts the options (built once here to check)."""
+        if self.kind != "teacher":
+            changed = [name for name, value in (("teacher", self.teacher), ("teacher_options", self.teacher_options),
+                                                ("teacher_query", self.teacher_query)) if value]
+            if changed:
+                raise ValueError(f"target.{changed[0]} applies to kind 'teacher' only, got kind {self.kind!r}")
+            return
+        from gatekv.scorers import available_scorers, get_scorer
+
+        if not self.teacher:
+            raise ValueError(f"target.teacher: kind 'teacher' needs a scorer name (one of {', '.join(available_scorers())})")
+        if self.teacher not in available_scorers():
+            raise ValueError(f"target.teacher: unknown scorer {self.teacher!r}; available: {', '.join(available_scorers())}")
+        try:
+            scorer = get_scorer(self.teacher, **self.teacher_options)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"target.teacher_options: {error}") from None
+        if self.teacher_query and scorer.replays:
+            raise ValueError(f"target.teacher_query: {self.teacher!r} is query-agnostic (it replays the prompt); set it false")
+        if not 0 < self.teacher_floor < 1:
+            raise ValueError(f"target.teacher_floor must be in (0, 1), got {self.teacher_floor!r}")
+
     def __post_init__(self):
         _positive("target", smooth_l1_beta=self.smooth_l1_beta, temperature=self.temperature,
                   rank_temperature=self.rank_temperature)
@@ -154,8 +195,9 @@ class TargetConfig:
             raise ValueError(f"smoothness must be >= 0, got {self.smoothness}")
         if self.rank_weight < 0:
             raise ValueError(f"target.rank_weight must be >= 0, got {self.rank_weight}")
-        if self.rank_weight > 0 and self.kind != "cis":
-            raise ValueError(f"target.rank_weight applies to kind 'cis' only, got kind {self.kind!r}")
+        if self.rank_weight > 0 and self.kind not in ("cis", "teacher"):
+            raise ValueError(f"target.rank_weight applies to kinds 'cis' and 'teacher' only, got kind {self.kind!r}")
+        self._check_teacher()
         if not 0 < self.topk_fraction <= 1:
             raise ValueError(f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
         if not 0 <= self.eviction_target < 1:
@@ -354,8 +396,8 @@ class TrainConfig:
         _check_finite(self)
         if isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed!r}")
-        if self.data.feature_cache is not None and self.target.kind != "cis":
-            raise ValueError("data.feature_cache only works with target.kind: cis (distill needs the live backbone)")
+        if self.data.feature_cache is not None and self.target.kind == "distill":
+            raise ValueError("data.feature_cache works with target.kind cis or teacher (distill needs the live backbone)")
         if self.trainer.strategy == "deepspeed" and self.optim.grad_clip is not None and self.optim.grad_clip_algorithm == "value":
             raise ValueError("optim.grad_clip_algorithm: DeepSpeed clips by norm only; set it to 'norm' (or grad_clip: null)")
 

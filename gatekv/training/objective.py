@@ -16,6 +16,10 @@ Targets (../shared/methods.md):
   gates' log keep probabilities added to the prompt keys (exact: nothing upstream of the prompt rows depends on the
   gates). loss = KL(teacher || student) on response positions + weight * max(0, ramped target - eviction rate).
   With LoRA the student is the whole LoRA'd model over the full sequence (gates read its own features).
+- ``teacher``: the labels are the scores a registered scorer (``target.teacher``: kvzip, snapkv, ...) gives the prompt
+  tokens inside :func:`gatekv.compress` (:func:`gatekv.training.teacher.teacher_scores`; query-aware: the response
+  tokens observe), log-transformed by default; same loss as ``cis`` (SmoothL1 + smoothness + optional listwise
+  ranking). With a feature cache the teacher runs once per sample (raw scores are cached, the transform is not).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from gatekv.heads import HeadsScorer, ModelFingerprint
 from gatekv.training.capture import TrainingCapture
 from gatekv.training.config import TargetConfig
 from gatekv.training.losses import cis_loss, eviction_rate, gate_log_mask, kl_per_sample, topk_overlap
+from gatekv.training.teacher import build_teacher, teacher_scores
 
 __all__ = ["FeatureCache", "HeadObjective"]
 
@@ -55,20 +60,32 @@ def _slice_tokens(name: str, tensor: torch.Tensor, start: int, end: int) -> torc
 
 
 class FeatureCache:
-    """Per-sample cache of the frozen model's head inputs and CIS labels (``cis`` target only).
+    """Per-sample cache of the frozen model's head inputs and labels (CIS labels, or a teacher's raw scores).
 
-    One safetensors file per sample under ``directory/<model+heads key>/``, named by a hash of the sample's tokens
-    and prompt length; written atomically (temp file + rename), so a killed run never leaves a torn entry.
+    One safetensors file per sample under ``directory/<model+heads(+labels) key>/``, named by a hash of the sample's
+    tokens and prompt length; written atomically (temp file + rename), so a killed run never leaves a torn entry.
     Features are stored in ``dtype`` (labels in float32) and always used after that round trip, so a cache hit
-    and a miss give the same loss.
+    and a miss give the same loss. :meth:`use_labels` keys the labels (a teacher and its options): entries of other
+    labels are never read.
     """
 
     def __init__(self, directory: str | os.PathLike, fingerprint: ModelFingerprint, model_name: str,
                  head_type: str, dtype: torch.dtype):
-        key = json.dumps([model_name, fingerprint.__dict__, head_type, str(dtype)], sort_keys=True)
-        self.directory = Path(directory) / hashlib.sha1(key.encode()).hexdigest()[:16]
+        self._root = Path(directory)
+        self._key = [model_name, fingerprint.__dict__, head_type, str(dtype)]
+        self.labels_key: dict | None = None
+        self.directory = self._directory()
         self.dtype = dtype
         self.hits = self.misses = 0
+
+    def _directory(self) -> Path:
+        key = self._key if self.labels_key is None else [*self._key, self.labels_key]  # cis: the original key
+        return self._root / hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def use_labels(self, labels_key: dict | None) -> None:
+        """Key the cached labels by ``labels_key`` (JSON-able; None = CIS labels)."""
+        self.labels_key = labels_key
+        self.directory = self._directory()
 
     def path(self, tokens: torch.Tensor, prompt_length: int) -> Path:
         digest = hashlib.sha1(tokens.to(torch.int64).cpu().numpy().tobytes() + str(prompt_length).encode()).hexdigest()
@@ -106,13 +123,21 @@ class HeadObjective(nn.Module):
     backbone:      the causal LM (requires_grad False, eval mode; LoRA parameters excepted when ``lora``)
     heads:         the trainable :class:`HeadsScorer`
     target:        target settings
-    feature_cache: optional :class:`FeatureCache` (cis only)
+    feature_cache: optional :class:`FeatureCache` (cis, teacher)
     lora:          the backbone carries trainable peft LoRA layers (distill only); the teacher runs with them off
+    tokenizer:     the model's tokenizer, for teacher scorers that build prompts from it (KVzip's repeat prompt)
     """
 
     def __init__(self, backbone: nn.Module, heads: HeadsScorer, target: TargetConfig,
-                 feature_cache: FeatureCache | None = None, lora: bool = False):
+                 feature_cache: FeatureCache | None = None, lora: bool = False, tokenizer=None):
         super().__init__()
+        self.teacher = None
+        if target.kind == "teacher":
+            self.teacher = build_teacher(target.teacher, target.teacher_options, tokenizer)
+            if feature_cache is not None:
+                feature_cache.use_labels({"teacher": target.teacher, "options": repr(self.teacher),
+                                          "query": target.teacher_query, "window": target.window,
+                                          "sinks": target.sinks})
         if not lora:  # frozen, whatever the caller did; with LoRA peft leaves only the lora_* weights trainable
             backbone.requires_grad_(False)
         backbone.eval()
@@ -144,6 +169,8 @@ class HeadObjective(nn.Module):
         """Loss (scalar) and per-sample metrics (each (B,)) of ``batch`` at optimizer step ``step``."""
         if self.target.kind == "cis":
             return self.cis_step(batch)
+        if self.target.kind == "teacher":
+            return self.teacher_step(batch)
         return self.distill_step(batch, step)
 
     # -- cis -----------------------------------------------------------------------------------------------------
@@ -155,14 +182,18 @@ class HeadObjective(nn.Module):
     def cis_inputs(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Stacked head inputs ``{name: (Ly, B, P, F)}`` (prompt tokens, padded to the longest prompt), labels
         ``(Ly, B, H, P)`` and the prompt mask ``(B, P)``: from the feature cache, else from a frozen forward."""
+        return self._cached_inputs(batch, self._cis_live)
+
+    def _cached_inputs(self, batch: dict, live):
+        """``live(batch) -> (inputs, labels, mask)`` through the feature cache (each sample computed once)."""
         prompt_lengths, lengths = batch["prompt_lengths"], batch["lengths"]
         if self.feature_cache is None:
-            return self._cis_live(batch)
+            return live(batch)
         cache = self.feature_cache
         paths = [cache.path(batch["input_ids"][b, : int(lengths[b])], int(prompt_lengths[b])) for b in range(len(lengths))]
         loaded = [cache.load(p) for p in paths]
         if any(item is None for item in loaded):
-            inputs, labels, _ = self._cis_live(batch)
+            inputs, labels, _ = live(batch)
             for b, item in enumerate(loaded):
                 if item is None:
                     p = int(prompt_lengths[b])
@@ -212,6 +243,44 @@ class HeadObjective(nn.Module):
 
     def cis_step(self, batch: dict):
         inputs, labels, mask = self.cis_inputs(batch)
+        return self._regression_step(batch, inputs, labels, mask)
+
+    # -- teacher -------------------------------------------------------------------------------------------------
+    def teacher_inputs(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Like :meth:`cis_inputs`, with the teacher's raw scores ``(Ly, B, H, P)`` as labels (``-inf`` = padding)."""
+        return self._cached_inputs(batch, self._teacher_live)
+
+    def _teacher_live(self, batch: dict):
+        ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        prompt_lengths, lengths = batch["prompt_lengths"], batch["lengths"]
+        positions = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+        width = int(prompt_lengths.max())
+        with torch.no_grad(), self.capture() as capture:
+            capture.prepare(attention_mask.bool(), positions)
+            self.hf_model.get_decoder()(input_ids=ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+            inputs = self.stacked_inputs(capture.sinks, width)
+        labels = []
+        for b in range(ids.shape[0]):
+            p, n = int(prompt_lengths[b]), int(lengths[b])
+            query = ids[b, p:n] if self.target.teacher_query and n > p else None
+            scores = teacher_scores(self.hf_model, self.teacher, ids[b, :p], query, self.target.window, self.target.sinks)
+            labels.append(torch.nn.functional.pad(scores, (0, width - p), value=float("-inf")))
+        labels = torch.stack(labels, dim=1).to(ids.device)  # (Ly, B, H, P)
+        mask = torch.arange(width, device=ids.device)[None] < prompt_lengths[:, None]
+        return inputs, labels, mask
+
+    def teacher_labels(self, raw: torch.Tensor) -> torch.Tensor:
+        """The regression target from raw teacher scores (``-inf`` padding kept): log(max(s, floor)) or s."""
+        if self.target.teacher_transform == "none":
+            return raw
+        return torch.where(torch.isfinite(raw), raw.clamp(min=self.target.teacher_floor).log(), raw)
+
+    def teacher_step(self, batch: dict):
+        inputs, raw, mask = self.teacher_inputs(batch)
+        return self._regression_step(batch, inputs, self.teacher_labels(raw), mask)
+
+    def _regression_step(self, batch: dict, inputs, labels, mask):
+        """cis / teacher: SmoothL1 + smoothness (+ listwise ranking) of the heads' scores against ``labels``."""
         scores = self.heads.stacked_scores(inputs, mask)
         t = self.target
         rank_mask = None

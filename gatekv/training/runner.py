@@ -334,7 +334,8 @@ def train(config: TrainConfig) -> TrainResult:
     if config.data.feature_cache is not None:
         dtype = getattr(torch, config.data.feature_cache_dtype)
         feature_cache = FeatureCache(config.data.feature_cache, head_config.fingerprint, model_id, head_config.type, dtype)
-    objective = HeadObjective(backbone, heads, config.target, feature_cache, lora=config.target.lora.enabled)
+    objective = HeadObjective(backbone, heads, config.target, feature_cache, lora=config.target.lora.enabled,
+                              tokenizer=tokenizer)
 
     # -- data --------------------------------------------------------------------------------------------------------
     samples, stats = prepare_samples(load_records(config.data), tokenizer, config.data)
