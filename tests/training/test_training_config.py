@@ -55,7 +55,7 @@ def base(**changes) -> dict:
         ({"data.val_fraction": "1.5"}, r"data.val_fraction must be in \[0, 1\)"),
         ({"trainer.devices": "many"}, r"trainer.devices must be an int or 'auto'"),
         ({"trainer.strategy": "deepspeed"}, r"trainer.deepspeed_config is required"),
-        ({"target.kind": "distill", "data.feature_cache": "/tmp/x"}, r"data.feature_cache only works with target.kind: cis"),
+        ({"target.kind": "distill", "data.feature_cache": "/tmp/x"}, r"data.feature_cache works with target.kind cis or teacher"),
         ({"target.lora.enabled": "true"}, r"target.lora.enabled needs kind: distill"),
         ({"data.hub_id": "x/y"}, r"data.exactly one of path and hub_id"),
         ({"bogus": "1"}, r"unknown key 'bogus'"),

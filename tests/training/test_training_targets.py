@@ -254,7 +254,7 @@ def test_rank_objective_batch_of_three_equals_mean_of_single_samples(models):
 @pytest.mark.parametrize("fields,message", [
     ({"rank_weight": -1.0}, "target.rank_weight must be >= 0"),
     ({"rank_temperature": 0.0}, "target.rank_temperature must be > 0"),
-    ({"rank_weight": 1.0, "kind": "distill"}, "applies to kind 'cis' only"),
+    ({"rank_weight": 1.0, "kind": "distill"}, "applies to kinds 'cis' and 'teacher' only"),
 ])
 def test_rank_settings_are_validated(fields, message):
     with pytest.raises(ValueError, match=message):
