@@ -17,9 +17,13 @@ next to the data (the training run copies it into the adapter card)::
     python train/prepare_data.py --mix docs=0.5,qa=0.43,multi=0.07 --num-samples 84 --max-tokens 7936 \
         --part-max-tokens docs=4096,qa=2400 --out runs/data/smollm2-mix.jsonl
 
-Online: convert a Hub dataset (e.g. LongAlpaca) into the same JSONL (Alpaca records become user/assistant chats)::
+Online: convert a Hub dataset (e.g. LongAlpaca) into the same JSONL (Alpaca records become user/assistant chats) in
+the columns of the ``--mix`` records, so that a converted file and a mix file load together from one directory
+(``data.path: DIR``); ``--max-tokens`` skips longer chats (counted with ``--tokenizer``)::
 
     python train/prepare_data.py --hub-id Yukang/LongAlpaca-12k --out data/longalpaca.jsonl --num-samples 3000
+    python train/prepare_data.py --hub-id Yukang/LongAlpaca-12k --tokenizer meta-llama/Llama-3.1-8B-Instruct \
+        --max-tokens 10000 --num-samples 3000 --out runs/data/llama-3.1-8b-instruct/longalpaca.jsonl
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ def _counter(name: str):
     return synthetic.tokenizer_counter(_tokenizer(name))
 
 
-def _from_hub(args) -> list[dict]:
+def _from_hub(args) -> tuple[list[dict], int]:
+    """``(records, skipped_long)``: the first ``--num-samples`` usable records of a Hub dataset as chats, in the
+    columns of the ``--mix`` records (:func:`hub_record`), so that both files load from one directory."""
     import datasets
 
     from gatekv.training.config import DataConfig
@@ -45,15 +51,36 @@ def _from_hub(args) -> list[dict]:
 
     dataset = datasets.load_dataset(args.hub_id, args.hub_config, split=args.hub_split)
     kind = detect_format(list(dataset.column_names), DataConfig(hub_id=args.hub_id))
-    records = []
-    for record in dataset:
+    count = _counter(args.tokenizer)
+    records, skipped_long = [], 0
+    for row, record in enumerate(dataset):
         if len(records) >= args.num_samples:
             break
         try:
-            records.append({"messages": record_messages(record, kind), "meta": {"source": args.hub_id}})
+            messages = record_messages(record, kind)
         except ValueError:
             continue
-    return records
+        user_tokens, all_tokens = _chat_tokens(messages, count)
+        if args.max_tokens is not None and all_tokens > args.max_tokens:
+            skipped_long += 1  # truncating would cut the question and answer at the end away
+            continue
+        records.append(hub_record(messages, args.hub_id, user_tokens, row))
+    return records, skipped_long
+
+
+def _chat_tokens(messages: list[dict], count) -> tuple[int, int]:
+    """Tokens of the user turns (the context) and of every turn (chat-template tokens not counted)."""
+    sizes = count([m["content"] for m in messages])
+    return sum(n for n, m in zip(sizes, messages) if m["role"] == "user"), sum(sizes)
+
+
+def hub_record(messages: list[dict], source: str, context_tokens: int, row: int) -> dict:
+    """A converted Hub chat in the columns (and JSON types) of the ``--mix`` records: messages, text, prompt_chars,
+    meta {part, source, context_tokens, seed}. ``datasets`` types a column from the first file it reads, and a column
+    that is null throughout a file becomes type null, which a later file's strings or ints cannot be cast to: so
+    text is "" and prompt_chars 0 here (chats ignore both), and meta.seed holds the row index in the Hub split."""
+    return {"messages": messages, "text": "", "prompt_chars": 0,
+            "meta": {"part": "sft", "source": source, "context_tokens": context_tokens, "seed": row}}
 
 
 def _tokenizer(name: str):
@@ -121,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output .jsonl path")
     parser.add_argument("--num-samples", type=int, default=160, help="samples to write (default 160)")
     parser.add_argument("--min-tokens", type=int, default=512, help="shortest context in tokens (default 512)")
-    parser.add_argument("--max-tokens", type=int, default=2000, help="longest context in tokens (default 2000)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="longest context in tokens (default 2000); --hub-id: skip chats longer than this (default: "
+                        "no limit)")
     parser.add_argument("--seed-base", type=int, default=synthetic.TRAIN_SEED_BASE,
                         help=f"first seed (default {synthetic.TRAIN_SEED_BASE}; must stay >= it for training data)")
     parser.add_argument("--tokenizer", default="smollm2",
@@ -136,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hub-config", default=None, help="Hub dataset configuration")
     parser.add_argument("--hub-split", default="train", help="Hub dataset split (default train)")
     args = parser.parse_args(argv)
-    if args.num_samples < 1 or args.min_tokens < 16 or args.max_tokens < args.min_tokens:
+    if args.max_tokens is None and not args.hub_id:
+        args.max_tokens = 2000
+    if args.num_samples < 1 or args.min_tokens < 16 or (args.max_tokens is not None and args.max_tokens < args.min_tokens):
         parser.error("need --num-samples >= 1 and 16 <= --min-tokens <= --max-tokens")
     start = time.perf_counter()
     if args.mix:
@@ -148,10 +179,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"prepare_data: {error}", file=sys.stderr)
             return 2
     if args.hub_id:
-        records = _from_hub(args)
+        records, skipped_long = _from_hub(args)
         if not records:
-            print(f"prepare_data: no usable records in {args.hub_id}", file=sys.stderr)
+            print(f"prepare_data: no usable records in {args.hub_id} ({skipped_long} longer than --max-tokens)",
+                  file=sys.stderr)
             return 2
+        if skipped_long:
+            print(f"skipped {skipped_long} chats longer than {args.max_tokens} tokens")
     else:
         count = _counter(args.tokenizer)
         samples = synthetic.make_samples(

@@ -111,7 +111,8 @@ def load_records(config: DataConfig):
     try:
         return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
     except Exception as error:
-        raise ValueError(f"data.path: could not read {path}: {error}") from None
+        reason = " ".join(str(error).split()) or f"{type(error).__name__} (is the file empty or not JSON lines?)"
+        raise ValueError(f"data.path: could not read {path}: {reason}") from None
 
 
 def detect_format(columns: list[str], config: DataConfig) -> str:
@@ -204,7 +205,13 @@ def tokenize_record(record: dict, kind: str, tokenizer, config: DataConfig) -> t
     cut = len(first_user)
     if config.prompt_split == "last_paragraph" and "\n\n" in first_user.strip():
         cut = first_user.rstrip().rfind("\n\n")
-    return _split_tokens(tokenizer, rendered, start + cut, add_special_tokens=False)
+    ids, prompt_length = _split_tokens(tokenizer, rendered, start + cut, add_special_tokens=False)
+    first_index = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    later = [m["content"] for m in messages[first_index + 1:] if m["role"] != "system"]
+    if not first_user[cut:].strip() and not any(text.strip() for text in later):
+        # only chat-template tokens would follow the prompt: an empty response ("without response"), not a sample
+        prompt_length = len(ids)
+    return ids, prompt_length
 
 
 def _split_tokens(tokenizer, text: str, split_char: int, add_special_tokens: bool) -> tuple[list[int], int]:

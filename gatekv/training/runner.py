@@ -90,6 +90,10 @@ def validate(config: TrainConfig, check_device: bool = True) -> list[str]:
             find_smollm2_gguf()
         except FileNotFoundError as error:
             notes.append(f"model.name smollm2: {error}")
+    elif (Path(name) / "config.json").is_file():  # a local model, or config-only (configs/models/): built on meta
+        from gatekv.training.shapes import check_model_shapes
+
+        notes.append(check_model_shapes(config).summary())
     if config.trainer.strategy == "deepspeed" and not check_device and not torch.cuda.is_available():
         notes.append("trainer.strategy deepspeed: no CUDA device here (the run needs a GPU)")
     if config.data.feature_cache is not None:
