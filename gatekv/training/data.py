@@ -98,7 +98,9 @@ def load_records(config: DataConfig):
             raise ValueError(f"data.hub_id: could not load {config.hub_id!r} (split {config.split!r}): {error}") from None
     path = Path(config.path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl", ".parquet"))
+        # a mix summary (prepare_data.py --mix writes <out>.mix.json next to its data) is metadata, not records
+        files = sorted(p for p in path.iterdir()
+                       if p.suffix in (".json", ".jsonl", ".parquet") and not p.name.endswith(".mix.json"))
         if not files:
             raise ValueError(f"data.path: directory {path} holds no .json/.jsonl/.parquet files")
     elif path.is_file():

@@ -110,3 +110,14 @@ def test_mix_summary_goes_to_the_training_summary(tmp_path):
     assert _data_mix(str(data)) == {"docs": 3, "qa": 2, "multi": 1}
     (tmp_path / "mix.jsonl.mix.json").write_text("{broken")
     assert _data_mix(str(data)) is None
+
+
+def test_mix_summary_in_a_data_directory_is_not_read_as_data(tmp_path, tokenizer):
+    directory = tmp_path / "data"
+    directory.mkdir()
+    record = {"messages": None, "text": "Context of a document. And more.", "prompt_chars": 22}
+    (directory / "mix.jsonl").write_text(json.dumps(record) + "\n")
+    (directory / "mix.jsonl.mix.json").write_text(json.dumps({"docs": 1, "qa": 0, "multi": 0}))
+    config = DataConfig(path=str(directory))
+    samples, stats = prepare_samples(load_records(config), tokenizer, config)
+    assert stats.records == 1 and stats.used == 1
