@@ -26,6 +26,7 @@ import contextlib
 import copy
 import functools
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -204,6 +205,7 @@ class CompressionSession:
         self.spec: ModelSpec = inspect_model(model)
         self.model = model
         self.scorer = get_scorer(scorer)
+        _check_trained_scorers(model, self.scorer)
         self.allocator = get_allocator(allocator)
         self.merger = None if merge is None else get_merger(merge)
         self.budget = _resolve_budget(budget, "budget")
@@ -295,6 +297,8 @@ class CompressionSession:
         self._set_impl(self._original_impl)
         self._scoring = False
         self._scores.clear()
+        if self.cache is not None:  # a later forward outside a session gets a clear error from the cache, not a shape one
+            self.cache.pending_positions = None
 
     def _set_impl(self, name: str | None) -> None:
         if name is not None and self.model.config._attn_implementation != name:
@@ -501,6 +505,15 @@ class CompressionSession:
         empty = (lengths == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"gatekv.compress: batch row(s) {empty} are all padding")
+        right_padded = (valid.long().cummax(-1).values.bool() & ~valid).any(-1).nonzero().flatten().tolist()
+        if right_padded:
+            raise ValueError(f"gatekv.compress: batch row(s) {right_padded} have padding after their tokens; use left "
+                             "padding (tokenizer.padding_side = 'left')")
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        longest = int(token_positions.max()) + 1
+        if isinstance(limit, int) and longest > limit:
+            warnings.warn(f"gatekv.compress: the prompt reaches position {longest}, past the model's "
+                          f"max_position_embeddings {limit}: outputs past that length are unreliable", stacklevel=2)
         budget_rows = self._budget_tokens(self.budget, lengths)
         self._budget_rows = budget_rows
         if hasattr(self.merger, "reset"):
@@ -826,6 +839,20 @@ def compress(
         yield session
     finally:
         session._exit()
+
+
+def _check_trained_scorers(model, scorer: Scorer) -> None:
+    """``ValueError`` if trained heads (a scorer with a ``config.fingerprint``) were made for a model of another
+    fingerprint than ``model``; ``Adapter.heads_for(model, allow_mismatch=True)`` is the explicit override."""
+    from gatekv.heads.config import ModelFingerprint
+
+    for one in getattr(scorer, "scorers", {}).values() if isinstance(scorer, _ScoreSet) else [scorer]:
+        fingerprint = getattr(getattr(one, "config", None), "fingerprint", None)
+        if not isinstance(fingerprint, ModelFingerprint):
+            continue
+        model_print = ModelFingerprint.from_model(model)
+        if getattr(one, "accepted_fingerprint", None) != model_print:
+            fingerprint.check_matches(model_print, what=f"scorer ({type(one).__name__} heads)")
 
 
 class _ScoreSet(Scorer):

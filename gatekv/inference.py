@@ -104,10 +104,12 @@ def load_base_model(name_or_path: str, revision: str | None = None, dtype: torch
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
-    except OSError as error:  # transformers: not a local path, not cached (offline) or not on the Hub
+    except (OSError, ValueError) as error:  # transformers: not a model directory, not cached (offline), not on the Hub
         from gatekv.heads.adapter import _hub_failure
 
         local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or os.path.exists(name_or_path)
+        if not isinstance(error, OSError) and not local:
+            raise
         if local:
             raise ValueError(f"base model {name_or_path!r}: no loadable model there ({' '.join(str(error).split())[:200]})") from None
         raise ValueError(_hub_failure(f"base model {name_or_path!r}", error.__cause__ or error)) from None

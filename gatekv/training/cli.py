@@ -42,10 +42,22 @@ def _launcher_environment(argv: list[str]) -> list[str]:
     return kept
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (not the stream of the first call: in-process reruns, captured output)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _log_to_stderr() -> None:
     logger = logging.getLogger("gatekv.training")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[gatekv train] %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

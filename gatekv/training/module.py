@@ -263,7 +263,7 @@ class CheckpointOnSigterm(L.Callback):
         step = trainer.global_step
         if not trainer.received_sigterm or step >= trainer.max_steps or step % self.every == 0:
             return  # not stopping, finishing anyway, or ModelCheckpoint writes this step itself
-        trainer.save_checkpoint(self.checkpoint_dir / f"step-{step:06d}.ckpt")
+        trainer.save_checkpoint(self.checkpoint_dir / f"step-{step:06d}.ckpt", weights_only=False)  # full state
 
 
 def peak_rss_mib() -> float:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -167,11 +168,67 @@ def _command(out_dir):
             "trainer.val_every_n_steps=10", "trainer.progress_bar=false", "trainer.threads=1"]
 
 
-def test_kill_and_resume_ends_with_the_same_weights(tmp_path):
+_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """An uninterrupted run of :func:`_command` started in the background (shared by the kill and SIGTERM tests);
+    the fixture value waits for it and returns its output directory."""
+    out = tmp_path_factory.mktemp("straight") / "a"
+    process = subprocess.Popen(_command(out), cwd=REPO, env=_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def finished() -> Path:
+        if process.returncode is None:
+            _, err = process.communicate(timeout=300)
+            finished.err = err
+        assert process.returncode == 0, finished.err[-3000:]
+        return out
+
+    finished.err = b""
+    yield finished
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def _same_adapters(a: Path, b: Path) -> None:
+    first = load_file(str(a / "adapter" / "adapter_model.safetensors"))
+    second = load_file(str(b / "adapter" / "adapter_model.safetensors"))
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_sigterm_checkpoints_exits_143_and_resumes_to_the_same_weights(tmp_path, straight_run):
+    """SIGTERM (what schedulers and Kubernetes send) mid-run: a checkpoint at the end of the current step, exit status
+    143 with one line saying so, no adapter; the rerun resumes from that checkpoint and ends bit-identical."""
+    stopped = subprocess.Popen(_command(tmp_path / "c"), cwd=REPO, env=_ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    checkpoints = tmp_path / "c" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and stopped.poll() is None and find_resume_checkpoint(checkpoints) is None:
+        time.sleep(0.01)
+    first = find_resume_checkpoint(checkpoints)
+    stopped.send_signal(signal.SIGTERM)
+    _, err = stopped.communicate(timeout=120)
+    assert stopped.returncode == 143, f"exit {stopped.returncode} (0 = it ended before SIGTERM): {err[-3000:]}"
+    assert "gatekv train: error: stopped by SIGTERM at step" in err and "Traceback" not in err, err[-3000:]
+    at_stop = find_resume_checkpoint(checkpoints)
+    assert first is not None and at_stop is not None and at_stop.name >= first.name
+    assert f"a rerun resumes from {at_stop}" in err
+    assert not (tmp_path / "c" / "adapter").exists() and not (tmp_path / "c" / "summary.json").exists()
+    resumed = subprocess.run(_command(tmp_path / "c"), cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {at_stop}" in resumed.stdout
+    assert [p.name for p in checkpoints.iterdir()] == ["step-000039.ckpt"]  # only the newest; the resumed-from one pruned
+    _same_adapters(straight_run(), tmp_path / "c")
+
+
+def test_kill_and_resume_ends_with_the_same_weights(tmp_path, straight_run):
     """SIGKILL mid-run, rerun the same command (resume: auto): the final weights equal an uninterrupted run's,
     bit for bit (attention gates + Gumbel noise: the per-step reseed and the resumable loader are both needed)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    straight = subprocess.Popen(_command(tmp_path / "a"), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = _ENV
     killed = subprocess.Popen(_command(tmp_path / "b"), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "b" / "checkpoints"
     deadline = time.time() + 240
@@ -185,14 +242,9 @@ def test_kill_and_resume_ends_with_the_same_weights(tmp_path):
     resumed = subprocess.run(_command(tmp_path / "b"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {at_kill}" in resumed.stdout
-    _, err = straight.communicate(timeout=300)
-    assert straight.returncode == 0, err[-3000:]
-    a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    first = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    straight = straight_run()
+    _same_adapters(straight, tmp_path / "b")
+    first = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
     fresh = build_heads("attention_gate", tiny_model("qwen3"), gate_heads=2, gate_head_dim=8)
     assert any(not torch.equal(first[k], v) for k, v in fresh.state_dict().items())
 
