@@ -455,6 +455,16 @@ def test_unknown_scorer_and_allocator_options_are_named():
         get_allocator("adakv", alpah=0.5)
 
 
+def test_unknown_scorer_option_in_an_eval_config_names_the_method(tmp_path, capsys):
+    config = tmp_path / "eval.yaml"
+    config.write_text("model: tiny:llama\nmethods:\n  - name: snap7\n    scorer: snapkv\n    options: {kernal_size: 7}\n"
+                      f"budgets: [0.5]\ntasks: [niah_single]\nlengths: [256]\noutput: {tmp_path / 'out'}\n")
+    assert main(["eval", str(config)]) == 2
+    assert ("method 'snap7': options: scorer 'snapkv': unknown option(s) ['kernal_size']; valid: kernel_size"
+            in _err(capsys))
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # compress() and GateKV
 # ----------------------------------------------------------------------------------------------------------------------

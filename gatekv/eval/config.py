@@ -45,6 +45,13 @@ class MethodConfig:
 
             if self.scorer not in available_scorers():
                 raise ValueError(f"method {self.name!r}: unknown scorer {self.scorer!r}; valid: full, {', '.join(available_scorers())}")
+            if self.options:  # built once here so a misspelt option fails at load time, naming the method
+                from gatekv.scorers import get_scorer
+
+                try:
+                    get_scorer(self.scorer, **self.options)
+                except ValueError as error:
+                    raise ValueError(f"method {self.name!r}: options: {error}") from None
         from gatekv.allocators import available_allocators
 
         for allocator in self.allocators:
