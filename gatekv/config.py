@@ -49,6 +49,7 @@ def _yaml(text: str):
 
 __all__ = [
     "apply_overrides",
+    "check_options",
     "describe",
     "dump_yaml",
     "field_docs",
@@ -334,3 +335,18 @@ def _deep_copy(data):
     if isinstance(data, list):
         return [_deep_copy(v) for v in data]
     return data
+
+
+def check_options(kind: str, name: str, factory, options: dict) -> None:
+    """``ValueError`` naming the ``kind`` (scorer, allocator, merger), its ``name`` and the valid options when
+    ``options`` holds a keyword that ``factory``'s signature lacks (factories taking ``**kwargs`` accept anything)."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    valid = sorted(n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"{kind} {name!r}: unknown option(s) {unknown}; valid: {', '.join(valid) or '(none)'}")

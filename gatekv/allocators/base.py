@@ -12,6 +12,8 @@ from typing import Callable, ClassVar
 
 import torch
 
+from gatekv.config import check_options
+
 __all__ = [
     "AllocationInput",
     "Allocator",
@@ -196,24 +198,8 @@ def get_allocator(name_or_allocator: str | Allocator, **kwargs) -> Allocator:
 
     if name_or_allocator not in _REGISTRY:
         raise ValueError(f"unknown allocator {name_or_allocator!r}; available: {', '.join(sorted(_REGISTRY))}")
-    _check_options("allocator", name_or_allocator, _REGISTRY[name_or_allocator], kwargs)
+    check_options("allocator", name_or_allocator, _REGISTRY[name_or_allocator], kwargs)
     return _REGISTRY[name_or_allocator](**kwargs)
-
-
-def _check_options(kind: str, name: str, factory, options: dict) -> None:
-    """``ValueError`` naming the allocator and its valid options if ``options`` holds a key its constructor lacks."""
-    import inspect
-
-    try:
-        parameters = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return
-    valid = sorted(n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f"allocator {name!r}: unknown option(s) {unknown}; valid: {', '.join(valid) or '(none)'}")
 
 
 def round_preserving_sum(values: torch.Tensor, total: int) -> torch.Tensor:

@@ -17,6 +17,8 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
+from gatekv.config import check_options
+
 __all__ = [
     "MergeContext",
     "MergeSpec",
@@ -194,24 +196,8 @@ def get_merger(name_or_merger: str | Merger, **kwargs) -> Merger:
 
     if name_or_merger not in _REGISTRY:
         raise ValueError(f"unknown merger {name_or_merger!r}; available: {', '.join(sorted(_REGISTRY))}")
-    _check_options("merger", name_or_merger, _REGISTRY[name_or_merger], kwargs)
+    check_options("merger", name_or_merger, _REGISTRY[name_or_merger], kwargs)
     return _REGISTRY[name_or_merger](**kwargs)
-
-
-def _check_options(kind: str, name: str, factory, options: dict) -> None:
-    """``ValueError`` naming the merger and its valid options if ``options`` holds a key its constructor lacks."""
-    import inspect
-
-    try:
-        parameters = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return
-    valid = sorted(n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f"merger {name!r}: unknown option(s) {unknown}; valid: {', '.join(valid) or '(none)'}")
 
 
 def check_unit_interval(owner: str, name: str, value, low: float = 0.0, high: float = 1.0, open_high=False) -> float:

@@ -14,6 +14,7 @@ from typing import Callable, ClassVar
 
 import torch
 
+from gatekv.config import check_options
 from gatekv.kernels import window_attention as _window_attention
 
 __all__ = ["LayerContext", "ReplayChunk", "Scorer", "available_scorers", "get_scorer", "register_scorer"]
@@ -194,24 +195,8 @@ def get_scorer(name_or_scorer: str | Scorer, **kwargs) -> Scorer:
     _load_builtin()
     if name_or_scorer not in _REGISTRY:
         raise ValueError(f"unknown scorer {name_or_scorer!r}; available: {', '.join(sorted(_REGISTRY))}")
-    _check_options("scorer", name_or_scorer, _REGISTRY[name_or_scorer], kwargs)
+    check_options("scorer", name_or_scorer, _REGISTRY[name_or_scorer], kwargs)
     return _REGISTRY[name_or_scorer](**kwargs)
-
-
-def _check_options(kind: str, name: str, factory, options: dict) -> None:
-    """``ValueError`` naming the scorer and its valid options if ``options`` holds a key its constructor lacks."""
-    import inspect
-
-    try:
-        parameters = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return
-    valid = sorted(n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f"scorer {name!r}: unknown option(s) {unknown}; valid: {', '.join(valid) or '(none)'}")
 
 
 def _load_builtin() -> None:
