@@ -59,6 +59,10 @@ class HeadsScorer(nn.Module, Scorer):
             raise ValueError(f"{type(self).__name__} needs a {self.head_type!r} config, got type {config.type!r}")
         self.config = config
         self.layers = nn.ModuleList(self.build_layer(i) for i in range(config.fingerprint.num_layers))
+        if config.recency_buckets > 0:
+            # (Ly, H_kv, n) bias on log-bucketed distance to the newest token, zero at the start (content-only)
+            fp = config.fingerprint
+            self.recency = nn.Parameter(torch.zeros(fp.num_layers, fp.num_kv_heads, config.recency_buckets))
 
     # -- to implement ----------------------------------------------------------------------------------------------
     def build_layer(self, layer_idx: int) -> nn.Module:
@@ -97,7 +101,46 @@ class HeadsScorer(nn.Module, Scorer):
 
     def stacked_scores(self, inputs: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
         """Scores of every layer at once (training): inputs ``{name: (Ly, B, q, F)}`` (:meth:`layer_inputs` stacked
-        over layers), valid (B, q) -> float32 ``(Ly, B, H_kv, q)``. Subclasses may batch the layers."""
+        over layers), valid (B, q) prompt mask (tokens first, padding last) -> float32 ``(Ly, B, H_kv, q)``: the
+        content scores plus, with ``recency_buckets``, the recency bias of each token's distance to the row's last
+        valid token (what :meth:`score` adds at inference relative to the newest cached token)."""
+        scores = self.stacked_content_scores(inputs, valid)
+        if self.config.recency_buckets > 0:
+            steps = torch.arange(valid.shape[1], device=scores.device)
+            last = valid.to(scores.device).long().sum(-1, keepdim=True) - 1  # (B, 1)
+            distance = (last - steps[None]).clamp(min=0)  # (B, q); padding slots are masked by the caller
+            scores = scores + self.recency_bias(distance[None, :, None, :])
+        return scores
+
+    def recency_bias(self, distance: torch.Tensor, layer_idx: int | None = None) -> torch.Tensor:
+        """Learned bias of a token at ``distance`` (>= 0) tokens before the newest one, float32.
+
+        distance: ``(Ly or 1, B, 1 or H_kv, T)`` with ``layer_idx=None`` (every layer), else ``(B, 1 or H_kv, T)``
+        The distance is bucketed on a log2 scale, two buckets per octave (``u = 2 log2(1 + distance)``), and the bias
+        interpolated linearly between neighbouring buckets (beyond the last bucket it stays at the last value), per
+        (layer, KV head). Zero without ``recency_buckets``.
+        """
+        if self.config.recency_buckets == 0:
+            return torch.zeros((), device=distance.device)
+        table = self.recency.float()  # (Ly, H, n)
+        if layer_idx is not None:
+            table = table[layer_idx : layer_idx + 1]
+            distance = distance[None]
+        n = table.shape[-1]
+        u = (2.0 * torch.log2(1.0 + distance.to(table.device).float().clamp(min=0))).clamp(max=n - 1)
+        low = u.floor().long().clamp(max=n - 1)
+        high = (low + 1).clamp(max=n - 1)
+        frac = u - low.float()
+        layers, heads = table.shape[0], table.shape[1]
+        shape = (layers, distance.shape[1], heads, distance.shape[-1])
+        flat = table.reshape(layers, 1, heads, n).expand(layers, shape[1], heads, n)
+        low_b, high_b = low.expand(shape), high.expand(shape)
+        bias = torch.gather(flat, -1, low_b) * (1 - frac.expand(shape)) + torch.gather(flat, -1, high_b) * frac.expand(shape)
+        return bias if layer_idx is None else bias[0]
+
+    def stacked_content_scores(self, inputs: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+        """The layer modules' scores of every layer, ``(Ly, B, H_kv, q)`` float32, before any recency bias.
+        Subclasses may batch the layers."""
         param = next(self.parameters())
         out = []
         for layer, module in enumerate(self.layers):
@@ -129,6 +172,10 @@ class HeadsScorer(nn.Module, Scorer):
             finite = torch.isfinite(scores)
             pooled = pool_scores(torch.where(finite, scores, float("-inf")), self.pool_kernel, "max")
             scores = torch.where(finite, pooled, scores)
+        if self.config.recency_buckets > 0:  # distance to the newest candidate token, recomputed at every scoring
+            newest = torch.where(ctx.candidates, ctx.positions, torch.full_like(ctx.positions, -1)).amax(-1, keepdim=True)
+            bias = self.recency_bias(newest - ctx.positions, ctx.layer_idx).to(scores.device)
+            scores = torch.where(torch.isfinite(scores), scores + bias, scores)
         return scores
 
     def set_pooling(self, kernel_size: int) -> "HeadsScorer":

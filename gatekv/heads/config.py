@@ -115,6 +115,10 @@ class HeadConfig:
     """Epsilon of the linear gate's RMSNorm."""
     init_keep_logit: float = 3.0
     """Initial bias of the gates' output (sigmoid(3) = 0.95: start by keeping almost everything)."""
+    recency_buckets: int = 0
+    """Learned per-(layer, KV head) bias on a token's distance to the newest token, over this many log2 buckets
+    (two per octave: 32 reach 65K tokens); added to the content score, so pre-RoPE heads can learn recency.
+    0 = off (content scores only)."""
     extra: dict = field(default_factory=dict)
     """Free-form metadata (base model id, target, training summary); not used to build the heads."""
 
@@ -132,7 +136,7 @@ class HeadConfig:
                 raise ValueError(f"{name} must be a number, got {value!r}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a mapping, got {self.extra!r}")
-        for name, low in (("hidden", 0), ("gate_heads", 1), ("gate_head_dim", 1)):
+        for name, low in (("hidden", 0), ("gate_heads", 1), ("gate_head_dim", 1), ("recency_buckets", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")

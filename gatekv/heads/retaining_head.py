@@ -48,7 +48,7 @@ class RetainingHead(HeadsScorer):
         q, k, v = features["pre_rope_queries"], features["pre_rope_keys"], features["pre_rope_values"]
         return {"x": torch.cat([t.transpose(1, 2).flatten(2) for t in (q, k, v)], dim=-1)}
 
-    def stacked_scores(self, inputs: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    def stacked_content_scores(self, inputs: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
         """All layers in two batched matmuls: ``{"x": (Ly, B, q, F)} -> (Ly, B, H_kv, q)``."""
         x = inputs["x"]
         up = self.layers[0].up.weight

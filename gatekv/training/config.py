@@ -67,8 +67,14 @@ class HeadsConfig:
     """Attention gate: width of each gate head."""
     init_keep_logit: float = 3.0
     """Gates: initial output bias (keep probability sigmoid(3) = 0.95 at the start)."""
+    recency_buckets: int = 0
+    """Learned bias on each token's distance to the newest token (log2 buckets, two per octave; 32 reach 65K
+    tokens), per layer and KV head, added to the content score: pre-RoPE heads cannot see position, so recency
+    (what a recent window hard-codes) is learned from the labels. 0 = off. Targets cis and teacher."""
 
     def __post_init__(self):
+        if isinstance(self.recency_buckets, bool) or not isinstance(self.recency_buckets, int) or self.recency_buckets < 0:
+            raise ValueError(f"heads.recency_buckets must be an int >= 0, got {self.recency_buckets!r}")
         if self.hidden < 0 or (self.type == "retaining_head" and self.hidden < 1):
             raise ValueError(f"hidden must be >= 1 for a retaining head (>= 0 for a linear gate), got {self.hidden}")
         _positive("heads", gate_heads=self.gate_heads, gate_head_dim=self.gate_head_dim)
@@ -398,6 +404,8 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed!r}")
         if self.data.feature_cache is not None and self.target.kind == "distill":
             raise ValueError("data.feature_cache works with target.kind cis or teacher (distill needs the live backbone)")
+        if self.heads.recency_buckets > 0 and self.target.kind == "distill":
+            raise ValueError("heads.recency_buckets works with target.kind cis or teacher (distill trains per-layer gates)")
         if self.trainer.strategy == "deepspeed" and self.optim.grad_clip is not None and self.optim.grad_clip_algorithm == "value":
             raise ValueError("optim.grad_clip_algorithm: DeepSpeed clips by norm only; set it to 'norm' (or grad_clip: null)")
 

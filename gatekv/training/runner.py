@@ -305,6 +305,7 @@ def train(config: TrainConfig) -> TrainResult:
         "gate_heads": config.heads.gate_heads,
         "gate_head_dim": config.heads.gate_head_dim,
         "init_keep_logit": config.heads.init_keep_logit,
+        "recency_buckets": config.heads.recency_buckets,
     }
     if config.heads.act is not None:
         head_options["act"] = config.heads.act

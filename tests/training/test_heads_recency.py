@@ -1,0 +1,154 @@
+"""The heads' learned recency bias (``recency_buckets``): its definition, training = inference, adapter round trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gatekv import compress
+from gatekv.heads import build_heads, load_adapter
+from gatekv.training.models import tiny_model
+
+from gatekv.models import capture_layer_inputs, inspect_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def _reference_bias(table: torch.Tensor, distance: int) -> torch.Tensor:
+    """(H,) bias of one layer's table (H, n) at ``distance``: linear between buckets u = 2 log2(1 + d)."""
+    n = table.shape[-1]
+    u = min(2.0 * math.log2(1.0 + distance), n - 1)
+    low = min(int(math.floor(u)), n - 1)
+    high = min(low + 1, n - 1)
+    frac = u - low
+    return table[:, low] * (1 - frac) + table[:, high] * frac
+
+
+def _heads(model, buckets=8, seed=0):
+    torch.manual_seed(seed)
+    heads = build_heads("retaining_head", model, hidden=8, recency_buckets=buckets)
+    with torch.no_grad():
+        heads.recency.normal_()
+    return heads
+
+
+def _stacked_features(model, heads, ids):
+    spec = inspect_model(model)
+    sinks = [{} for _ in range(spec.num_layers)]
+    handles = []
+    for layer in range(spec.num_layers):
+        handles += capture_layer_inputs(spec, layer, sinks[layer], hidden=False, pre_rope=True)
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_layer = [heads.layer_inputs(sink) for sink in sinks]
+    return {name: torch.stack([inputs[name] for inputs in per_layer]) for name in per_layer[0]}
+
+
+def test_recency_bias_matches_the_bucket_definition(model):
+    heads = _heads(model, buckets=6)
+    distances = torch.tensor([0, 1, 2, 3, 5, 7, 8, 30, 31, 1000, 10**6])
+    got = heads.recency_bias(distances[None, None, None, :].expand(1, 1, 1, -1))  # (Ly, 1, H, T)
+    for layer in range(heads.recency.shape[0]):
+        for t, d in enumerate(distances.tolist()):
+            want = _reference_bias(heads.recency[layer].detach(), d)
+            torch.testing.assert_close(got[layer, 0, :, t], want, rtol=1e-5, atol=1e-6)
+    one = heads.recency_bias(distances[None, None, :], layer_idx=1)  # (B, 1 -> H, T)
+    torch.testing.assert_close(one[0], got[1, 0])
+
+
+def test_off_by_default_and_adds_nothing(model):
+    torch.manual_seed(0)
+    heads = build_heads("retaining_head", model, hidden=8)
+    assert heads.config.recency_buckets == 0 and not hasattr(heads, "recency")
+    ids = torch.randint(3, 120, (1, 12))
+    inputs, valid = _stacked_features(model, heads, ids), torch.ones(1, 12, dtype=torch.bool)
+    assert torch.equal(heads.stacked_scores(inputs, valid), heads.stacked_content_scores(inputs, valid))
+
+
+def test_stacked_scores_add_the_bias_of_the_distance_to_each_rows_last_token(model):
+    heads = _heads(model)
+    ids = torch.randint(3, 120, (2, 10))
+    inputs = _stacked_features(model, heads, ids)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, 7:] = False  # row 1: a 7-token prompt, padded
+    content = heads.stacked_content_scores(inputs, valid)
+    scores = heads.stacked_scores(inputs, valid)
+    for layer in range(content.shape[0]):
+        for b, length in ((0, 10), (1, 7)):
+            for j in range(length):
+                want = content[layer, b, :, j] + _reference_bias(heads.recency[layer].detach(), length - 1 - j)
+                torch.testing.assert_close(scores[layer, b, :, j], want, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_reaches_the_recency_table(model):
+    heads = _heads(model)
+    heads.train()
+    ids = torch.randint(3, 120, (1, 9))
+    inputs = _stacked_features(model, heads, ids)
+    heads.stacked_scores(inputs, torch.ones(1, 9, dtype=torch.bool)).sum().backward()
+    assert heads.recency.grad is not None and bool((heads.recency.grad != 0).any())
+
+
+@pytest.mark.parametrize("prefill", ["one_shot", "chunked"])
+def test_inference_ranks_by_the_bias_of_the_distance_to_the_newest_token(model, prefill, tmp_path):
+    """With a bias that dominates the content scores, what compress() keeps is set by the distance to the newest
+    token (recomputed at every scoring, also in chunked prefill), in both directions."""
+    for sign in (-1.0, 1.0):  # -1: far tokens get a lower score (keep the newest); +1: keep the oldest
+        heads = _heads(model, buckets=16)
+        with torch.no_grad():
+            heads.recency.copy_(sign * 1000.0 * torch.arange(16.0).expand_as(heads.recency))
+        heads.save_adapter(tmp_path / f"a{sign}")
+        loaded = load_adapter(tmp_path / f"a{sign}", model=model)
+        torch.testing.assert_close(loaded.recency, heads.recency)
+        ids = torch.randint(3, 120, (1, 48))
+        with compress(model, loaded, "uniform", budget=12, prefill=prefill, chunk_size=16, window=2, sinks=2,
+                      record=True) as session:
+            model(ids)
+        kept = session.stats.events[-1].kept_positions[0][0]  # layer 0, (H, T) positions, -1 = empty
+        for h in range(kept.shape[0]):
+            positions = sorted(p for p in kept[h].tolist() if p >= 0)
+            if sign < 0:
+                assert positions == [0, 1] + list(range(38, 48)), (h, positions)
+            else:
+                assert positions[:2] == [0, 1] and positions[-2:] == [46, 47], (h, positions)
+                middle = positions[2:-2]
+                assert middle == sorted(middle) and max(middle) < 24, (h, positions)  # the oldest survivors
+
+
+def test_one_shot_keeps_the_top_of_the_training_scores(model):
+    """Training scores (stacked_scores at the prompt's end) and inference scores (score() in compress) agree: a
+    one-shot uniform compression keeps, per head, the top of stacked_scores outside the sinks and window."""
+    heads = _heads(model, buckets=12, seed=3)
+    ids = torch.randint(3, 120, (1, 40))
+    inputs = _stacked_features(model, heads, ids)
+    scores = heads.stacked_scores(inputs, torch.ones(1, 40, dtype=torch.bool))  # (Ly, 1, H, 40)
+    budget, sinks, window = 10, 2, 3
+    with compress(model, heads, "uniform", budget=budget, window=window, sinks=sinks, record=True) as session:
+        model(ids)
+    event = session.stats.events[-1]
+    for layer in range(scores.shape[0]):
+        kept = event.kept_positions[layer][0]
+        for h in range(kept.shape[0]):
+            free = scores[layer, 0, h, sinks : 40 - window]
+            top = (torch.topk(free, budget - sinks - window).indices + sinks).tolist()
+            want = sorted(list(range(sinks)) + top + list(range(40 - window, 40)))
+            assert sorted(p for p in kept[h].tolist() if p >= 0) == want, (layer, h)
+
+
+def test_config_validation():
+    from gatekv.training.config import load_train_config
+
+    with pytest.raises(ValueError, match="recency_buckets"):
+        build_heads("retaining_head", tiny_model("llama"), recency_buckets=-1)
+    with pytest.raises(ValueError, match="recency_buckets"):
+        load_train_config(None, ["heads.recency_buckets=8", "target.kind=distill"])
+    assert load_train_config(None, ["heads.recency_buckets=8"]).heads.recency_buckets == 8
