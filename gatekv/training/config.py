@@ -285,13 +285,17 @@ class OptimConfig:
     """Decay after warmup, down to min_lr_ratio * lr at max_steps."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of lr."""
+    recency_lr: Optional[float] = None
+    """Learning rate of the heads' recency table (heads.recency_buckets), null = 20 x lr. Adam moves a weight by
+    about its lr per step, so at the heads' lr the table would shift by ~0.2 over a run, while the labels' recency
+    trend spans several units; it follows the same warmup and schedule."""
     grad_clip: Optional[float] = 0.5
     """Gradient clipping threshold (null = off)."""
     grad_clip_algorithm: Literal["value", "norm"] = "value"
     """Clip each gradient element (value, Locret) or the global norm (norm; DeepSpeed only supports norm)."""
 
     def __post_init__(self):
-        _positive("optim", lr=self.lr, grad_clip=self.grad_clip)
+        _positive("optim", lr=self.lr, grad_clip=self.grad_clip, recency_lr=self.recency_lr)
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
         if self.warmup_steps < 0 or self.weight_decay < 0:

@@ -116,7 +116,11 @@ class HeadTrainingModule(L.LightningModule):
 
     def configure_optimizers(self):
         optim = self.config.optim
-        params = [p for p in self.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        recency_lr = optim.recency_lr if optim.recency_lr is not None else 20 * optim.lr
+        params = [{"params": [p for n, p in named if not n.endswith(".recency")], "lr": optim.lr}]
+        if any(n.endswith(".recency") for n, _ in named):
+            params.append({"params": [p for n, p in named if n.endswith(".recency")], "lr": recency_lr})
         if self._offloads_optimizer():  # ZeRO-Offload refuses torch optimizers: the same AdamW, DeepSpeed's CPU kernel
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 

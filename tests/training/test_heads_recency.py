@@ -152,3 +152,21 @@ def test_config_validation():
     with pytest.raises(ValueError, match="recency_buckets"):
         load_train_config(None, ["heads.recency_buckets=8", "target.kind=distill"])
     assert load_train_config(None, ["heads.recency_buckets=8"]).heads.recency_buckets == 8
+
+
+def test_the_recency_table_gets_its_own_learning_rate():
+    from torch import nn
+
+    from gatekv.training.config import load_train_config
+    from gatekv.training.module import HeadTrainingModule
+
+    objective = nn.Module()
+    objective.heads = build_heads("retaining_head", tiny_model("llama"), hidden=8, recency_buckets=8)
+    for overrides, want in ((["optim.lr=0.001"], 0.02), (["optim.lr=0.001", "optim.recency_lr=0.005"], 0.005)):
+        config = load_train_config(None, overrides + ["heads.recency_buckets=8"])
+        optimizer = HeadTrainingModule(objective, config, {}).configure_optimizers()["optimizer"]
+        groups = {len(g["params"]): g["initial_lr"] for g in optimizer.param_groups}
+        assert groups == {1: pytest.approx(want), sum(1 for _ in objective.heads.layers.parameters()): 0.001}
+    objective.heads = build_heads("retaining_head", tiny_model("llama"), hidden=8)
+    optimizer = HeadTrainingModule(objective, load_train_config(None, []), {}).configure_optimizers()["optimizer"]
+    assert len(optimizer.param_groups) == 1
