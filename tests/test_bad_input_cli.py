@@ -268,6 +268,22 @@ def test_disk_full_during_training_exits_1_naming_the_path(four_steps, tmp_path,
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004.ckpt"]
 
 
+def test_disk_full_during_the_final_export_exits_1_keeping_the_checkpoints(four_steps, tmp_path, capsys, monkeypatch,
+                                                                          training):
+    from gatekv.heads import Adapter
+
+    out = _copy_run(four_steps, tmp_path)
+
+    def full(self, directory):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Adapter, "save_pretrained", full)
+    assert main(_train_args(out, "trainer.max_steps=8", "trainer.checkpoint_every_n_steps=4")) == 1
+    err = _err(capsys)
+    assert f"disk full at {out / 'adapter'}" in err and "gatekv export" in err and "Traceback" not in err
+    assert "step-000008.ckpt" in {p.name for p in (out / "checkpoints").iterdir()}
+
+
 def test_truncated_newest_checkpoint_falls_back_and_temp_files_are_cleaned(four_steps, tmp_path, capsys, training):
     out = _copy_run(four_steps, tmp_path)
     checkpoints = out / "checkpoints"

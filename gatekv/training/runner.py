@@ -445,10 +445,20 @@ def train(config: TrainConfig) -> TrainResult:
     }
     adapter_dir = None
     if trainer.is_global_zero:
-        if config.output.export_adapter:
-            adapter_dir = out / "adapter"
-            _export(module, heads, adapter_dir, config, summary, deepspeed)
-        atomic_write_text(out / "summary.json", json.dumps({**summary, "curve": curve}, indent=2) + "\n")
+        target = out / "adapter" if config.output.export_adapter else out / "summary.json"
+        try:
+            if config.output.export_adapter:
+                adapter_dir = target
+                _export(module, heads, adapter_dir, config, summary, deepspeed)
+            target = out / "summary.json"
+            atomic_write_text(target, json.dumps({**summary, "curve": curve}, indent=2) + "\n")
+        except (OSError, RuntimeError) as error:
+            full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "file write failed" in str(error)
+            if not full:
+                raise
+            raise TrainingStopped(
+                f"disk full at {target}: the training finished but its output was not written; the checkpoints in "
+                f"{checkpoint_dir} are kept: free space and run `gatekv export {out}`") from error
         print(format_curve(curve))
         print(
             f"[gatekv train] {trainer.global_step} steps in {wall:.0f} s; "
