@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     plot = out / "accuracy_vs_budget.png"
     print(f"done in {time.perf_counter() - start:.0f} s. results: {out / 'results.json'}"
           + (f"; plot: {plot}" if plot.exists() else ""))
-    print("retrain the adapter: python train/prepare_data.py --out runs/data/smollm2-train.jsonl --num-samples 160 && "
-          "gatekv train configs/train/smollm2-135m-retaining-head.yaml")
+    print("retrain the adapter (~20 min): python train/prepare_data.py --mix docs=64,qa=144,multi=8 --num-samples 216 "
+          "--max-tokens 7936 --part-max-tokens docs=4096,qa=2400 --out runs/data/smollm2-mix3.jsonl && "
+          "gatekv train configs/train/smollm2-135m-retaining-head-mix.yaml")
     return 0
 
 
