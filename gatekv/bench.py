@@ -1,7 +1,10 @@
 """Decode benchmark: full cache vs compressed caches, measured the same way in the same process.
 
-For one prompt of ``length`` tokens, every setting (the full cache first, then each scorer x allocator x budget)
-runs the same steps, driving the model's forward by hand with its cache:
+For one prompt of ``length`` tokens, every setting runs the same steps, driving the model's forward by hand with its
+cache. The settings, in order: the full cache; then per budget the *dense floor* (a dense cache holding only the
+last K prompt tokens, K = the budget's tokens per head: what decoding over the kept size costs at best), each
+scorer x allocator with a one-shot prefill, and each scorer with a chunked prefill (first allocator,
+``chunk_size`` tokens per chunk, Locret's regime). Steps:
 
 1. prefill: one forward over the prompt (``logits_to_keep=1``); for a compressed setting this includes scoring
    and compaction, since ``compress()`` compacts inside that forward's hooks;
@@ -18,6 +21,7 @@ head dim 128; random weights time the same as trained ones).
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -27,6 +31,7 @@ import torch
 from gatekv.models import cache_kwarg
 
 __all__ = [
+    "DECODE_COLUMNS",
     "DecodeResult",
     "LLAMA31_8B_SHAPE",
     "bench_decode",
@@ -56,7 +61,7 @@ class DecodeResult:
     """Measurements of one setting."""
 
     label: str
-    """``full`` or ``scorer+allocator@budget``."""
+    """``full``, ``dense floor@budget`` or ``scorer+allocator@budget`` (`` chunked`` appended for a chunked prefill)."""
     prompt_tokens: int
     prefill_seconds: float
     """Wall time of the prefill forward (scoring and compaction included)."""
@@ -72,6 +77,12 @@ class DecodeResult:
     """Mean tokens kept per (layer, KV head) after the prefill (compressed settings)."""
     tokens: list[int] = field(default_factory=list)
     """Greedy tokens produced by the decode steps (warm-up included)."""
+    kind: str = "full"
+    """``full``, ``floor`` (dense cache of the kept size), ``one_shot`` or ``chunked`` (compressed prefill mode)."""
+    budget: float | int | None = None
+    """The budget of a floor or compressed setting (None for the full cache)."""
+    cache_tokens: int | None = None
+    """Prompt tokens held by a floor setting's dense cache."""
 
 
 def random_llama(
@@ -153,61 +164,71 @@ def run_decode_benchmark(
     warmup: int = 2,
     window: int = 32,
     sinks: int = 4,
+    chunk_size: int | None = 512,
     log=None,
 ) -> list[DecodeResult]:
-    """Measure the full cache, then every ``scorer x allocator x budget``, on the same prompt.
+    """Measure the full cache, then per budget the dense floor, every ``scorer x allocator`` (one-shot prefill) and
+    every scorer with a chunked prefill (first allocator), on the same prompt.
 
-    input_ids: (1, T) prompt on the model's device
-    budgets:   kept tokens per KV head: ratios of the prompt (float) or counts (int)
-    log:       optional callable receiving one line per finished setting (progress)
-    returns:   one :class:`DecodeResult` per setting, the full cache first
+    input_ids:  (1, T) prompt on the model's device
+    budgets:    kept tokens per KV head: ratios of the prompt (float) or counts (int)
+    chunk_size: tokens per chunk of the chunked settings; None = no chunked settings (also skipped when the prompt
+                fits in one chunk)
+    log:        optional callable receiving one line per finished setting (progress)
+    returns:    one :class:`DecodeResult` per setting, the full cache first
     """
     from transformers import DynamicCache
 
+    from gatekv.allocators import Budget
     from gatekv.compress import compress
 
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must have shape (1, T), got {tuple(input_ids.shape)}")
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     prompt_tokens = input_ids.shape[1]
     results = []
+
+    def finish(result: DecodeResult) -> None:
+        results.append(result)
+        if log:
+            log(_progress_line(result))
+
+    def compressed(scorer, allocator, budget, prefill):
+        with compress(model, scorer, allocator, budget=budget, window=window, sinks=sinks, prefill=prefill,
+                      chunk_size=chunk_size or 512) as session:
+            cache = session.new_cache()
+            session.expect_new_tokens(warmup + steps)  # what generate() would declare: room for the decode steps
+            prefill_s, times, tokens, kv, kv_end = _drive(model, input_ids, cache, steps, warmup)
+        kept = session.stats.kept_tokens
+        label = f"{scorer}+{allocator}@{budget}" + (" chunked" if prefill == "chunked" else "")
+        finish(DecodeResult(label, prompt_tokens, prefill_s, statistics.median(times), times, kv, kv_end,
+                            None if kept is None else float(kept.double().mean()), tokens, prefill, budget))
+
     with torch.no_grad():
         # untimed: first-call costs (allocator warm-up, kernel selection) must not land on the first setting
         model(input_ids=input_ids[:, : min(prompt_tokens, 64)], use_cache=False)
 
         cache = DynamicCache(config=model.config)
         prefill, times, tokens, kv, kv_end = _drive(model, input_ids, cache, steps, warmup)
-        results.append(
-            DecodeResult("full", prompt_tokens, prefill, statistics.median(times), times, kv, kv_end, None, tokens)
-        )
         del cache
-        if log:
-            log(_progress_line(results[-1]))
+        finish(DecodeResult("full", prompt_tokens, prefill, statistics.median(times), times, kv, kv_end, None, tokens))
 
         for budget in budgets:
+            kept = min(int(Budget(budget).tokens(torch.tensor([prompt_tokens]))[0]), prompt_tokens)
+            cache = DynamicCache(config=model.config)
+            prefill, times, tokens, kv, kv_end = _drive(model, input_ids[:, -kept:], cache, steps, warmup)
+            del cache
+            finish(DecodeResult(f"dense floor@{budget}", prompt_tokens, prefill, statistics.median(times), times, kv,
+                                kv_end, float(kept), tokens, "floor", budget, kept))
             for scorer in scorers:
                 for allocator in allocators:
-                    with compress(model, scorer, allocator, budget=budget, window=window, sinks=sinks) as session:
-                        cache = session.new_cache()
-                        prefill, times, tokens, kv, kv_end = _drive(model, input_ids, cache, steps, warmup)
-                    kept = session.stats.kept_tokens
-                    results.append(
-                        DecodeResult(
-                            f"{scorer}+{allocator}@{budget}",
-                            prompt_tokens,
-                            prefill,
-                            statistics.median(times),
-                            times,
-                            kv,
-                            kv_end,
-                            None if kept is None else float(kept.double().mean()),
-                            tokens,
-                        )
-                    )
-                    del cache, session
-                    if log:
-                        log(_progress_line(results[-1]))
+                    compressed(scorer, allocator, budget, "one_shot")
+            if chunk_size is not None and prompt_tokens > chunk_size and allocators:
+                for scorer in scorers:
+                    compressed(scorer, allocators[0], budget, "chunked")
     return results
 
 
@@ -215,19 +236,32 @@ def _progress_line(result: DecodeResult) -> str:
     return f"  {result.label}: prefill {result.prefill_seconds:.2f} s, decode {result.decode_ms:.2f} ms/token"
 
 
+DECODE_COLUMNS = ("setting", "kept/head", "KV MiB", "KV x full", "decode ms", "x full", "x floor", "prefill s",
+                  "prefill x full", "prefill ms/tok", "KV end MiB")
+"""Column headers of :func:`format_decode_table`, in order."""
+
+
 def format_decode_table(results: list[DecodeResult], header: str = "") -> str:
-    """A text table of ``results``, with ratios against the first (full cache) row."""
+    """A markdown table of ``results``: ratios against the first (full cache) row and, for compressed settings,
+    decode time against the dense floor of the same budget. A floor's prefill is of its short prompt: no ratio."""
     full = results[0]
-    lines = [header] if header else []
-    columns = f"{'setting':<28} {'kept/head':>9} {'prefill s':>9} {'x full':>7} {'decode ms':>9} {'x full':>7} {'KV MiB':>9} {'x full':>7} {'KV end MiB':>10}"
-    lines += [columns, "-" * len(columns)]
+    floors = {r.budget: r for r in results if r.kind == "floor"}
+    lines = [header, ""] if header else []
+    lines += ["| " + " | ".join(DECODE_COLUMNS) + " |", "|" + "---|" * len(DECODE_COLUMNS)]
     for r in results:
         kept = "all" if r.kept_per_head is None else f"{r.kept_per_head:.1f}"
-        lines.append(
-            f"{r.label:<28} {kept:>9} {r.prefill_seconds:>9.2f} {r.prefill_seconds / full.prefill_seconds:>7.2f} "
-            f"{r.decode_ms:>9.2f} {r.decode_ms / full.decode_ms:>7.2f} {r.kv_bytes / 2**20:>9.1f} "
-            f"{r.kv_bytes / full.kv_bytes:>7.3f} {r.kv_bytes_end / 2**20:>10.1f}"
-        )
+        floor = floors.get(r.budget) if r.kind in ("one_shot", "chunked") else None
+        vs_floor = f"{r.decode_ms / floor.decode_ms:.2f}" if floor is not None else "-"
+        if r.kind == "floor":
+            prefill_ratio, per_token = "-", r.prefill_seconds / max(r.cache_tokens or 1, 1) * 1e3
+        else:
+            prefill_ratio, per_token = f"{r.prefill_seconds / full.prefill_seconds:.2f}", r.prefill_seconds / r.prompt_tokens * 1e3
+        cells = [
+            r.label, kept, f"{r.kv_bytes / 2**20:.1f}", f"{r.kv_bytes / full.kv_bytes:.3f}", f"{r.decode_ms:.2f}",
+            f"{r.decode_ms / full.decode_ms:.2f}", vs_floor, f"{r.prefill_seconds:.2f}", prefill_ratio,
+            f"{per_token:.2f}", f"{r.kv_bytes_end / 2**20:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -243,12 +277,14 @@ def bench_decode(
     warmup: int = 2,
     threads: int | None = None,
     seed: int = 0,
+    chunk_size: int | None = 512,
     print_fn=print,
 ) -> list[DecodeResult]:
     """Build the model and prompt for ``device``, run :func:`run_decode_benchmark` and print the table.
 
     model_name: ``smollm2`` (default on CPU: a needle prompt of ``length`` tokens) or ``llama8b-random`` (default on
-                CUDA: random token ids); num_layers: only for ``llama8b-random``; threads: CPU threads for torch.
+                CUDA: random token ids); num_layers: only for ``llama8b-random``; threads: CPU threads for torch;
+    chunk_size: tokens per chunk of the chunked-prefill settings (None: none measured).
     """
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
@@ -279,14 +315,16 @@ def bench_decode(
     if target.type == "cuda":
         device_name = torch.cuda.get_device_name(target)
     else:
-        device_name = f"CPU, torch threads: {torch.get_num_threads()}"
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+        device_name = f"CPU, torch threads: {torch.get_num_threads()}, load average (1/5/15 min) at start: {load}"
     header = (
         f"decode benchmark: {description}; prompt {input_ids.shape[1]} tokens; {steps} timed steps (median) after "
         f"{warmup} warm-up; device: {device_name}; torch {torch.__version__}"
     )
     print_fn(header)
     results = run_decode_benchmark(
-        model, input_ids, tuple(budgets), tuple(scorers), tuple(allocators), steps, warmup, log=print_fn
+        model, input_ids, tuple(budgets), tuple(scorers), tuple(allocators), steps, warmup, chunk_size=chunk_size,
+        log=print_fn,
     )
     print_fn(format_decode_table(results))
     return results

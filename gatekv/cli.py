@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument(
         "--allocator", nargs="+", default=["uniform", "adakv"], help="allocators to measure (default uniform adakv)"
     )
+    decode.add_argument(
+        "--chunk-size", type=int, default=512, help="tokens per chunk of the chunked-prefill rows; 0 = no such rows (default 512)"
+    )
     decode.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     decode.add_argument("--seed", type=int, default=0, help="prompt / random weights seed (default 0)")
 
@@ -211,6 +214,7 @@ def _run_bench_decode(args) -> int:
         warmup=args.warmup,
         threads=args.threads,
         seed=args.seed,
+        chunk_size=args.chunk_size or None,
     )
     return 0
 

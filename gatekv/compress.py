@@ -51,14 +51,15 @@ _SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, CompressionSession]" = we
 def _ragged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention function registered with transformers' AttentionInterface under ``ATTENTION_NAME``.
 
-    query: (B, H_q, q, d) post-RoPE. key/value (the new tokens) are ignored: the session reads the layer's ragged
-    cache. Returns ``((B, q, H_q, d_v), None)``.
+    query: (B, H_q, q, d) post-RoPE. key/value: (B, H_kv, q, d) the new tokens, as ``CompressedCache.update``
+    returned them; the session attends over the layer's ragged cache (which holds exactly them after the first
+    forward into an empty cache). Returns ``((B, q, H_q, d_v), None)``.
     """
     session = _SESSIONS.get(module)
     if session is None:
         raise RuntimeError(f"attention implementation {ATTENTION_NAME!r} is only usable inside gatekv.compress()")
     scale = scaling if scaling is not None else module.head_dim**-0.5
-    output = session._attend(module, query, scale, kwargs.get("sliding_window"))
+    output = session._attend(module, query, key, value, scale, kwargs.get("sliding_window"))
     return output.transpose(1, 2).contiguous(), None
 
 
@@ -669,7 +670,10 @@ class CompressionSession:
         self.stats.replay_seconds += time.perf_counter() - start_time
 
     # -- attention and scoring ------------------------------------------------------------------------------------
-    def _attend(self, module, query: torch.Tensor, scale: float, sliding_window) -> torch.Tensor:
+    def _attend(self, module, query: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor, scale: float,
+                sliding_window) -> torch.Tensor:
+        """Attention of ``query`` (B, H_q, q, d) over the layer's cache (``new_keys``/``new_values`` (B, H_kv, q, d)
+        already appended); scores the layer when the session is scoring. Returns (B, H_q, q, d_v)."""
         cache = self.cache
         layer_idx = module.layer_idx
         layer = cache.layers[layer_idx]
@@ -681,13 +685,17 @@ class CompressionSession:
             and (sliding_window is None or bool((query_positions[:, 0] - layer.min_position < sliding_window).all()))
         )
         q = query.shape[2]
-        if q > 1 and sliding_window is None and not layer.has_padding and bool((layer.lengths == q).all()):
-            # The first forward into an empty cache without padding: plain causal attention over the new tokens
-            # (SDPA's causal kernel, GQA-aware), not the general masked ragged path (2-3x slower on CPUs).
-            keys, values, _, _ = layer.dense_view()
+        # The first forward into an empty cache without padding: the cache holds exactly this forward's keys and
+        # values, so they are attended (and scored) as the model's own SDPA call does, on the tensors the model
+        # computed: no padded copy of the cache, no general masked ragged path (2-3x slower on CPUs).
+        fresh = (
+            q > 1 and new_keys.shape[2] == q and not layer.has_padding and not layer.state
+            and bool((layer.lengths == q).all())
+        )
+        if fresh and sliding_window is None:
             output = torch.nn.functional.scaled_dot_product_attention(
-                query, keys.to(query.dtype), values.to(query.dtype), is_causal=True, scale=scale,
-                enable_gqa=keys.shape[1] != query.shape[1],
+                query, new_keys.to(query.dtype), new_values.to(query.dtype), is_causal=True, scale=scale,
+                enable_gqa=new_keys.shape[1] != query.shape[1],
             )
         else:
             output = kernels.ragged_attention(
@@ -696,14 +704,19 @@ class CompressionSession:
             )
         if self._scoring:
             start = time.perf_counter()
-            self._score_layer(module, layer_idx, query, query_positions, scale)
+            dense = None
+            if fresh:  # what dense_view() would copy out of the flat buffers, already at hand
+                positions = query_positions[:, None, :].expand(layer.batch_size, layer.num_heads, q)
+                dense = (new_keys, new_values, positions, {})
+            self._score_layer(module, layer_idx, query, query_positions, scale, dense)
             self.stats.score_seconds += time.perf_counter() - start
         return output
 
-    def _score_layer(self, module, layer_idx: int, query, query_positions, scale: float) -> None:
+    def _score_layer(self, module, layer_idx: int, query, query_positions, scale: float, dense=None) -> None:
+        """Score layer ``layer_idx``'s slots; ``dense``: its ``dense_view()`` when the caller already has it."""
         cache = self.cache
         layer = cache.layers[layer_idx]
-        keys, values, positions, state = layer.dense_view()
+        keys, values, positions, state = layer.dense_view() if dense is None else dense
         batch, heads = layer.batch_size, layer.num_heads
         q = query.shape[2]
         candidates = positions >= 0

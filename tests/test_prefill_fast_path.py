@@ -1,0 +1,69 @@
+"""The one-shot prefill through compress() computes the stock model's logits (its first forward into an empty
+cache attends like the model's own SDPA call, on the model's own key/value tensors), and ``gatekv bench decode``'s
+rows and columns on a tiny model (never timings)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from gatekv import compress
+from gatekv.bench import DECODE_COLUMNS, format_decode_table, run_decode_benchmark
+from gatekv.models import cache_kwarg
+from tiny_models import FAMILIES, random_batch, tiny_model
+
+PREFILL_TOLERANCE = 1e-5  # float32 logits, compressed prefill vs stock, absolute and relative (as tests/test_compress.py)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {family: tiny_model(family) for family in FAMILIES}
+
+
+def _prefill_logits(model, ids, mask, cache):
+    return model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kwarg(model): cache}).logits
+
+
+@pytest.mark.parametrize("pad", [None, [0, 3, 9]], ids=["no_padding", "left_padding"])
+@pytest.mark.parametrize("scorer", ["snapkv", "knorm"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_shot_prefill_logits_equal_stock(models, family, scorer, pad):
+    model = models[family]
+    ids, mask = random_batch(3, 80, pad=pad)
+    with torch.no_grad():
+        expected = _prefill_logits(model, ids, mask, DynamicCache(config=model.config))
+        with compress(model, scorer, "adakv", budget=0.25, window=8, sinks=2) as session:
+            logits = _prefill_logits(model, ids, mask, session.new_cache())
+    assert session.stats.events and session.stats.events[0].kind == "prefill"  # it was compressed after the forward
+    valid = mask.bool()
+    torch.testing.assert_close(logits[valid], expected[valid], atol=PREFILL_TOLERANCE, rtol=PREFILL_TOLERANCE)
+
+
+def test_bench_decode_rows_and_columns(models):
+    model = models["llama"]
+    ids, _ = random_batch(1, 96)
+    lines = []
+    results = run_decode_benchmark(model, ids, budgets=(0.25,), scorers=("snapkv",), allocators=("uniform", "adakv"),
+                                   steps=2, warmup=1, window=8, sinks=2, chunk_size=32, log=lines.append)
+    labels = [r.label for r in results]
+    assert labels == ["full", "dense floor@0.25", "snapkv+uniform@0.25", "snapkv+adakv@0.25",
+                      "snapkv+uniform@0.25 chunked"]
+    assert [r.kind for r in results] == ["full", "floor", "one_shot", "one_shot", "chunked"]
+    assert len(lines) == len(results)
+    floor = results[1]
+    assert floor.cache_tokens == 24 and floor.kv_bytes < results[0].kv_bytes
+    for r in results[2:]:
+        assert r.kv_bytes < 0.5 * results[0].kv_bytes  # 25% kept + room for the 3 decode steps
+    table = format_decode_table(results, header="header")
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    header_cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert header_cells == list(DECODE_COLUMNS)
+    assert {"KV MiB", "decode ms", "x full", "x floor", "prefill s", "prefill x full"} <= set(header_cells)
+    body = {cells[0]: cells for cells in ([c.strip() for c in row.strip("|").split("|")] for row in rows[1:])}
+    assert list(body) == labels
+    x_floor = header_cells.index("x floor")
+    prefill_ratio = header_cells.index("prefill x full")
+    assert body["full"][x_floor] == "-" and body["dense floor@0.25"][prefill_ratio] == "-"
+    for label in labels[2:]:
+        float(body[label][x_floor]), float(body[label][prefill_ratio])  # measured ratios, whatever their value
