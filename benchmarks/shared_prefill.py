@@ -23,7 +23,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 
 from gatekv.eval.tasks import make_task_sample  # noqa: E402
-from gatekv.inference import GateKV, load_base_model  # noqa: E402
+from gatekv.inference import GateKV  # noqa: E402
+from gatekv.models import load_base_model  # noqa: E402
 
 
 def main() -> None:

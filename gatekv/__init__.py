@@ -5,8 +5,7 @@ from gatekv.cache import CompressedCache
 from gatekv.compress import CompressionSession, CompressionStats, SharedPrefill, compress, shared_prefill
 from gatekv.inference import Answer, GateKV
 from gatekv.scorers import LayerContext, Scorer, available_scorers, get_scorer
-
-__version__ = "0.1.0"
+from gatekv.version import __version__
 
 __all__ = [
     "Allocator",

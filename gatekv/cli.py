@@ -16,62 +16,11 @@ Errors are one line on stderr naming the field, file or value, with a non-zero e
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-__all__ = ["build_parser", "main", "run_reporting_errors"]
+from gatekv.errors import DEBUG_FLAG, CommandError, debug_requested, run_reporting_errors
 
-_DEBUG_FLAG = "--debug"
-
-
-class CommandError(Exception):
-    """A fault with a ready one-line message and the exit status to use. Library errors may carry an ``exit_code``
-    attribute too (``gatekv.training.runner.TrainingStopped``): it is honoured the same way."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
-    """``(debug?, argv without --debug)``."""
-    debug = _DEBUG_FLAG in argv or os.environ.get("GATEKV_DEBUG", "") not in ("", "0")
-    return debug, [a for a in argv if a != _DEBUG_FLAG]
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) if str(error).strip() else ""
-    return text or type(error).__name__
-
-
-def run_reporting_errors(prog: str, call, debug: bool) -> int:
-    """Run ``call()`` (returns an exit status); turn any exception into one line on stderr and a non-zero status.
-
-    Bad input (``ValueError``, ``FileNotFoundError``, ``NotADirectoryError``, ``PermissionError``) exits 2, an error
-    with an int ``exit_code`` attribute that status, anything else 1 with the exception type named. ``debug``: re-raise
-    instead.
-    """
-    try:
-        return call()
-    except SystemExit:
-        raise
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:
-        if debug:
-            raise
-        if isinstance(getattr(error, "exit_code", None), int):
-            print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
-            return error.exit_code
-        if isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)):
-            print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
-            return 2
-        print(f"{prog}: error: {type(error).__name__}: {_one_line(error)} (rerun with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
+__all__ = ["build_parser", "main", "retrieval_heads_main", "run_reporting_errors"]
 
 
 def _budget(text: str) -> float | int:
@@ -199,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_bench_decode(args) -> int:
     from gatekv.bench import bench_decode
-    from gatekv.inference import check_device
+    from gatekv.models import check_device
 
     check_device(args.device, "--device")
     bench_decode(
@@ -223,8 +172,7 @@ def _run_generate(args) -> int:
     import torch
 
     from gatekv.inference import GateKV
-
-    from gatekv.inference import check_device
+    from gatekv.models import check_device
 
     check_device(args.device, "--device")
     if args.prompt is not None:
@@ -284,7 +232,7 @@ def _run_eval(args) -> int:
     print(f"[gatekv eval] results: {out / 'results.json'}; table: {out / 'results.md'}"
           + (f"; plot: {plot}" if plot.exists() else ""))
     if args.card:
-        from gatekv.eval.runner import add_to_model_card
+        from gatekv.eval.report import add_to_model_card
 
         command = " ".join(["gatekv eval", args.config, *args.overrides])
         for directory in args.card:
@@ -312,8 +260,6 @@ def _passthrough(argv: list[str]):
         entry = training_cli.train_main if argv[0] == "train" else training_cli.validate_main
         return entry, argv[1:]
     if argv[:1] == ["retrieval-heads"]:
-        from gatekv.scorers.retrieval_heads import main as retrieval_heads_main
-
         return retrieval_heads_main, argv[1:]
     if argv[:2] == ["bench", "kernels"]:
         from gatekv.bench_kernels import main as bench_kernels_main
@@ -322,12 +268,51 @@ def _passthrough(argv: list[str]):
     return None, argv
 
 
+def retrieval_heads_main(argv: list[str] | None = None) -> int:
+    """``gatekv retrieval-heads MODEL -o heads.json``: identify retrieval heads of a model, print them, write JSON
+    (:func:`gatekv.scorers.retrieval_heads.identify_retrieval_heads` from Python)."""
+    import torch
+
+    from gatekv.models import load_base_model
+    from gatekv.scorers.retrieval_heads import KINDS, identify_retrieval_heads
+
+    parser = argparse.ArgumentParser(
+        prog="gatekv retrieval-heads", description="Identify (semantic) retrieval heads on synthetic inputs."
+    )
+    parser.add_argument("model", help="smollm2 (the embedded model), a Hugging Face model id or a local path")
+    parser.add_argument("--output", "-o", required=True, help="JSON file to write")
+    parser.add_argument("--kind", choices=KINDS, default="semantic", help="score that selects the heads")
+    parser.add_argument("--samples", type=int, default=4, help="random sequences per test")
+    parser.add_argument("--length", type=int, default=256, help="random tokens per copy / filler length")
+    parser.add_argument("--answer-length", type=int, default=8, help="tokens of the answer span")
+    parser.add_argument("--heads-per-layer", type=int, default=None, help="heads kept per layer (default: fraction)")
+    parser.add_argument("--fraction", type=float, default=0.15, help="fraction of heads per layer if not given")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
+    args = parser.parse_args(argv)
+
+    # smollm2 (embedded), tiny:<family>, a Hub id or a local path
+    model, tokenizer = load_base_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    result = identify_retrieval_heads(
+        model, tokenizer, samples=args.samples, length=args.length, answer_length=args.answer_length,
+        heads_per_layer=args.heads_per_layer, fraction=args.fraction, kind=args.kind, seed=args.seed,
+    )
+    result.settings["model"] = args.model
+    result.save(args.output)
+    scores = result.scores()
+    for layer, heads in enumerate(result.heads()):
+        print(f"layer {layer}: heads {heads} ({args.kind} {[round(float(scores[layer, h]), 3) for h in heads]})")
+    print(f"wrote {args.output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    debug, argv = _debug_requested(sys.argv[1:] if argv is None else list(argv))
+    debug, argv = debug_requested(sys.argv[1:] if argv is None else list(argv))
     entry, rest = _passthrough(argv)
     if entry is not None:
         if argv[0] in ("train", "validate"):  # their own entry points report errors (and read --debug) themselves
-            rest = rest + [_DEBUG_FLAG] * debug
+            rest = rest + [DEBUG_FLAG] * debug
         return run_reporting_errors(f"gatekv {argv[0]}", lambda: entry(rest), debug)
     args = build_parser().parse_args(argv)
     runners = {"generate": _run_generate, "export": _run_export, "eval": _run_eval}

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 
 from gatekv.compress import CompressionSession, CompressionStats, compress
-from gatekv.models import cache_kwarg, output_cache
+from gatekv.models import cache_kwarg, load_base_model, output_cache
 
-__all__ = ["Answer", "GateKV", "check_device", "load_base_model"]
+__all__ = ["Answer", "GateKV"]
 
 
 @dataclass
@@ -61,70 +61,6 @@ class Answer:
             f"{self.prompt_tokens} prompt + {self.new_tokens} new tokens in {self.seconds:.2f} s; {kept}"
             f"KV {self.kv_bytes / 2**20:.2f} MiB vs full {self.full_kv_bytes / 2**20:.2f} MiB ({ratio:.3f}x)"
         )
-
-
-def check_device(device, what: str = "device") -> torch.device:
-    """``torch.device(device)``, or ``ValueError`` naming ``what`` if it is not a device name or not available here
-    (``cuda`` without CUDA, an index past the last GPU)."""
-    try:
-        parsed = torch.device(device if device is not None else "cpu")
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"{what}: {device!r} is not a device (use cpu, cuda or cuda:N): {error}") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"{what}: {device!r} but torch sees no CUDA device here (this torch "
-                             + ("has no CUDA support" if torch.version.cuda is None else "found no GPU") + "); use cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"{what}: {device!r} but there are only {torch.cuda.device_count()} CUDA device(s)")
-    elif parsed.type not in ("cpu", "mps", "xpu", "meta"):
-        raise ValueError(f"{what}: {device!r} is not supported (use cpu or cuda[:N])")
-    return parsed
-
-
-def load_base_model(name_or_path: str, revision: str | None = None, dtype: torch.dtype | None = None, device=None):
-    """``(model, tokenizer)``: ``"smollm2"`` (or its Hub id when offline/not cached) = the embedded SmolLM2;
-    ``"tiny:<family>"`` = a tiny random test model; anything else goes to transformers' ``from_pretrained`` (local
-    path, HF cache, Hub). ``ValueError`` naming the model if it cannot be found or loaded, or the device if absent."""
-    from gatekv.heads.adapter import SMOLLM2_HUB_ID
-
-    if not isinstance(name_or_path, str) or not name_or_path.strip():
-        raise ValueError(f"base model: expected a name, Hub id or path, got {name_or_path!r}")
-    dtype = dtype or torch.float32
-    device = check_device(device)
-    if name_or_path == "smollm2" or (name_or_path == SMOLLM2_HUB_ID and _prefer_embedded(SMOLLM2_HUB_ID, revision)):
-        from gatekv.smollm2 import load_smollm2
-
-        return load_smollm2(dtype=dtype, device=device)
-    if name_or_path.startswith("tiny:"):  # tiny random test models (2 layers, character tokenizer)
-        from gatekv.training.models import char_tokenizer, tiny_model
-
-        return tiny_model(name_or_path.split(":", 1)[1]).to(device=device, dtype=dtype).eval(), char_tokenizer()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
-    except (OSError, ValueError) as error:  # transformers: not a model directory, not cached (offline), not on the Hub
-        from gatekv.heads.adapter import _hub_failure
-
-        local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or os.path.exists(name_or_path)
-        if not isinstance(error, OSError) and not local:
-            raise
-        if local:
-            raise ValueError(f"base model {name_or_path!r}: no loadable model there ({' '.join(str(error).split())[:200]})") from None
-        raise ValueError(_hub_failure(f"base model {name_or_path!r}", error.__cause__ or error)) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return model.to(device).eval().requires_grad_(False), tokenizer
-
-
-def _prefer_embedded(hub_id: str, revision: str | None) -> bool:
-    """True when the Hub copy is not usable here (offline and not in the cache)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(hub_id, "config.json", revision=revision)
-    return not isinstance(cached, str)
 
 
 class GateKV:

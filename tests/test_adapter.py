@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gatekv.heads import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, LoraWeights, build_heads
-from gatekv.training.models import tiny_model
+from gatekv.models import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ def training():
 
 def _no_model_load(monkeypatch):
     """Make loading the base model fail loudly: the checks under test must come before it."""
-    import gatekv.training.models as models
+    import gatekv.models as models
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the check")
@@ -341,7 +341,7 @@ def test_empty_assistant_message_is_without_response(split):
     datasets = pytest.importorskip("datasets")
     from gatekv.training.config import DataConfig
     from gatekv.training.data import prepare_samples
-    from gatekv.training.models import char_tokenizer
+    from gatekv.models import char_tokenizer
 
     records = [{"messages": [{"role": "user", "content": "Some context here."}, {"role": "assistant", "content": c}]}
                for c in ("", "  ", "\n")]
@@ -379,7 +379,7 @@ def adapter_dir(tmp_path):
 )
 def test_lora_path_outside_the_adapter_is_refused(lora_path, message, adapter_dir, tmp_path, capsys):
     from gatekv.heads import Adapter
-    from gatekv.heads.adapter import LoraWeights
+    from gatekv.heads.lora import LoraWeights
 
     # a real LoRA directory outside the adapter: it must never be loaded
     elsewhere = tmp_path / "elsewhere"
@@ -533,8 +533,8 @@ def test_cache_used_after_its_session_names_the_finished_session():
 
 def test_prompt_longer_than_max_positions_warns_with_the_numbers():
     from gatekv import GateKV
-    from gatekv.training.models import char_tokenizer
-    from gatekv.training.models import tiny_model as short_model
+    from gatekv.models import char_tokenizer
+    from gatekv.models import tiny_model as short_model
 
     model = short_model("llama", max_position_embeddings=64)
     ids = torch.randint(3, 100, (1, 80))
@@ -549,7 +549,7 @@ def test_prompt_longer_than_max_positions_warns_with_the_numbers():
 @pytest.mark.parametrize("query_aware", [True, False])
 def test_budget_above_the_prompt_is_a_no_op_in_answer(query_aware):
     from gatekv import GateKV
-    from gatekv.training.models import char_tokenizer
+    from gatekv.models import char_tokenizer
 
     model, tokenizer = tiny_model("llama"), char_tokenizer()
     context = "The quick brown fox jumps over the lazy dog. " * 3
@@ -566,7 +566,7 @@ def test_budget_above_the_prompt_is_a_no_op_in_answer(query_aware):
 
 def test_empty_context_in_answer():
     from gatekv import GateKV
-    from gatekv.training.models import char_tokenizer
+    from gatekv.models import char_tokenizer
 
     kv = GateKV(tiny_model("llama"), char_tokenizer(), scorer="snapkv", budget=40, window=4, sinks=2)
     with pytest.raises(ValueError, match="context: the prompt is empty"):

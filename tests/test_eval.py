@@ -9,8 +9,9 @@ import torch
 
 from gatekv.eval import TASKS, EvalConfig, Haystack, load_eval_config, make_task_sample, run_eval, score_answer
 from gatekv.eval.config import MethodConfig
-from gatekv.eval.runner import EvalResults, grid
-from gatekv.training.models import char_tokenizer, tiny_model
+from gatekv.eval.results import EvalResults
+from gatekv.eval.runner import grid
+from gatekv.models import char_tokenizer, tiny_model
 from gatekv.training.synthetic import TRAIN_SEED_BASE, sentences
 
 
@@ -334,7 +335,7 @@ def test_a_cell_added_on_resume_gets_every_sample_in_order(tmp_path, model, toke
 def test_eval_tables_go_into_an_adapter_model_card(tmp_path, model):
     from safetensors.torch import load_file
 
-    from gatekv.eval.runner import add_to_model_card
+    from gatekv.eval.report import add_to_model_card
     from gatekv.heads import Adapter, build_heads
 
     Adapter(build_heads("retaining_head", model, hidden=8), base_model="tiny:llama", target="cis").save_pretrained(tmp_path / "a")

@@ -13,7 +13,7 @@ from gatekv.corpus import Document, load_corpus
 from gatekv.eval import make_realtext_samples, run_eval
 from gatekv.eval.config import EvalConfig
 from gatekv.eval.realtext import RECALL_INSTRUCTION, score_target
-from gatekv.training.models import char_tokenizer, tiny_model
+from gatekv.models import char_tokenizer, tiny_model
 
 DATA = Path(__file__).parent / "data" / "gpl3_excerpt.txt"
 LENGTH, CONTINUATION, SPAN, CUE, WINDOW = 160, 24, 20, 4, 8
@@ -257,7 +257,7 @@ def test_realtext_eval_resumes_to_identical_cells(tmp_path, finished, model, tok
 
 
 def test_markdown_plot_and_card_show_the_realtext_metrics(tmp_path, finished, model):
-    from gatekv.eval.runner import add_to_model_card
+    from gatekv.eval.report import add_to_model_card
     from gatekv.heads import Adapter, build_heads
 
     config, results = finished
@@ -277,7 +277,7 @@ def test_markdown_plot_and_card_show_the_realtext_metrics(tmp_path, finished, mo
 
 
 def test_mixed_accuracy_and_realtext_tasks(tmp_path, model, tokenizer):
-    from gatekv.eval.runner import Cell
+    from gatekv.eval.results import Cell
 
     config = _config(tmp_path, tasks=["niah_single", "lm"], lengths=[600], modes=["query_agnostic"], budgets=[0.3],
                      num_samples=1, max_new_tokens=3, methods=[{"name": "full", "scorer": "full"},

@@ -10,7 +10,7 @@ import torch
 
 from gatekv import GateKV
 from gatekv.heads import Adapter, build_heads
-from gatekv.training.models import char_tokenizer, tiny_model
+from gatekv.models import char_tokenizer, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from gatekv.compress import shared_prefill
 from gatekv.heads import build_heads
 from gatekv.inference import GateKV
 from gatekv.models import cache_kwarg
-from gatekv.training.models import char_tokenizer
+from gatekv.models import char_tokenizer
 from tiny_models import tiny_model
 
 CONTEXT = "the quick brown fox jumps over the lazy dog while seven owls count the stars " * 5

@@ -1,6 +1,6 @@
 """Tiny deterministic models of every supported family, built from configs (no downloads).
 
-The models are ``gatekv.training.models``' (one definition for the library's ``tiny:<family>`` and the tests), with a
+The models are ``gatekv.models``' (one definition for the library's ``tiny:<family>`` and the tests), with a
 512-position config.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from gatekv.training import models as _models
+from gatekv import models as _models
 
 FAMILIES = _models.TINY_FAMILIES
 

@@ -48,9 +48,9 @@ def main(argv=None) -> int:
     from gatekv.heads import build_heads, load_adapter
     from gatekv.models import cache_kwarg, capture_layer_inputs, inspect_model
     from gatekv.training.config import ModelConfig
-    from gatekv.training.models import load_base_model
+    from gatekv.training.runner import load_frozen_model
 
-    model, _, model_id = load_base_model(ModelConfig(name=args.model))
+    model, _, model_id = load_frozen_model(ModelConfig(name=args.model))
     heads = load_adapter(args.adapter, model=model) if args.adapter else build_heads(args.head_type, model).eval()
     vocab = model.config.vocab_size
     ids = torch.randint(10, vocab - 10, (1, args.length), generator=torch.Generator().manual_seed(0))

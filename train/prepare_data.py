@@ -92,7 +92,7 @@ def _tokenizer(name: str):
         path = find_smollm2_gguf()
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if name == "char":
-        from gatekv.training.models import char_tokenizer
+        from gatekv.models import char_tokenizer
 
         return char_tokenizer()
     return AutoTokenizer.from_pretrained(name)

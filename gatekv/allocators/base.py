@@ -8,11 +8,11 @@ mask and are always kept: they count against the budget, and kernels never speci
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 
-from gatekv.config import check_options
+from gatekv.registry import Registry
 
 __all__ = [
     "AllocationInput",
@@ -165,41 +165,14 @@ class Allocator:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
 
 
-_REGISTRY: dict[str, Callable[..., Allocator]] = {}
+ALLOCATORS: Registry[Allocator] = Registry("allocator", Allocator)
+"""The registered allocators: ``register_*`` (class decorator), ``available_*`` (sorted names), ``get_*`` (an instance from a
+name and options, or the instance itself). Built-ins register when ``gatekv.allocators`` is imported."""
 
 
-def register_allocator(name: str) -> Callable[[type], type]:
-    """Class decorator: make an allocator available by ``name``."""
-
-    def decorate(cls: type) -> type:
-        if name in _REGISTRY:
-            raise ValueError(f"allocator name {name!r} is already registered")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
-def available_allocators() -> list[str]:
-    """Names of the registered allocators, sorted."""
-    import gatekv.allocators  # noqa: F401  (registration)
-
-    return sorted(_REGISTRY)
-
-
-def get_allocator(name_or_allocator: str | Allocator, **kwargs) -> Allocator:
-    """An allocator instance from its registered name (or the instance itself)."""
-    if isinstance(name_or_allocator, Allocator):
-        if kwargs:
-            raise ValueError(f"allocator options {sorted(kwargs)} given together with an allocator instance")
-        return name_or_allocator
-    import gatekv.allocators  # noqa: F401  (registration)
-
-    if name_or_allocator not in _REGISTRY:
-        raise ValueError(f"unknown allocator {name_or_allocator!r}; available: {', '.join(sorted(_REGISTRY))}")
-    check_options("allocator", name_or_allocator, _REGISTRY[name_or_allocator], kwargs)
-    return _REGISTRY[name_or_allocator](**kwargs)
+register_allocator = ALLOCATORS.register
+available_allocators = ALLOCATORS.names
+get_allocator = ALLOCATORS.get
 
 
 def round_preserving_sum(values: torch.Tensor, total: int) -> torch.Tensor:

@@ -10,12 +10,14 @@ sized from the base model's config. Train them with ``gatekv train`` (``gatekv.t
 Nothing here imports ``gatekv.training``, Lightning or DeepSpeed.
 """
 
+from gatekv.heads.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, load_adapter, save_adapter
 from gatekv.heads.attention_gate import AttentionGate, ste_flags
-from gatekv.heads.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, LoraWeights
-from gatekv.heads.base import HeadsScorer, head_class, load_adapter
-from gatekv.heads.config import HEAD_TYPES, HeadConfig, ModelFingerprint
+from gatekv.heads.base import HeadsScorer, head_class
+from gatekv.heads.config import HEAD_TYPES, HeadConfig
 from gatekv.heads.linear_gate import LinearGate
+from gatekv.heads.lora import LoraWeights
 from gatekv.heads.retaining_head import RetainingHead
+from gatekv.models import ModelFingerprint
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -32,6 +34,7 @@ __all__ = [
     "build_heads",
     "head_class",
     "load_adapter",
+    "save_adapter",
     "ste_flags",
 ]
 

@@ -1,4 +1,4 @@
-"""Adapters: trained heads (and optional LoRA weights) as a directory that the Hugging Face Hub can host.
+"""Adapters: trained heads (and optional LoRA weights, ``gatekv.heads.lora``) as a directory that the Hugging Face Hub can host.
 
 Layout (exactly these files; ``lora/`` only when LoRA was trained with the heads)::
 
@@ -23,11 +23,8 @@ put anywhere, so a bad adapter never leaves a half-loaded model behind. The Hub 
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,8 +32,12 @@ from typing import Any
 import torch
 from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, snapshot_download
 
-from gatekv.heads.config import HeadConfig, ModelFingerprint
-from gatekv.io import atomic_write, atomic_write_text
+from gatekv.heads.base import HeadsScorer, head_class
+from gatekv.heads.config import HeadConfig
+from gatekv.heads.lora import LoraWeights
+from gatekv.version import __version__
+from gatekv.io import atomic_write_text, hub_failure, read_json, read_safetensors, warn_pickles, write_safetensors
+from gatekv.models import SMOLLM2_HUB_ID, ModelFingerprint
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -44,8 +45,8 @@ __all__ = [
     "ADAPTER_FORMAT_VERSION",
     "ADAPTER_WEIGHTS",
     "Adapter",
-    "LoraWeights",
-    "SMOLLM2_HUB_ID",
+    "load_adapter",
+    "save_adapter",
 ]
 
 ADAPTER_CONFIG = "gatekv_config.json"
@@ -54,125 +55,8 @@ MODEL_CARD = "README.md"
 LORA_DIR = "lora"
 ADAPTER_FORMAT = "gatekv-adapter"
 ADAPTER_FORMAT_VERSION = 1
-SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-"""Hub id of the embedded default model (``base_model: smollm2`` in an adapter means this model)."""
-
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _HUB_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD, f"{LORA_DIR}/*"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# LoRA weights in peft's format, applied by merging inside a context manager (exactly undone on exit)
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class LoraWeights:
-    """Plain LoRA weights in peft's on-disk format (``adapter_config.json`` + ``adapter_model.safetensors``).
-
-    pairs: ``{module path in the causal LM ("model.layers.0.self_attn.q_proj"): (A (r, in), B (out, r))}``
-    scale: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)
-    peft_config: the ``adapter_config.json`` document, written back unchanged
-    """
-
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    scale: float
-    peft_config: dict
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> "LoraWeights":
-        """Read and validate a peft LoRA directory (``ValueError`` naming the file and the problem)."""
-        directory = Path(directory)
-        config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise ValueError(f"LoRA file missing: {path}")
-        _warn_pickles(directory)
-        config = _read_json(config_path)
-        if config.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
-        for key in ("use_dora", "fan_in_fan_out"):
-            if config.get(key):
-                raise ValueError(f"{config_path}: {key}=true is not supported (plain LoRA only)")
-        if config.get("bias", "none") != "none":
-            raise ValueError(f"{config_path}: bias={config['bias']!r} is not supported (only 'none')")
-        r, alpha = config.get("r"), config.get("lora_alpha")
-        for name, value in (("r", r), ("lora_alpha", alpha)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{config_path}: {name} must be a positive number, got {value!r}")
-        if config.get("rank_pattern") or config.get("alpha_pattern"):
-            raise ValueError(f"{config_path}: rank_pattern/alpha_pattern are not supported")
-        scale = alpha / (r**0.5 if config.get("use_rslora") else r)
-        tensors = _read_safetensors(weights_path)
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
-            match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
-            if match is None:
-                raise ValueError(f"{weights_path}: unexpected tensor {key!r} (plain LoRA A/B weights only)")
-            pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
-        out = {}
-        for module, found in sorted(pairs.items()):
-            if set(found) != {"A", "B"}:
-                raise ValueError(f"{weights_path}: {module} lacks lora_{'B' if 'A' in found else 'A'}.weight")
-            a, b = found["A"], found["B"]
-            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] != r:
-                raise ValueError(
-                    f"{weights_path}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; expected "
-                    f"(r={r}, in) and (out, r={r})"
-                )
-            out[module] = (a, b)
-        if not out:
-            raise ValueError(f"{weights_path}: holds no LoRA weights")
-        return cls(out, float(scale), config)
-
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write peft's format into ``directory`` (each file atomically)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for module, (a, b) in self.pairs.items():
-            tensors[f"base_model.model.{module}.lora_A.weight"] = a.detach().cpu().contiguous()
-            tensors[f"base_model.model.{module}.lora_B.weight"] = b.detach().cpu().contiguous()
-        _write_safetensors(directory / "adapter_model.safetensors", tensors, {"format": "pt"})
-        atomic_write_text(directory / "adapter_config.json", json.dumps(self.peft_config, indent=2, sort_keys=True) + "\n")
-
-    def check_model(self, model) -> None:
-        """``ValueError`` unless every LoRA module exists in ``model`` as a Linear of matching shape."""
-        problems = []
-        for module_path, (a, b) in self.pairs.items():
-            try:
-                module = model.get_submodule(module_path)
-            except AttributeError:
-                problems.append(f"{module_path}: not in the model")
-                continue
-            weight = getattr(module, "weight", None)
-            if not isinstance(module, torch.nn.Linear) or weight is None:
-                problems.append(f"{module_path}: is a {type(module).__name__}, not a Linear layer")
-            elif tuple(weight.shape) != (b.shape[0], a.shape[1]):
-                problems.append(f"{module_path}: weight {tuple(weight.shape)} vs LoRA {(b.shape[0], a.shape[1])}")
-        if problems:
-            raise ValueError("the LoRA weights do not fit the model: " + "; ".join(problems))
-
-    @contextlib.contextmanager
-    def applied(self, model):
-        """Merge ``W += scale * B @ A`` into the model's Linear weights for the duration of the block; on exit the
-        original weights are copied back bit for bit (even after an exception)."""
-        self.check_model(model)
-        saved = []
-        try:
-            with torch.no_grad():
-                for module_path, (a, b) in self.pairs.items():
-                    weight = model.get_submodule(module_path).weight
-                    original = weight.detach().clone()
-                    saved.append((weight, original))
-                    delta = (b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)) * self.scale
-                    weight.copy_((original.float() + delta).to(weight.dtype))
-            yield model
-        finally:
-            with torch.no_grad():
-                for weight, original in saved:
-                    weight.copy_(original)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -209,8 +93,6 @@ class Adapter(
         lora: LoraWeights | None = None,
         license: str = "apache-2.0",
     ):
-        from gatekv.heads.base import HeadsScorer
-
         if not isinstance(heads, HeadsScorer):
             raise TypeError(f"heads must be a gatekv HeadsScorer, got {type(heads).__name__}")
         self.heads = heads
@@ -262,8 +144,6 @@ class Adapter(
 
         allow_mismatch: skip the fingerprint check (the shapes of the layers must still fit)
         """
-        from gatekv.heads.config import ModelFingerprint
-
         model_print = ModelFingerprint.from_model(model)
         if not allow_mismatch:
             self.fingerprint.check_matches(model_print)
@@ -275,13 +155,11 @@ class Adapter(
     # -- saving ------------------------------------------------------------------------------------------------------
     def config_document(self) -> dict:
         """The ``gatekv_config.json`` document."""
-        import gatekv
-
         weights_dtype = next(self.heads.parameters()).dtype
         return {
             "format": ADAPTER_FORMAT,
             "format_version": ADAPTER_FORMAT_VERSION,
-            "library_version": gatekv.__version__,
+            "library_version": __version__,
             "head": self.config.to_dict(),
             "weights_dtype": str(weights_dtype).removeprefix("torch."),
             "base_model": self.base_model,
@@ -302,7 +180,7 @@ class Adapter(
         save_directory.mkdir(parents=True, exist_ok=True)
         _remove_stale_temp_files(save_directory)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.heads.state_dict().items()}
-        _write_safetensors(save_directory / ADAPTER_WEIGHTS, tensors, {"format": "pt", "gatekv_head_type": self.config.type})
+        write_safetensors(save_directory / ADAPTER_WEIGHTS, tensors, {"format": "pt", "gatekv_head_type": self.config.type})
         if self.lora is not None:
             self.lora.save(save_directory / LORA_DIR)
         elif (save_directory / LORA_DIR).exists():
@@ -408,21 +286,19 @@ class Adapter(
                 allow_patterns=_HUB_FILES,
             )
         except Exception as error:  # offline and not cached, unknown repo or revision, network: name the id
-            raise FileNotFoundError(_hub_failure(f"adapter {model_id!r}", error)) from None
+            raise FileNotFoundError(hub_failure(f"adapter {model_id!r}", error)) from None
         return cls.load_directory(folder)
 
     @classmethod
     def load_directory(cls, directory: str | os.PathLike) -> "Adapter":
         """Read and validate an adapter directory; nothing is built until every check passed."""
-        from gatekv.heads.base import head_class
-
         directory = Path(directory)
         config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"adapter file missing: {path}")
-        _warn_pickles(directory)
-        document = _read_json(config_path)
+        warn_pickles(directory)
+        document = read_json(config_path)
         if document.get("format") != ADAPTER_FORMAT:
             raise ValueError(f"{config_path} is not a gatekv adapter config (format must be {ADAPTER_FORMAT!r})")
         version = document.get("format_version")
@@ -454,7 +330,7 @@ class Adapter(
         dtype = _DTYPES.get(document["weights_dtype"])
         if dtype is None:
             raise ValueError(f"{config_path}: weights_dtype {document['weights_dtype']!r} is not one of {sorted(_DTYPES)}")
-        tensors = _read_safetensors(weights_path)
+        tensors = read_safetensors(weights_path)
         heads = head_class(config.type)(config).to(dtype)
         expected = heads.state_dict()
         missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -511,21 +387,6 @@ def _inside(directory: Path, relative, config_path: Path, key: str) -> Path:
     return directory / relative
 
 
-def _hub_failure(what: str, error: BaseException) -> str:
-    """One line for a failed Hub lookup (``LocalEntryNotFoundError`` offline, unknown repo, network)."""
-    name = type(error).__name__
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    if "LocalEntryNotFound" in name or offline:
-        why = "not a local directory and not in the Hugging Face cache" + (" (HF_HUB_OFFLINE is set)" if offline else "")
-    elif "RepositoryNotFound" in name:
-        why = "no such repository on the Hub (or it is private: log in with `hf auth login`)"
-    elif "RevisionNotFound" in name:
-        why = "that revision does not exist on the Hub"
-    else:
-        why = f"could not be fetched from the Hub ({name})"
-    return f"{what}: {why}"
-
-
 def _remove_stale_temp_files(directory: Path) -> None:
     """Temporary files that a killed save left in ``directory`` (:func:`gatekv.io.atomic_write` names them
     ``.<file>.<random>.tmp``)."""
@@ -536,25 +397,6 @@ def _remove_stale_temp_files(directory: Path) -> None:
         for entry in folder.iterdir():
             if entry.is_file() and entry.name.endswith(".tmp") and entry.name.startswith(tuple(f".{n}." for n in names)):
                 entry.unlink(missing_ok=True)
-
-
-def _warn_pickles(directory: Path) -> None:
-    ignored = sorted(p.name for p in directory.iterdir() if p.is_file() and p.suffix.lower() in _PICKLE_SUFFIXES)
-    if ignored:
-        warnings.warn(
-            f"ignoring {ignored} in {directory}: gatekv reads weights from safetensors only, never from pickle files",
-            stacklevel=3,
-        )
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(document, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(document).__name__}")
-    return document
 
 
 def _check_types(path: Path, document: dict, types: dict[str, Any]) -> None:
@@ -568,17 +410,30 @@ def _check_types(path: Path, document: dict, types: dict[str, Any]) -> None:
             raise ValueError(f"{path}: {key} must be {names}, got {type(document[key]).__name__} {document[key]!r}")
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"{path} could not be read as safetensors (truncated or corrupt?): {error}") from None
+# ----------------------------------------------------------------------------------------------------------------------
+# shortcuts
+# ----------------------------------------------------------------------------------------------------------------------
 
 
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+def save_adapter(heads: HeadsScorer, directory: str | os.PathLike, **info) -> Path:
+    """Write ``heads`` as an adapter directory (:class:`Adapter` ``(heads, **info).save_pretrained(directory)``).
 
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    info: :class:`Adapter` fields (base_model, base_revision, target, training, evaluation, lora, license)
+    """
+    Adapter(heads, **info).save_pretrained(directory)
+    return Path(directory)
+
+
+def load_adapter(source: str | os.PathLike, model=None, device=None, allow_mismatch: bool = False) -> HeadsScorer:
+    """Heads from an adapter (local directory, Hugging Face cache or Hub id), in eval mode.
+
+    model:          if given, its fingerprint must match the adapter's (``ValueError`` naming each differing field,
+                    unless ``allow_mismatch``) and the heads are moved to its device
+    device:         where to put the heads (default: the model's device, else CPU)
+    LoRA weights in the adapter are not applied here: use :class:`gatekv.GateKV` (or ``Adapter.lora.applied``).
+    """
+    adapter = Adapter.from_pretrained(source)
+    heads = adapter.heads if model is None else adapter.heads_for(model, allow_mismatch=allow_mismatch)
+    if device is not None:
+        heads.to(device)
+    return heads

@@ -10,24 +10,22 @@ module is a scorer: a token's score is computed once when it enters the cache an
 so old tokens are never re-scored.
 
 Adapters (``gatekv_config.json`` + ``adapter_model.safetensors`` + model card) are written and read by
-:class:`gatekv.heads.adapter.Adapter`; :meth:`HeadsScorer.save_adapter` and :func:`load_adapter` are shortcuts.
+:class:`gatekv.heads.adapter.Adapter` (shortcuts: ``gatekv.heads.save_adapter`` / ``load_adapter``); nothing here
+does file I/O.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from gatekv.heads.config import HeadConfig, ModelFingerprint
+from gatekv.registry import Registry
 from gatekv.scorers.base import LayerContext, Scorer
 
-__all__ = ["HeadsScorer", "head_class", "load_adapter"]
-
-_HEAD_CLASSES: dict[str, type["HeadsScorer"]] = {}
+__all__ = ["HEAD_CLASSES", "HeadsScorer", "head_class"]
 
 # Context fields each ``needs`` entry brings (LayerContext attribute names = feature names).
 FEATURES_OF_NEED = {
@@ -50,8 +48,7 @@ class HeadsScorer(nn.Module, Scorer):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if cls.head_type:
-            _HEAD_CLASSES[cls.head_type] = cls
-            cls.name = cls.head_type
+            HEAD_CLASSES.add(cls.head_type, cls, replace=True)  # a subclass may redefine a head type
 
     def __init__(self, config: HeadConfig):
         super().__init__()
@@ -197,48 +194,13 @@ class HeadsScorer(nn.Module, Scorer):
     def __repr__(self) -> str:  # nn.Module's repr, not Scorer's field dump
         return nn.Module.__repr__(self)
 
-    # -- adapter I/O -----------------------------------------------------------------------------------------------
-    def save_adapter(self, directory: str | os.PathLike, **info) -> Path:
-        """Write these heads as an adapter directory (see :class:`gatekv.heads.adapter.Adapter`).
 
-        info: :class:`~gatekv.heads.adapter.Adapter` fields (base_model, base_revision, target, training, evaluation,
-              lora, license)
-        """
-        from gatekv.heads.adapter import Adapter
-
-        Adapter(self, **info).save_pretrained(directory)
-        return Path(directory)
-
-    @classmethod
-    def load_adapter(cls, source: str | os.PathLike, model=None, device=None) -> "HeadsScorer":
-        """Heads saved by :meth:`save_adapter` (see :func:`load_adapter`)."""
-        heads = load_adapter(source, model=model, device=device)
-        if cls is not HeadsScorer and not isinstance(heads, cls):
-            raise ValueError(f"{source}: holds {heads.head_type!r} heads, not {cls.head_type!r}")
-        return heads
+HEAD_CLASSES: Registry[HeadsScorer] = Registry("head type", HeadsScorer)
+"""The head types (built-ins register when ``gatekv.heads`` is imported, before any module in it)."""
 
 
 def head_class(head_type: str) -> type[HeadsScorer]:
     """The :class:`HeadsScorer` subclass of ``head_type`` (``ValueError`` listing the valid types)."""
-    import gatekv.heads  # noqa: F401  (registers the built-in head types)
-
-    if head_type not in _HEAD_CLASSES:
-        raise ValueError(f"unknown head type {head_type!r}; valid: {sorted(_HEAD_CLASSES)}")
-    return _HEAD_CLASSES[head_type]
-
-
-def load_adapter(source: str | os.PathLike, model=None, device=None, allow_mismatch: bool = False) -> HeadsScorer:
-    """Heads from an adapter (local directory, Hugging Face cache or Hub id), in eval mode.
-
-    model:          if given, its fingerprint must match the adapter's (``ValueError`` naming each differing field,
-                    unless ``allow_mismatch``) and the heads are moved to its device
-    device:         where to put the heads (default: the model's device, else CPU)
-    LoRA weights in the adapter are not applied here: use :class:`gatekv.GateKV` (or ``Adapter.lora.applied``).
-    """
-    from gatekv.heads.adapter import Adapter
-
-    adapter = Adapter.from_pretrained(source)
-    heads = adapter.heads if model is None else adapter.heads_for(model, allow_mismatch=allow_mismatch)
-    if device is not None:
-        heads.to(device)
-    return heads
+    if head_type not in HEAD_CLASSES:
+        raise ValueError(f"unknown head type {head_type!r}; valid: {HEAD_CLASSES.names()}")
+    return HEAD_CLASSES.cls(head_type)

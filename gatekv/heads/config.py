@@ -1,8 +1,9 @@
-"""Head configuration and the base model's shape fingerprint.
+"""Head configuration.
 
 ``HeadConfig`` holds everything needed to rebuild a set of per-layer heads (type and dimensions, derived from the
-base model's config) and is saved as JSON next to the weights. ``ModelFingerprint`` records the base model's shapes
-and RoPE settings; an adapter refuses a model whose fingerprint differs (the error names every differing field).
+base model's config) and is saved as JSON next to the weights. Its ``fingerprint`` is the base model's
+:class:`gatekv.models.ModelFingerprint` (shapes and RoPE settings); an adapter refuses a model whose fingerprint
+differs (the error names every differing field).
 """
 
 from __future__ import annotations
@@ -13,86 +14,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from gatekv.models import SUPPORTED_MODEL_TYPES
+from gatekv.models import ModelFingerprint
 
 __all__ = ["HEAD_TYPES", "HeadConfig", "ModelFingerprint"]
 
 HEAD_TYPES = ("retaining_head", "attention_gate", "linear_gate")
 """Trainable scorer types: Locret retaining head, Attention-Gate, DMS/KVzap-style linear (or MLP) gate."""
-
-
-@dataclass(frozen=True)
-class ModelFingerprint:
-    """Shapes and RoPE settings of a base model: heads trained on one model only fit models with the same print."""
-
-    model_type: str
-    """transformers ``model_type`` (llama, mistral, phi3, qwen2, qwen3)."""
-    num_layers: int
-    """Decoder layers."""
-    num_q_heads: int
-    """Query heads per layer."""
-    num_kv_heads: int
-    """Key/value heads per layer (GQA)."""
-    head_dim: int
-    """Width of one attention head."""
-    hidden_size: int
-    """Width of the residual stream."""
-    rope: str
-    """RoPE settings as sorted JSON (theta, scaling type, partial rotary factor)."""
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            want = str if f.name in ("model_type", "rope") else int
-            if isinstance(value, bool) or not isinstance(value, want):
-                raise ValueError(f"fingerprint.{f.name} must be {want.__name__}, got {type(value).__name__} {value!r}")
-            if want is int and value < 1:
-                raise ValueError(f"fingerprint.{f.name} must be >= 1, got {value}")
-
-    @classmethod
-    def from_model(cls, model) -> "ModelFingerprint":
-        """Fingerprint of a transformers causal LM (``ValueError`` if its family is not supported)."""
-        config = model.config
-        model_type = getattr(config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"unsupported base model {type(model).__name__} (model_type={model_type!r}); "
-                f"gatekv heads support {list(SUPPORTED_MODEL_TYPES)}"
-            )
-        num_q_heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_q_heads
-        rope: dict[str, Any] = {}
-        parameters = getattr(config, "rope_parameters", None)
-        if isinstance(parameters, dict):
-            rope.update({k: v for k, v in parameters.items() if isinstance(v, (int, float, str, bool)) or v is None})
-        elif getattr(config, "rope_theta", None) is not None:
-            rope["rope_theta"] = config.rope_theta
-        factor = getattr(config, "partial_rotary_factor", None)
-        if factor is not None:
-            rope["partial_rotary_factor"] = factor
-        return cls(
-            model_type=model_type,
-            num_layers=config.num_hidden_layers,
-            num_q_heads=num_q_heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_q_heads,
-            head_dim=int(head_dim),
-            hidden_size=config.hidden_size,
-            rope=json.dumps(rope, sort_keys=True),
-        )
-
-    def differences(self, other: "ModelFingerprint") -> list[str]:
-        """``["num_layers: 30 (adapter) vs 2 (model)", ...]`` for every field that differs."""
-        return [
-            f"{f.name}: {getattr(self, f.name)!r} (adapter) vs {getattr(other, f.name)!r} (model)"
-            for f in dataclasses.fields(self)
-            if getattr(self, f.name) != getattr(other, f.name)
-        ]
-
-    def check_matches(self, other: "ModelFingerprint", what: str = "adapter") -> None:
-        """Raise ``ValueError`` naming every differing field if ``other`` (the model) does not match."""
-        diffs = self.differences(other)
-        if diffs:
-            raise ValueError(f"the {what} was made for a different base model: " + "; ".join(diffs))
 
 
 @dataclass

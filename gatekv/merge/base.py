@@ -12,12 +12,12 @@ see plans) nor an allocator (which never sees keys); ``compress.py`` composes th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from gatekv.config import check_options
+from gatekv.registry import Registry
 
 __all__ = [
     "MergeContext",
@@ -163,41 +163,14 @@ class Merger:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
 
 
-_REGISTRY: dict[str, Callable[..., Merger]] = {}
+MERGERS: Registry[Merger] = Registry("merger", Merger)
+"""The registered mergers: ``register_*`` (class decorator), ``available_*`` (sorted names), ``get_*`` (an instance from a
+name and options, or the instance itself). Built-ins register when ``gatekv.merge`` is imported."""
 
 
-def register_merger(name: str) -> Callable[[type], type]:
-    """Class decorator: make a merger available by ``name``."""
-
-    def decorate(cls: type) -> type:
-        if name in _REGISTRY:
-            raise ValueError(f"merger name {name!r} is already registered")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
-def available_mergers() -> list[str]:
-    """Names of the registered mergers, sorted."""
-    import gatekv.merge  # noqa: F401  (registration)
-
-    return sorted(_REGISTRY)
-
-
-def get_merger(name_or_merger: str | Merger, **kwargs) -> Merger:
-    """A merger instance from its registered name (or the instance itself)."""
-    if isinstance(name_or_merger, Merger):
-        if kwargs:
-            raise ValueError(f"merger options {sorted(kwargs)} given together with a merger instance")
-        return name_or_merger
-    import gatekv.merge  # noqa: F401  (registration)
-
-    if name_or_merger not in _REGISTRY:
-        raise ValueError(f"unknown merger {name_or_merger!r}; available: {', '.join(sorted(_REGISTRY))}")
-    check_options("merger", name_or_merger, _REGISTRY[name_or_merger], kwargs)
-    return _REGISTRY[name_or_merger](**kwargs)
+register_merger = MERGERS.register
+available_mergers = MERGERS.names
+get_merger = MERGERS.get
 
 
 def check_unit_interval(owner: str, name: str, value, low: float = 0.0, high: float = 1.0, open_high=False) -> float:

@@ -10,11 +10,11 @@ only ranks. Trained modules (retaining heads, gates) are scorers too: they read 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 
-from gatekv.config import check_options
+from gatekv.registry import Registry
 from gatekv.kernels import window_attention as _window_attention
 
 __all__ = ["LayerContext", "ReplayChunk", "Scorer", "available_scorers", "get_scorer", "register_scorer"]
@@ -146,6 +146,13 @@ class Scorer:
     needs: ClassVar[frozenset[str]] = frozenset()
     state_names: ClassVar[tuple[str, ...]] = ()
     replays: ClassVar[bool] = False
+    uses_tokenizer: ClassVar[bool] = False
+    """Whether :meth:`bind_tokenizer` matters (KVzip builds its repeat prompt from the tokenizer); wrappers that hold
+    a tokenizer (``GateKV``, ``gatekv eval``, the teacher target) bind it to such scorers."""
+
+    def bind_tokenizer(self, tokenizer) -> "Scorer":
+        """Take what the scorer needs from ``tokenizer``; returns ``self``. The default needs nothing."""
+        return self
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         """Return ``(B, H_kv, T)`` float32 importance of every slot of ``ctx``; higher = keep."""
@@ -164,41 +171,11 @@ class Scorer:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
 
 
-_REGISTRY: dict[str, Callable[..., Scorer]] = {}
+SCORERS: Registry[Scorer] = Registry("scorer", Scorer)
+"""The registered scorers: ``register_*`` (class decorator), ``available_*`` (sorted names), ``get_*`` (an instance from a
+name and options, or the instance itself). Built-ins register when ``gatekv.scorers`` is imported."""
 
 
-def register_scorer(name: str) -> Callable[[type], type]:
-    """Class decorator: make a scorer available by ``name`` (``get_scorer(name, **kwargs)``)."""
-
-    def decorate(cls: type) -> type:
-        if name in _REGISTRY:
-            raise ValueError(f"scorer name {name!r} is already registered")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
-def available_scorers() -> list[str]:
-    """Names of the registered scorers, sorted."""
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def get_scorer(name_or_scorer: str | Scorer, **kwargs) -> Scorer:
-    """A scorer instance from its registered name (or the instance itself)."""
-    if isinstance(name_or_scorer, Scorer):
-        if kwargs:
-            raise ValueError(f"scorer options {sorted(kwargs)} given together with a scorer instance")
-        return name_or_scorer
-    _load_builtin()
-    if name_or_scorer not in _REGISTRY:
-        raise ValueError(f"unknown scorer {name_or_scorer!r}; available: {', '.join(sorted(_REGISTRY))}")
-    check_options("scorer", name_or_scorer, _REGISTRY[name_or_scorer], kwargs)
-    return _REGISTRY[name_or_scorer](**kwargs)
-
-
-def _load_builtin() -> None:
-    # Importing the package registers the built-in scorers (one file each).
-    import gatekv.scorers  # noqa: F401
+register_scorer = SCORERS.register
+available_scorers = SCORERS.names
+get_scorer = SCORERS.get

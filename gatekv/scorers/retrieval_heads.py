@@ -11,25 +11,22 @@ Both are scored on synthetic token sequences, so no dataset is needed:
   at the exact copied token.
 
 Scores are averaged over samples and queries: ``(num_layers, H_q)``. The result is saved as JSON together with
-the model's :class:`~gatekv.heads.config.ModelFingerprint`. CLI: ``python -m gatekv.scorers.retrieval_heads``.
+the model's :class:`~gatekv.models.ModelFingerprint`. CLI: ``gatekv retrieval-heads`` (``gatekv.cli``).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from gatekv.heads.config import ModelFingerprint
+from gatekv.models import ModelFingerprint
 
-__all__ = ["RetrievalHeads", "identify_retrieval_heads", "main"]
+__all__ = ["KINDS", "RetrievalHeads", "identify_retrieval_heads"]
 
 KINDS = ("semantic", "retrieval")
 
@@ -54,8 +51,6 @@ class RetrievalHeads:
     """How the scores were measured (samples, lengths, seed)."""
 
     def __post_init__(self):
-        from gatekv.heads.config import ModelFingerprint  # lazy: importing gatekv.scorers stays light
-
         if isinstance(self.fingerprint, dict):
             self.fingerprint = ModelFingerprint(**self.fingerprint)
         if self.kind not in KINDS:
@@ -110,8 +105,6 @@ class RetrievalHeads:
 
     def check_model(self, model) -> None:
         """ValueError naming every differing field if ``model`` is not the model these heads were found on."""
-        from gatekv.heads.config import ModelFingerprint
-
         self.fingerprint.check_matches(ModelFingerprint.from_model(model), what="retrieval heads file")
 
 
@@ -191,8 +184,6 @@ def identify_retrieval_heads(
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
-    from gatekv.heads.config import ModelFingerprint
-
     fingerprint = ModelFingerprint.from_model(model)
     if heads_per_layer is None:
         heads_per_layer = max(1, round(fraction * fingerprint.num_q_heads))
@@ -237,42 +228,3 @@ def identify_retrieval_heads(
         heads_per_layer=heads_per_layer,
         settings={"samples": samples, "length": length, "answer_length": answer_length, "seed": seed},
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: identify retrieval heads of a Hugging Face model, print them and write JSON."""
-    parser = argparse.ArgumentParser(
-        prog="gatekv retrieval-heads", description="Identify (semantic) retrieval heads on synthetic inputs."
-    )
-    parser.add_argument("model", help="smollm2 (the embedded model), a Hugging Face model id or a local path")
-    parser.add_argument("--output", "-o", required=True, help="JSON file to write")
-    parser.add_argument("--kind", choices=KINDS, default="semantic", help="score that selects the heads")
-    parser.add_argument("--samples", type=int, default=4, help="random sequences per test")
-    parser.add_argument("--length", type=int, default=256, help="random tokens per copy / filler length")
-    parser.add_argument("--answer-length", type=int, default=8, help="tokens of the answer span")
-    parser.add_argument("--heads-per-layer", type=int, default=None, help="heads kept per layer (default: fraction)")
-    parser.add_argument("--fraction", type=float, default=0.15, help="fraction of heads per layer if not given")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
-    args = parser.parse_args(argv)
-
-    from gatekv.inference import load_base_model
-
-    # smollm2 (embedded), tiny:<family>, a Hub id or a local path
-    model, tokenizer = load_base_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    result = identify_retrieval_heads(
-        model, tokenizer, samples=args.samples, length=args.length, answer_length=args.answer_length,
-        heads_per_layer=args.heads_per_layer, fraction=args.fraction, kind=args.kind, seed=args.seed,
-    )
-    result.settings["model"] = args.model
-    result.save(args.output)
-    scores = result.scores()
-    for layer, heads in enumerate(result.heads()):
-        print(f"layer {layer}: heads {heads} ({args.kind} {[round(float(scores[layer, h]), 3) for h in heads]})")
-    print(f"wrote {args.output}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

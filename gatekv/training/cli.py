@@ -76,9 +76,9 @@ def _help_config() -> str:
 def train_main(argv: list[str] | None = None) -> int:
     """``gatekv train CONFIG [a.b=c ...]``: returns 0 on success, 2 for a bad config or input, 1 for a fault while
     training (disk full, non-finite loss), 143 when stopped by SIGTERM (one line on stderr; ``--debug``: traceback)."""
-    from gatekv.cli import _debug_requested, run_reporting_errors
+    from gatekv.errors import debug_requested, run_reporting_errors
 
-    debug, argv = _debug_requested(list(sys.argv[1:] if argv is None else argv))
+    debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))
     return run_reporting_errors("gatekv train", lambda: _train(argv), debug)
 
 
@@ -111,9 +111,9 @@ def _train(argv: list[str]) -> int:
 
 def validate_main(argv: list[str] | None = None) -> int:
     """``gatekv validate CONFIG... [--set a.b=c ...]``: 0 if every config is valid, 2 otherwise (one line per file)."""
-    from gatekv.cli import _debug_requested, _one_line
+    from gatekv.errors import debug_requested, one_line
 
-    debug, argv = _debug_requested(list(sys.argv[1:] if argv is None else argv))
+    debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(prog="gatekv validate", description="Check training configs without training: "
                                      "everything gatekv train would refuse before loading the model.")
     parser.add_argument("configs", nargs="+", help="YAML config files (a key=value argument is an override)")
@@ -136,7 +136,7 @@ def validate_main(argv: list[str] | None = None) -> int:
         except Exception as error:
             if debug:
                 raise
-            print(f"{path}: error: {_one_line(error)}", file=sys.stderr)
+            print(f"{path}: error: {one_line(error)}", file=sys.stderr)
             status = 2
             continue
         print(f"{path}: ok" + "".join(f"\n  note: {n}" for n in notes))

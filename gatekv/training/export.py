@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import re
-import zipfile
 from pathlib import Path
 
 import torch
 
-from gatekv.heads.adapter import Adapter, LoraWeights
+from gatekv.heads.adapter import Adapter
+from gatekv.heads.lora import LoraWeights, lora_from_tensors
+from gatekv.training.checkpoints import deepspeed_model_states, find_resume_checkpoint, read_checkpoint_file
 
 __all__ = [
     "adapter_from_checkpoint",
@@ -25,7 +26,6 @@ __all__ = [
     "export_checkpoint",
     "jsonable",
     "lora_from_peft",
-    "read_checkpoint_file",
 ]
 
 _HEAD_PREFIX = re.compile(r"^(?:_forward_module\.|module\.)*objective\.heads\.")
@@ -47,19 +47,7 @@ def lora_from_peft(peft_model) -> LoraWeights:
     config = peft_model.peft_config["default"]
     document = jsonable(config.to_dict())
     tensors = get_peft_model_state_dict(peft_model)
-    return _lora_from_tensors(tensors, document)
-
-
-def _lora_from_tensors(tensors: dict[str, torch.Tensor], peft_config: dict) -> LoraWeights:
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
-        if match is None:
-            raise ValueError(f"unexpected LoRA tensor {key!r} (plain LoRA A/B weights only)")
-        pairs.setdefault(match.group(1), {})[match.group(2)] = tensor.detach().cpu()
-    r, alpha = peft_config["r"], peft_config["lora_alpha"]
-    scale = alpha / (r**0.5 if peft_config.get("use_rslora") else r)
-    return LoraWeights({m: (p["A"], p["B"]) for m, p in sorted(pairs.items())}, float(scale), peft_config)
+    return lora_from_tensors({k: v.detach().cpu() for k, v in tensors.items()}, document)
 
 
 def jsonable(value):
@@ -75,32 +63,8 @@ def jsonable(value):
     return value
 
 
-def read_checkpoint_file(path: Path, where: str = "checkpoint") -> dict:
-    """The dict stored in a Lightning checkpoint file (``torch.load(weights_only=True)``); ``ValueError`` naming
-    ``where`` and the file if it is not a checkpoint at all, or a truncated / corrupt one."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{where}: {path} is not a file")
-    looks_like_one = bool(re.fullmatch(r"step-\d+\.ckpt", path.name)) or path.suffix in (".ckpt", ".pt", ".pth")
-    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; a cut-off one has no central directory
-        if looks_like_one:
-            raise ValueError(f"{where}: {path} is truncated or corrupt (not a complete checkpoint file)")
-        raise ValueError(f"{where}: {path} is not a gatekv training checkpoint (expected a step-N.ckpt file from "
-                         "gatekv train, a DeepSpeed checkpoint directory or a run directory)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        reason = " ".join(str(error).split("\n")[0].split()) or type(error).__name__
-        raise ValueError(f"{where}: {path} is truncated or corrupt ({reason[:200]})") from None
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{where}: {path} is not a gatekv training checkpoint (it holds a {type(checkpoint).__name__})")
-    return checkpoint
-
-
 def _checkpoint_file(path: Path) -> Path:
     """A run directory -> its newest checkpoint; a checkpoint file or DeepSpeed checkpoint directory -> itself."""
-    from gatekv.training.runner import find_resume_checkpoint
-
     if path.is_dir() and not (path / "latest").is_file():
         found = find_resume_checkpoint(path / "checkpoints") or find_resume_checkpoint(path)
         if found is None:
@@ -117,7 +81,7 @@ def _load_checkpoint(path: Path) -> tuple[dict, dict]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(path))
-        files = sorted(path.glob("*/mp_rank_00_model_states.pt")) + sorted(path.glob("*/zero_pp_rank_0_mp_rank_00_model_states.pt"))
+        files = deepspeed_model_states(path)
         meta = torch.load(files[0], map_location="cpu", weights_only=True).get("gatekv") if files else None
     else:
         checkpoint = read_checkpoint_file(path)
@@ -148,7 +112,7 @@ def adapter_from_checkpoint(checkpoint: str | Path) -> Adapter:
     if lora_state:
         if not meta.get("lora"):
             raise ValueError(f"{path} holds LoRA weights but no LoRA settings (checkpoint of an older gatekv)")
-        lora = _lora_from_tensors(lora_state, meta["lora"])
+        lora = lora_from_tensors({k: v.detach().cpu() for k, v in lora_state.items()}, meta["lora"])
     step = int(re.search(r"(\d+)", path.name).group(1)) if re.search(r"(\d+)", path.name) else None
     return Adapter(
         heads.eval().requires_grad_(False),

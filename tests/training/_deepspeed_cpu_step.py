@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _training_helpers import REPO, batch_of, random_samples  # noqa: E402
 from gatekv.heads import build_heads  # noqa: E402
 from gatekv.training.config import TargetConfig, load_deepspeed_config  # noqa: E402
-from gatekv.training.models import tiny_model  # noqa: E402
+from gatekv.models import tiny_model  # noqa: E402
 from gatekv.training.objective import HeadObjective  # noqa: E402
 
 torch.manual_seed(0)

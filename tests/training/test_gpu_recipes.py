@@ -141,7 +141,7 @@ def test_converted_chats_and_mix_load_and_prepare_from_one_directory(tmp_path, m
     pytest.importorskip("datasets", reason="needs the train extra: pip install 'gatekv[train]'")
     from gatekv.training.config import DataConfig
     from gatekv.training.data import load_records, prepare_samples
-    from gatekv.training.models import char_tokenizer
+    from gatekv.models import char_tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     prepare = _prepare_data_module()

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gatekv import compress
-from gatekv.heads import build_heads, load_adapter
-from gatekv.training.models import tiny_model
+from gatekv.heads import build_heads, load_adapter, save_adapter
+from gatekv.models import tiny_model
 
 from gatekv.models import capture_layer_inputs, inspect_model
 
@@ -106,7 +106,7 @@ def test_inference_ranks_by_the_bias_of_the_distance_to_the_newest_token(model, 
         heads = _heads(model, buckets=16)
         with torch.no_grad():
             heads.recency.copy_(sign * 1000.0 * torch.arange(16.0).expand_as(heads.recency))
-        heads.save_adapter(tmp_path / f"a{sign}")
+        save_adapter(heads, tmp_path / f"a{sign}")
         loaded = load_adapter(tmp_path / f"a{sign}", model=model)
         torch.testing.assert_close(loaded.recency, heads.recency)
         ids = torch.randint(3, 120, (1, 48))

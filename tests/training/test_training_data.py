@@ -21,7 +21,7 @@ from gatekv.training.data import (
     prepare_samples,
     split_train_val,
 )
-from gatekv.training.models import char_tokenizer
+from gatekv.models import char_tokenizer
 from gatekv.training import synthetic
 
 

@@ -18,9 +18,10 @@ from gatekv.heads import (
     RetainingHead,
     build_heads,
     load_adapter,
+    save_adapter,
     ste_flags,
 )
-from gatekv.training.models import TINY_FAMILIES, tiny_model
+from gatekv.models import TINY_FAMILIES, tiny_model
 
 from gatekv.models import capture_layer_inputs, inspect_model
 
@@ -112,7 +113,7 @@ def test_heads_score_inside_compress(models, family, head_type, tmp_path):
     tokens are computed once when they enter (chunked prefill keeps them in the per-slot state)."""
     model = models[family]
     heads = build_heads(head_type, model, hidden=8)
-    heads.save_adapter(tmp_path / "adapter")
+    save_adapter(heads, tmp_path / "adapter")
     heads = load_adapter(tmp_path / "adapter", model=model)
     ids = torch.randint(3, 120, (2, 40))
     mask = torch.ones_like(ids)
@@ -127,7 +128,7 @@ def test_heads_score_inside_compress(models, family, head_type, tmp_path):
 def test_adapter_round_trip_is_exact(models, tmp_path):
     model = models["qwen3"]
     heads = build_heads("attention_gate", model, gate_heads=3, gate_head_dim=4)
-    heads.save_adapter(tmp_path, base_model="tiny:qwen3", training={"x": 1})
+    save_adapter(heads, tmp_path, base_model="tiny:qwen3", training={"x": 1})
     document = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
     assert document["format"] == "gatekv-adapter" and document["base_model"] == "tiny:qwen3"
     assert document["training"] == {"x": 1}
@@ -142,7 +143,7 @@ def test_adapter_round_trip_is_exact(models, tmp_path):
 
 
 def test_adapter_refuses_other_base_model(models, tmp_path):
-    build_heads("retaining_head", models["llama"]).save_adapter(tmp_path)
+    save_adapter(build_heads("retaining_head", models["llama"]), tmp_path)
     with pytest.raises(ValueError, match="different base model.*num_kv_heads: 2 \\(adapter\\) vs 1 \\(model\\)"):
         load_adapter(tmp_path, model=models["phi3"])
 
@@ -150,7 +151,7 @@ def test_adapter_refuses_other_base_model(models, tmp_path):
 def test_adapter_bad_files(models, tmp_path):
     with pytest.raises(FileNotFoundError, match=ADAPTER_CONFIG):
         load_adapter(tmp_path)
-    build_heads("linear_gate", models["llama"]).save_adapter(tmp_path)
+    save_adapter(build_heads("linear_gate", models["llama"]), tmp_path)
     (tmp_path / ADAPTER_WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="could not be read as safetensors"):
         load_adapter(tmp_path)
@@ -160,8 +161,8 @@ def test_adapter_bad_files(models, tmp_path):
 
 
 def test_adapter_weights_of_other_dims_are_refused(models, tmp_path):
-    build_heads("retaining_head", models["llama"], hidden=8).save_adapter(tmp_path / "a")
-    build_heads("retaining_head", models["llama"], hidden=4).save_adapter(tmp_path / "b")
+    save_adapter(build_heads("retaining_head", models["llama"], hidden=8), tmp_path / "a")
+    save_adapter(build_heads("retaining_head", models["llama"], hidden=4), tmp_path / "b")
     (tmp_path / "a" / ADAPTER_WEIGHTS).write_bytes((tmp_path / "b" / ADAPTER_WEIGHTS).read_bytes())
     with pytest.raises(ValueError, match="shape"):
         load_adapter(tmp_path / "a")

@@ -13,7 +13,7 @@ from gatekv.training import synthetic
 from gatekv.training.config import DataConfig
 from gatekv.training.data import load_records, prepare_samples
 from gatekv.training.mix import MixConfig, make_mix
-from gatekv.training.models import char_tokenizer
+from gatekv.models import char_tokenizer
 
 PROSE = ("The quick brown fox jumps over the lazy dog while the farmer watches from the barn. " * 12).strip()
 

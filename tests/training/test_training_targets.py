@@ -15,7 +15,7 @@ from gatekv.models import capture_layer_inputs, inspect_model
 from gatekv.training.capture import TrainingCapture
 from gatekv.training.config import LoraConfig, TargetConfig
 from gatekv.training.losses import cis_loss, gate_log_mask, listwise_kl, topk_overlap
-from gatekv.training.models import TINY_FAMILIES, tiny_model
+from gatekv.models import TINY_FAMILIES, tiny_model
 from gatekv.training.objective import FeatureCache, HeadObjective, _response_rows
 
 

@@ -12,7 +12,7 @@ from gatekv.compress import shared_prefill
 from gatekv.heads import build_heads
 from gatekv.scorers import get_scorer
 from gatekv.training.config import TargetConfig
-from gatekv.training.models import tiny_model
+from gatekv.models import tiny_model
 from gatekv.training.objective import FeatureCache, HeadObjective
 from gatekv.training.teacher import teacher_scores
 

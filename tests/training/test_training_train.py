@@ -21,8 +21,9 @@ from safetensors.torch import load_file
 from _training_helpers import REPO, TINY_DATA, tiny_config
 from gatekv import compress
 from gatekv.heads import build_heads, load_adapter
-from gatekv.training.models import tiny_model
-from gatekv.training.runner import find_resume_checkpoint, train
+from gatekv.models import tiny_model
+from gatekv.training.checkpoints import find_resume_checkpoint
+from gatekv.training.runner import train
 
 
 @pytest.fixture(scope="module")
