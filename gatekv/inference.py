@@ -102,6 +102,12 @@ class GateKV:
             scorer = self.adapter.heads_for(model, allow_mismatch=allow_mismatch)
             if self.adapter.lora is not None:
                 self.adapter.lora.check_model(model)
+        if tokenizer is not None and scorer is not None:
+            from gatekv.scorers import get_scorer
+
+            instance = get_scorer(scorer)
+            if instance.uses_tokenizer:  # e.g. KVzip's repeat prompt in the tokenizer's chat template
+                scorer = instance.bind_tokenizer(tokenizer)
         self.scorer = scorer
         self.allocator = allocator
         self.budget = budget

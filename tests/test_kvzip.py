@@ -232,3 +232,23 @@ def test_bind_tokenizer_and_errors(models):
 def test_bad_options(options, parameter):
     with pytest.raises(ValueError, match=parameter):
         get_scorer("kvzip", **options)
+
+
+def test_gatekv_binds_its_tokenizer_to_kvzip(models):
+    """GateKV (and so ``gatekv eval``) gives KVzip the repeat prompt built from its tokenizer; other scorers stay as given."""
+    from gatekv import GateKV
+
+    class Tokenizer:
+        chat_template = None
+        pad_token_id = 0
+
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) % 100 for c in text]
+
+    kv = GateKV(models["llama"], Tokenizer(), scorer="kvzip", budget=0.5)
+    assert isinstance(kv.scorer, KVzipScorer)
+    assert kv.scorer.prompt_ids == Tokenizer().encode("\n\nRepeat the previous context exactly.")
+    given = get_scorer("kvzip", prompt_ids=[5, 6])
+    assert GateKV(models["llama"], Tokenizer(), scorer=given).scorer.prompt_ids == [5, 6]  # explicit ids are kept
+    assert GateKV(models["llama"], Tokenizer(), scorer="snapkv").scorer == "snapkv"
+    assert GateKV(models["llama"], None, scorer="kvzip").scorer == "kvzip"  # no tokenizer: nothing to bind

@@ -75,6 +75,7 @@ class KVzipScorer(Scorer):
     """
 
     replays = True
+    uses_tokenizer = True
     state_names = ("kvzip",)
 
     def __init__(

@@ -16,7 +16,7 @@ __all__ = ["build_teacher", "teacher_scores"]
 def build_teacher(name: str, options: dict | None = None, tokenizer=None) -> Scorer:
     """The scorer ``name`` with ``options``; a scorer that takes a tokenizer (KVzip's repeat prompt) gets ``tokenizer``."""
     scorer = get_scorer(name, **(options or {}))
-    if tokenizer is not None and hasattr(scorer, "bind_tokenizer"):
+    if tokenizer is not None:
         scorer.bind_tokenizer(tokenizer)
     return scorer
 
