@@ -13,8 +13,9 @@ import torch
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
 
 from gatekv import compress
+from gatekv.cli import retrieval_heads_main as main
 from gatekv.scorers import LayerContext, available_scorers, get_scorer
-from gatekv.scorers.retrieval_heads import RetrievalHeads, identify_retrieval_heads, main
+from gatekv.scorers.retrieval_heads import RetrievalHeads, identify_retrieval_heads
 from masked_reference import reference_logits
 from tiny_models import random_batch, tiny_model
 
