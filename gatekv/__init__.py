@@ -5,6 +5,7 @@ from gatekv.cache import CompressedCache
 from gatekv.compress import CompressionSession, CompressionStats, SharedPrefill, compress, shared_prefill
 from gatekv.inference import Answer, GateKV
 from gatekv.scorers import LayerContext, Scorer, available_scorers, get_scorer
+from gatekv.settings import CompressionConfig
 from gatekv.version import __version__
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "Answer",
     "Budget",
     "CompressedCache",
+    "CompressionConfig",
     "CompressionSession",
     "CompressionStats",
     "GateKV",

@@ -19,23 +19,18 @@ import argparse
 import sys
 
 from gatekv.errors import DEBUG_FLAG, CommandError, debug_requested, run_reporting_errors
+from gatekv.settings import DEFAULT_CHUNK_SIZE, DEFAULT_SINKS, DEFAULT_WINDOW
 
 __all__ = ["build_parser", "main", "retrieval_heads_main", "run_reporting_errors"]
 
 
 def _budget(text: str) -> float | int:
-    """A budget: a ratio of the prompt if it contains '.' (0.1), else a token count (512)."""
+    """A budget: a ratio of the prompt if it contains '.' (0.1), else a token count (512). Its range is checked
+    once, by :class:`gatekv.settings.CompressionConfig` (``gatekv generate``) or :class:`gatekv.allocators.Budget`."""
     try:
-        value = float(text) if any(c in text for c in ".eE") else int(text)
+        return float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"budget must be a ratio like 0.1 or a token count like 512, got {text!r}")
-    from gatekv.allocators import Budget
-
-    try:
-        Budget(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error))
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--allocator", nargs="+", default=["uniform", "adakv"], help="allocators to measure (default uniform adakv)"
     )
     decode.add_argument(
-        "--chunk-size", type=int, default=512, help="tokens per chunk of the chunked-prefill rows; 0 = no such rows (default 512)"
+        "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+        help=f"tokens per chunk of the chunked-prefill rows; 0 = no such rows (default {DEFAULT_CHUNK_SIZE})"
     )
     decode.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     decode.add_argument("--seed", type=int, default=0, help="prompt / random weights seed (default 0)")
@@ -107,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compress the document before the question is seen (default: the question is in the prompt)",
     )
-    generate.add_argument("--window", type=int, default=32, help="recent tokens always kept (default 32)")
-    generate.add_argument("--sinks", type=int, default=4, help="first tokens always kept (default 4)")
+    generate.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                          help=f"recent tokens always kept (default {DEFAULT_WINDOW})")
+    generate.add_argument("--sinks", type=int, default=DEFAULT_SINKS, help=f"first tokens always kept (default {DEFAULT_SINKS})")
     generate.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     generate.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -149,8 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_bench_decode(args) -> int:
     from gatekv.bench import bench_decode
     from gatekv.models import check_device
+    from gatekv.settings import resolve_budget
 
     check_device(args.device, "--device")
+    for budget in args.budget:  # before minutes of model loading
+        resolve_budget(budget, "--budget")
     bench_decode(
         length=args.length,
         budgets=tuple(args.budget),
@@ -173,6 +173,7 @@ def _run_generate(args) -> int:
 
     from gatekv.inference import GateKV
     from gatekv.models import check_device
+    from gatekv.settings import CompressionConfig
 
     check_device(args.device, "--device")
     if args.prompt is not None:
@@ -188,22 +189,20 @@ def _run_generate(args) -> int:
     if not context.strip():
         source_name = "--prompt" if args.prompt is not None else f"--prompt-file {args.prompt_file}"
         raise ValueError(f"{source_name}: the prompt is empty")
-    scorer = args.scorer if args.scorer is not None else (None if args.adapter else "snapkv")
+    scorer = args.scorer if args.scorer is not None else (None if args.adapter else CompressionConfig.scorer)
     if scorer is not None and scorer.lower() in ("none", "full"):
         scorer = None
+    # the settings, validated once and before the model loads (an adapter's heads replace the scorer)
+    config = CompressionConfig(scorer or CompressionConfig.scorer, args.allocator, args.budget, args.prefill,
+                               window=args.window, sinks=args.sinks)
     model = args.model if args.model is not None else (None if args.adapter else "smollm2")
     kv = GateKV.from_pretrained(
         model,
         adapter=args.adapter,
-        scorer=scorer,
-        budget=args.budget,
-        allocator=args.allocator,
-        prefill=args.prefill,
+        config=config if scorer is not None or args.adapter else None,
         revision=args.revision,
         dtype=getattr(torch, args.dtype),
         device=args.device,
-        window=args.window,
-        sinks=args.sinks,
     )
     streamer = None
     if args.stream:

@@ -1,4 +1,4 @@
-"""``compress(model, scorer, allocator, budget, ...)``: KV-cache compression around a model's own ``generate()``.
+"""``compress(model, config | scorer, allocator, budget, ...)``: KV-cache compression around a model's own ``generate()``.
 
 Inside the context manager every forward that starts a fresh cache gets a :class:`CompressedCache`; that first
 (prefill) forward is scored layer by layer and the cache is physically compacted afterwards (``one_shot``), or
@@ -6,11 +6,18 @@ the prompt is run in chunks with an eviction after each (``chunked``: peak KV <=
 forwards append; with ``decode_budget`` they also evict to keep the cache at that size. Everything is undone on
 exit: hooks removed, the model's attention implementation restored.
 
+This module holds the session's hooks, prefill modes and evictions. The attention function and the per-layer
+scoring are in :mod:`gatekv.attention`, the stats in :mod:`gatekv.stats`, the settings in :mod:`gatekv.settings`
+(:class:`CompressionConfig`) and :class:`SharedPrefill` in :mod:`gatekv.shared_prefill`; they are re-exported here.
+
 Typical use::
 
     with compress(model, "snapkv", "adakv", budget=0.1) as session:
         out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)
     print(session.stats.summary())
+
+    config = CompressionConfig("snapkv", "adakv", budget=0.1)   # the same settings as one validated value
+    with compress(model, config) as session: ...
 
 Query-agnostic use (compress the context before the question is seen)::
 
@@ -24,59 +31,41 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import time
 import warnings
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from gatekv import kernels
 from gatekv.allocators import AllocationInput, Allocator, Budget, get_allocator
+from gatekv.attention import ATTENTION_NAME, ScorerGroup, SessionAttention, attach, detach
 from gatekv.cache import CompressedCache, full_cache_kv_bytes
 from gatekv.merge import MergeContext, Merger, get_merger
 from gatekv.models import ModelSpec, cache_kwarg, capture_layer_inputs, find_cache, inspect_model
-from gatekv.scorers import LayerContext, Scorer, get_scorer
+from gatekv.scorers import Scorer, get_scorer
+from gatekv.settings import DEFAULT_RESERVE, DEFAULT_SINKS, DEFAULT_WINDOW, PREFILL_MODES, CompressionConfig
+from gatekv.shared_prefill import SharedPrefill, _ScoreSet
+from gatekv.stats import CompressionEvent, CompressionStats
 
-__all__ = ["ATTENTION_NAME", "CompressionEvent", "CompressionSession", "CompressionStats", "SharedPrefill", "compress",
-           "shared_prefill"]
+__all__ = ["ATTENTION_NAME", "PREFILL_MODES", "CompressionConfig", "CompressionEvent", "CompressionSession",
+           "CompressionStats", "SharedPrefill", "compress", "shared_prefill"]
 
-ATTENTION_NAME = "gatekv_ragged"
-PREFILL_MODES = ("one_shot", "chunked")
-_SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, CompressionSession]" = weakref.WeakKeyDictionary()
-
-
-def _ragged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention function registered with transformers' AttentionInterface under ``ATTENTION_NAME``.
-
-    query: (B, H_q, q, d) post-RoPE. key/value: (B, H_kv, q, d) the new tokens, as ``CompressedCache.update``
-    returned them; the session attends over the layer's ragged cache (which holds exactly them after the first
-    forward into an empty cache). Returns ``((B, q, H_q, d_v), None)``.
-    """
-    session = _SESSIONS.get(module)
-    if session is None:
-        raise RuntimeError(f"attention implementation {ATTENTION_NAME!r} is only usable inside gatekv.compress()")
-    scale = scaling if scaling is not None else module.head_dim**-0.5
-    output = session._attend(module, query, key, value, scale, kwargs.get("sliding_window"))
-    return output.transpose(1, 2).contiguous(), None
-
-
-def _register_attention() -> None:
-    from transformers import AttentionInterface
-
-    if ATTENTION_NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(ATTENTION_NAME, _ragged_attention_forward)
-
-
-_DEFAULT_RESERVE = 64
+_DEFAULTS = CompressionConfig()  # the signature defaults of compress() are the config's field defaults
 
 
 def _auto_reserve(prompt_tokens: int) -> int:
     """Decode room per (row, KV head) when the generation length is unknown: 1/64 of the prompt (<= 2% of the full
-    cache), at most 64 slots; it regrows geometrically as tokens come."""
-    return max(1, min(_DEFAULT_RESERVE, prompt_tokens // 64))
+    cache), at most ``DEFAULT_RESERVE`` slots; it regrows geometrically as tokens come."""
+    return max(1, min(DEFAULT_RESERVE, prompt_tokens // 64))
+
+
+def _reset(merger: Merger | None) -> None:
+    """Forget what a stateful merger learned from the previous prompt."""
+    if hasattr(merger, "reset"):  # gatekv.merge declares no reset() on its base: stateless mergers lack one
+        merger.reset()
 
 
 @dataclass
@@ -114,153 +103,66 @@ class _GenerateCall:
         return cls(prompt, None if max_new is None else int(max_new), int(drafts))
 
 
-@dataclass
-class CompressionEvent:
-    """One eviction: after a prefill (``prefill``), a prefill chunk (``chunk``) or a decode step (``decode``)."""
-
-    kind: str
-    kept_tokens: torch.Tensor
-    """(num_layers, B, H_kv) tokens held after the eviction."""
-    kv_bytes_before: int
-    kv_bytes_after: int
-    seconds: float
-    """Allocation + compaction time."""
-    last_position: torch.Tensor
-    """(B,) position of the last token processed before the eviction."""
-    kept_positions: list[torch.Tensor] | None = None
-    """Per layer (B, H_kv, K) positions of the kept tokens (-1 padding); only with ``record=True``."""
-
-
-@dataclass
-class CompressionStats:
-    """What a session did: prompt and budget sizes, every eviction, time spent, bytes held."""
-
-    prompt_tokens: torch.Tensor | None = None
-    """(B,) non-padding tokens of the compressed prompt."""
-    budget_tokens: torch.Tensor | None = None
-    """(B,) tokens per KV head the allocator targeted."""
-    full_kv_bytes: int = 0
-    """Bytes an uncompressed cache would hold for the prompt (same dtype)."""
-    events: list[CompressionEvent] = field(default_factory=list)
-    score_seconds: float = 0.0
-    compact_seconds: float = 0.0
-    noop: bool = False
-    """True when the budget covered the whole prompt and nothing was changed."""
-    cascade_peak_kv_bytes: int = 0
-    """Largest KV allocation seen inside a prefill forward, before each layer's cascade re-eviction (CAKE)."""
-    replay_seconds: float = 0.0
-    """Time of a replaying scorer's extra forwards (KVzip's context reconstruction), their scoring included."""
-
-    @property
-    def peak_kv_bytes(self) -> int:
-        """Largest KV allocation seen right before an eviction (the prefill peak, cascade steps included)."""
-        return max(max((e.kv_bytes_before for e in self.events), default=0), self.cascade_peak_kv_bytes)
-
-    @property
-    def kept_tokens(self) -> torch.Tensor | None:
-        """(num_layers, B, H_kv) tokens held after the last eviction."""
-        return self.events[-1].kept_tokens if self.events else None
-
-    def summary(self) -> str:
-        if self.noop:
-            return "budget covers the prompt: no compression"
-        if not self.events:
-            return "nothing compressed yet"
-        last = self.events[-1]
-        kept = last.kept_tokens.double()
-        return (
-            f"prompt {self.prompt_tokens.tolist()} tokens, budget {self.budget_tokens.tolist()} per head; "
-            f"kept per head mean {kept.mean():.1f} (min {int(kept.min())}, max {int(kept.max())}); "
-            f"KV {last.kv_bytes_after / 2**20:.2f} MiB vs full {self.full_kv_bytes / 2**20:.2f} MiB "
-            f"({last.kv_bytes_after / max(self.full_kv_bytes, 1):.3f}x); "
-            f"score {self.score_seconds:.3f}s, compact {self.compact_seconds:.3f}s, {len(self.events)} evictions"
-        )
-
-
-def _resolve_budget(value, field_name: str) -> Budget:
-    try:
-        return value if isinstance(value, Budget) else Budget(value)
-    except ValueError as error:
-        raise ValueError(f"{field_name}: {error}") from None
-
-
 class CompressionSession:
-    """State of one ``compress()`` context. Use :func:`compress`; read ``stats`` and ``cache`` afterwards."""
+    """State of one ``compress()`` context. Use :func:`compress`; read ``stats`` and ``cache`` afterwards.
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        scorer: str | Scorer = "snapkv",
-        allocator: str | Allocator = "uniform",
-        budget: float | int | Budget = 0.1,
-        prefill: str = "one_shot",
-        chunk_size: int = 512,
-        window: int = 32,
-        sinks: int = 4,
-        decode_budget: float | int | None = None,
-        query: torch.Tensor | None = None,
-        reserve: int | None = None,
-        record: bool = False,
-        merge: str | Merger | None = None,
-    ):
+    model:  a supported causal LM
+    config: the settings (:class:`CompressionConfig`, validated when it was made); ``settings`` instead build one,
+            or replace fields of ``config``
+    """
+
+    def __init__(self, model: torch.nn.Module, config: CompressionConfig | None = None, **settings):
+        if config is None:
+            config = CompressionConfig(**settings)
+        elif settings:
+            config = dataclasses.replace(config, **settings)
+        self.config = config
         self.spec: ModelSpec = inspect_model(model)
         self.model = model
-        self.scorer = get_scorer(scorer)
+        self.scorer = get_scorer(config.scorer)
         _check_trained_scorers(model, self.scorer)
-        self.allocator = get_allocator(allocator)
-        self.merger = None if merge is None else get_merger(merge)
-        self.budget = _resolve_budget(budget, "budget")
-        if prefill not in PREFILL_MODES:
-            raise ValueError(f"prefill must be one of {list(PREFILL_MODES)}, got {prefill!r}")
-        for name, value, low in (("chunk_size", chunk_size, 1), ("window", window, 0), ("sinks", sinks, 0), ("reserve", reserve, 0)):
-            if name == "reserve" and value is None:
-                continue  # sized from generate's max_new_tokens, or small and growing
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if not self.budget.is_ratio and self.budget.value < sinks + window:
-            raise ValueError(
-                f"budget {self.budget.value} tokens is smaller than sinks + window = {sinks} + {window}: "
-                "the protected tokens alone exceed it"
-            )
-        self.decode_budget = None if decode_budget is None else _resolve_budget(decode_budget, "decode_budget")
-        if self.decode_budget is not None and not self.decode_budget.is_ratio and self.decode_budget.value < sinks + window:
-            raise ValueError(f"decode_budget {self.decode_budget.value} is smaller than sinks + window = {sinks + window}")
-        if query is not None:
-            query = torch.as_tensor(query)
-            if query.dtype not in (torch.int32, torch.int64) or query.dim() not in (1, 2) or query.shape[-1] == 0:
-                raise ValueError(f"query must be token ids of shape (q,) or (B, q) with q >= 1, got {tuple(query.shape)} {query.dtype}")
-        if query is not None and self.scorer.replays:
-            raise ValueError(f"scorer {self.scorer.name!r} replays the context (query-agnostic): query= is not supported")
-        self.query = query
-        self.prefill, self.chunk_size, self.window, self.sinks = prefill, chunk_size, window, sinks
-        self.reserve, self.record = reserve, record
-        self.stats = CompressionStats()
-        self.cache: CompressedCache | None = None
+        self.allocator = get_allocator(config.allocator)
+        self.merger = None if config.merge is None else get_merger(config.merge)
+        self._attention = SessionAttention(self.spec, self.scorer, self.allocator, config.window, config.sinks,
+                                           after_layer=self._after_layer)
         self._handles: list = []
-        self._captured: list[dict] = [{} for _ in range(self.spec.num_layers)]
         self._original_impl: str | None = None
-        self._scoring = False
-        self._observer_from: torch.Tensor | None = None
-        self._scores: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._budget_rows: torch.Tensor | None = None
         self._decode_rows: torch.Tensor | None = None
-        self._row_start: torch.Tensor | None = None
         self._last_position: torch.Tensor | None = None
         self._query_rows: torch.Tensor | None = None
         self._phase = "prefill"
-        self._held: dict | None = None  # set by SharedPrefill: the prefill is scored but not compacted
+        self._held: dict | None = None  # hold_prefills(): the prefill is scored but not compacted
         self._busy = False  # inside a hook: the decoder forwards the session runs itself pass through untouched
         self._generate: _GenerateCall | None = None  # the model.generate() call in progress, if any
         self._draft_hidden: torch.Tensor | None = None  # assisted decoding: the prompt's last hidden state
         self._original_generate = None
         self._prompt_tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # replaying scorers: (ids, positions)
         self._replay_columns = (0, 0)  # prompt columns of the forward just prefilled (what the replay reconstructs)
-        self._replay_chunk = None  # the ReplayChunk being scored
 
     # -- public ---------------------------------------------------------------------------------------------------
+    @property
+    def cache(self) -> CompressedCache | None:
+        """The compressed cache of the current (or last) generation; None before the first prefill."""
+        return self._attention.cache
+
+    @cache.setter
+    def cache(self, cache: CompressedCache | None) -> None:
+        self._attention.cache = cache
+
+    @property
+    def stats(self) -> CompressionStats:
+        """What the session did on the current (or last) prompt."""
+        return self._attention.stats
+
+    @stats.setter
+    def stats(self, stats: CompressionStats) -> None:
+        self._attention.stats = stats
+
     def new_cache(self) -> CompressedCache:
         """A fresh cache for this model; pass it as ``cache`` (``past_key_values`` in older transformers) (generate creates one automatically)."""
-        self.cache = CompressedCache(self.spec.num_layers, reserve=_DEFAULT_RESERVE if self.reserve is None else self.reserve)
+        reserve = DEFAULT_RESERVE if self.config.reserve is None else self.config.reserve
+        self.cache = CompressedCache(self.spec.num_layers, reserve=reserve)
         return self.cache
 
     def expect_new_tokens(self, tokens: int | None) -> None:
@@ -268,12 +170,51 @@ class CompressionSession:
         ``max_new_tokens``; a hand-written decode loop may): the cache then keeps room for exactly them."""
         self._generate = None if tokens is None else _GenerateCall(prompt_length=None, max_new_tokens=int(tokens))
 
+    def hold_prefills(self, hold: bool = True) -> None:
+        """``hold``: from the next prefill on, score it but keep its full cache (:attr:`held_cache`) instead of
+        compacting it, so that :meth:`fork` can compact copies of it (a shared prefill); False: compact again."""
+        self._held = {} if hold else None
+
+    @property
+    def held_cache(self) -> CompressedCache | None:
+        """The full cache of the last prefill held by :meth:`hold_prefills`; None before one."""
+        return None if self._held is None else self._held.get("cache")
+
+    def fork(self, scores: list[torch.Tensor], allocator: Allocator, budget: Budget,
+             merger: Merger | None = None) -> tuple[CompressedCache, CompressionStats]:
+        """A compacted copy of :attr:`held_cache` and its stats (the prefill's, with this one eviction).
+
+        scores:    per layer (B, H_kv, T) float32 scores of the held cache's slots (-inf: not a candidate); the
+                   protected slots are the held prefill's
+        allocator: an allocator that does not observe the prefill (``Allocator.observes_prefill`` false)
+        budget:    tokens per KV head (ValueError naming rows whose budget is below sinks + window)
+        merger:    merges the dropped tokens into kept ones, or None
+        """
+        held = self._held
+        if not held or "cache" not in held:
+            raise RuntimeError("fork() needs a held prefill first (hold_prefills(), then a prefill)")
+        _reset(merger)
+        base = held["stats"]
+        lengths = base.prompt_tokens.to(held["cache"].layers[0].lengths.device)
+        budget_rows = self._budget_tokens(budget, lengths)
+        cache = copy.deepcopy(held["cache"])
+        event = self._evict(cache, "prefill", scores, held["protected"], allocator, budget_rows, merger)
+        stats = CompressionStats(prompt_tokens=base.prompt_tokens, budget_tokens=budget_rows.cpu(),
+                                 full_kv_bytes=base.full_kv_bytes, events=[event], compact_seconds=event.seconds)
+        return cache, stats
+
     # -- lifecycle ------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def entered(self) -> Iterator["CompressionSession"]:
+        """Hooks on, the attention routed to this session, for the block; everything undone on exit."""
+        self._enter()
+        try:
+            yield self
+        finally:
+            self._exit()
+
     def _enter(self) -> None:
-        for module in self.spec.attention_modules:
-            if module in _SESSIONS:
-                raise RuntimeError("this model is already inside a gatekv.compress() context")
-        _register_attention()
+        attach(self._attention, self.spec.attention_modules)
         self._original_impl = self.model.config._attn_implementation
         # On the decoder, not the LM wrapper: ``model.model(ids, cache=...)`` (kvpress-style prefill) is compressed too.
         decoder = self.model.get_decoder()
@@ -284,20 +225,17 @@ class CompressionSession:
         pre_rope = "pre_rope" in self.scorer.needs
         if hidden or pre_rope:
             for layer in range(self.spec.num_layers):
-                self._handles += capture_layer_inputs(self.spec, layer, self._captured[layer], hidden, pre_rope)
-        for module in self.spec.attention_modules:
-            _SESSIONS[module] = self
+                self._handles += capture_layer_inputs(self.spec, layer, self._attention.captured[layer], hidden, pre_rope)
 
     def _exit(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._unwrap_generate()
-        for module in self.spec.attention_modules:
-            _SESSIONS.pop(module, None)
+        detach(self.spec.attention_modules)
         self._set_impl(self._original_impl)
-        self._scoring = False
-        self._scores.clear()
+        self._attention.scoring = False
+        self._attention.scores.clear()
         if self.cache is not None:  # a later forward outside a session gets a clear error from the cache, not a shape one
             self.cache.pending_positions = None
 
@@ -400,23 +338,23 @@ class CompressionSession:
                 return self._split_drafts(model, kwargs, mask, positions, q - call.prompt_length)
             self._phase = "prefill"  # also during the leading chunks (cascading allocators read it)
             self._start_prompt(valid, token_positions, tokens)
-            if self.reserve is None:
+            if self.config.reserve is None:
                 cache.expect(0, reserve=_auto_reserve(int(valid.long().sum(-1).max())))
             if self.scorer.replays:
                 if tokens.is_floating_point():
                     raise ValueError(f"scorer {self.scorer.name!r} replays the prompt's tokens: pass input_ids, not inputs_embeds")
                 self._prompt_tokens = (tokens, token_positions)
-            columns = (max(q - self.chunk_size, 0) if self.prefill == "chunked" else 0, q)  # the last forward's
-            if self.prefill == "chunked" and q > self.chunk_size:
+            columns = (max(q - self.config.chunk_size, 0) if self.config.prefill == "chunked" else 0, q)  # the last forward's
+            if self.config.prefill == "chunked" and q > self.config.chunk_size:
                 kwargs = self._run_leading_chunks(cache, kwargs, mask, positions, token_positions)
                 q = kwargs["input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"].shape[1]
                 token_positions = token_positions[:, -q:]
             self._replay_columns = columns
             self._phase = "prefill"
-            self._scoring = self.query is None
+            self._attention.scoring = self.config.query is None
         else:
             self._phase = "decode"
-            self._scoring = self._decode_rows is not None and cache.layers[0].max_length() + q > int(
+            self._attention.scoring = self._decode_rows is not None and cache.layers[0].max_length() + q > int(
                 self._decode_rows.min()
             )
             if call is not None and not call.started and call.room:  # a generate() continuing a prefilled cache
@@ -457,7 +395,7 @@ class CompressionSession:
                 cache.expect(room)
             self._finish_step(cache, "prefill")
             self._phase = "decode"
-        elif self._scoring:
+        elif self._attention.scoring:
             self._finish_step(cache, "decode")
         if self._draft_hidden is not None:
             output.last_hidden_state = torch.cat([self._draft_hidden, output.last_hidden_state], 1)
@@ -485,19 +423,19 @@ class CompressionSession:
         return mask[:, -q:].long().sum(-1)
 
     def _is_noop(self, lengths: torch.Tensor) -> bool:
-        if self.decode_budget is not None or self.query is not None or self._held is not None:
+        if self.config.decode_budget is not None or self.config.query is not None or self._held is not None:
             return False
-        return bool((self.budget.tokens(lengths) >= lengths).all())
+        return bool((self.config.budget.tokens(lengths) >= lengths).all())
 
     def _budget_tokens(self, budget: Budget, lengths: torch.Tensor) -> torch.Tensor:
         """(B,) tokens per head that ``budget`` gives rows of ``lengths`` tokens; ValueError naming rows whose budget
         is below the protected sinks + window."""
         budget_rows = budget.tokens(lengths)
-        short = ((budget_rows < lengths) & (budget_rows < self.sinks + self.window)).nonzero().flatten().tolist()
+        short = ((budget_rows < lengths) & (budget_rows < self.config.sinks + self.config.window)).nonzero().flatten().tolist()
         if short:
             raise ValueError(
                 f"budget {budget.value} gives {budget_rows[short].tolist()} tokens for row(s) {short}, fewer "
-                f"than sinks + window = {self.sinks + self.window}"
+                f"than sinks + window = {self.config.sinks + self.config.window}"
             )
         return budget_rows
 
@@ -515,27 +453,26 @@ class CompressionSession:
         if isinstance(limit, int) and longest > limit:
             warnings.warn(f"gatekv.compress: the prompt reaches position {longest}, past the model's "
                           f"max_position_embeddings {limit}: outputs past that length are unreliable", stacklevel=2)
-        budget_rows = self._budget_tokens(self.budget, lengths)
+        budget_rows = self._budget_tokens(self.config.budget, lengths)
         self._budget_rows = budget_rows
-        if hasattr(self.merger, "reset"):
-            self.merger.reset()
-        if self.decode_budget is None:
+        _reset(self.merger)
+        if self.config.decode_budget is None:
             self._decode_rows = None
-        elif self.decode_budget.is_ratio:
-            self._decode_rows = self.decode_budget.tokens(lengths)
+        elif self.config.decode_budget.is_ratio:
+            self._decode_rows = self.config.decode_budget.tokens(lengths)
         else:
-            self._decode_rows = torch.full_like(lengths, int(self.decode_budget.value))
+            self._decode_rows = torch.full_like(lengths, int(self.config.decode_budget.value))
         self._last_position = torch.full_like(lengths, -1)
         big = torch.iinfo(torch.long).max
-        self._row_start = torch.where(token_positions >= 0, token_positions, torch.full_like(token_positions, big)).min(-1).values
+        self._attention.row_start = torch.where(token_positions >= 0, token_positions, torch.full_like(token_positions, big)).min(-1).values
         dtype = tokens.dtype if tokens.is_floating_point() else self.model.get_input_embeddings().weight.dtype
         self.stats = CompressionStats(
             prompt_tokens=lengths.cpu(),
             budget_tokens=budget_rows.cpu(),
             full_kv_bytes=full_cache_kv_bytes(self.model.config, valid.shape[0], valid.shape[1], dtype),
         )
-        if self.query is not None:
-            query = self.query if self.query.dim() == 2 else self.query[None].expand(valid.shape[0], -1)
+        if self.config.query is not None:
+            query = self.config.query if self.config.query.dim() == 2 else self.config.query[None].expand(valid.shape[0], -1)
             if query.shape[0] != valid.shape[0]:
                 raise ValueError(f"query has {query.shape[0]} rows but the batch has {valid.shape[0]}")
             self._query_rows = query.to(valid.device)
@@ -548,13 +485,13 @@ class CompressionSession:
         past = 0 if mask is None else mask.shape[1] - q
         # Chunks are aligned to the end of the prompt: rows are left-padded, so every row then sees the same
         # chunk boundaries relative to its own tokens as it would alone (batch rows stay independent).
-        last_start = q - self.chunk_size
-        boundaries = list(range(last_start, 0, -self.chunk_size))[::-1]
+        last_start = q - self.config.chunk_size
+        boundaries = list(range(last_start, 0, -self.config.chunk_size))[::-1]
         decoder = self.model.get_decoder()
         for start, end in zip([0] + boundaries[:-1], boundaries):
             self._declare(cache, token_positions[:, start:end])
             self._replay_columns = (start, end)
-            self._scoring = self.query is None
+            self._attention.scoring = self.config.query is None
             decoder(
                 **{key: tokens[:, start:end]},
                 attention_mask=None if mask is None else mask[:, : past + end],
@@ -576,33 +513,28 @@ class CompressionSession:
 
     def _finish_step(self, cache: CompressedCache, kind: str) -> None:
         """After a forward: observe the query (query-aware), then allocate and compact every layer."""
-        if kind != "decode" and self.query is not None:
+        if kind != "decode" and self.config.query is not None:
             self._observe_query(cache)
         elif kind != "decode" and self.scorer.replays:
             self._replay(cache)
-        if not self._scores:
-            self._scoring = False
+        if not self._attention.scores:
+            self._attention.scoring = False
             return
+        scores, protected = self._attention.take_scores()
         if kind == "prefill" and self._held is not None:  # shared prefill: keep the full cache, fork copies later
-            self._held.update(cache=cache, protected=[self._scores[l][1] for l in range(self.spec.num_layers)])
-            self._scores.clear()
-            self._scoring = False
+            self._held.update(cache=cache, protected=protected, stats=self.stats)
             return
         budget = self._decode_rows if kind == "decode" else self._budget_rows
-        scores = [self._scores[l][0] for l in range(self.spec.num_layers)]
-        protected = [self._scores[l][1] for l in range(self.spec.num_layers)]
         event = self._evict(cache, kind, scores, protected, self.allocator, budget, self.merger)
         self.stats.compact_seconds += event.seconds
         self.stats.events.append(event)
-        self._scores.clear()
-        self._scoring = False
 
     def _evict(self, cache, kind, scores, protected, allocator, budget, merger) -> CompressionEvent:
         """Allocate ``budget`` (B,) tokens per head over every layer's ``scores``/``protected`` (B, H_kv, T) and compact
         ``cache`` in place (merging dropped tokens with ``merger``)."""
         start = time.perf_counter()
         layers = range(self.spec.num_layers)
-        inputs = AllocationInput(scores=scores, protected=protected, budget=budget.to(scores[0].device), window=self.window)
+        inputs = AllocationInput(scores=scores, protected=protected, budget=budget.to(scores[0].device), window=self.config.window)
         plan = allocator.allocate(inputs)
         before = cache.kv_bytes()
         for l in layers:
@@ -612,11 +544,11 @@ class CompressionSession:
             if kind == "decode" and merge is None:  # fixed-size decode: the new tokens take the evicted slots, O(d)
                 cache.layers[l].evict_in_place(plan.indices[l], plan.counts[l])
             else:
-                cache.layers[l].compact(plan.indices[l], plan.counts[l], self.reserve, merge)  # None: the cache's room
+                cache.layers[l].compact(plan.indices[l], plan.counts[l], self.config.reserve, merge)  # None: the cache's room
         cache.compressions += 1
         seconds = time.perf_counter() - start
         kept_positions = None
-        if self.record:
+        if self.config.record:
             kept_positions = [cache.layers[l].dense_view()[2].cpu() for l in layers]
         return CompressionEvent(kind, cache.kept_tokens(), before, cache.kv_bytes(), seconds, self._last_position.cpu(),
                                 kept_positions)
@@ -626,14 +558,14 @@ class CompressionSession:
         last = self._last_position  # (B,)
         q = self._query_rows.shape[1]
         obs_positions = last[:, None] + 1 + torch.arange(q, device=last.device)[None]
-        self._observer_from = last + 1
+        self._attention.observer_from = last + 1
         cache.begin_forward(obs_positions, advance=False)
-        self._scoring = True
+        self._attention.scoring = True
         try:
             decoder = self.model.get_decoder()
             decoder(input_ids=self._query_rows, position_ids=obs_positions, use_cache=True, **{cache_kwarg(decoder): cache})
         finally:
-            self._observer_from = None
+            self._attention.observer_from = None
 
     def _replay(self, cache: CompressedCache) -> None:
         """Replaying scorers (KVzip): run the scorer's replay forwards for the prompt columns just prefilled, each
@@ -648,119 +580,33 @@ class CompressionSession:
             last = self._last_position.to(chunk.valid.device)
             positions = torch.where(chunk.valid, last[:, None] + chunk.valid.long().cumsum(-1),
                                     torch.full_like(chunk.input_ids, -1))
-            self._observer_from = last + 1
-            self._replay_chunk = chunk
+            self._attention.observer_from = last + 1
+            self._attention.replay_chunk = chunk
             cache.begin_forward(positions, advance=False)
-            self._scoring = True
+            self._attention.scoring = True
             try:
                 decoder(input_ids=chunk.input_ids, position_ids=positions.clamp(min=0), use_cache=True,
                         **{cache_kwarg(decoder): cache})
             finally:
-                self._observer_from = None
-                self._replay_chunk = None
+                self._attention.observer_from = None
+                self._attention.replay_chunk = None
             for l, (layer, (lengths, width)) in enumerate(zip(cache.layers, base)):
                 counts = lengths.reshape(layer.batch_size, layer.num_heads)
                 keep = torch.arange(width, device=lengths.device).expand(layer.batch_size, layer.num_heads, width)
                 layer.compact(keep, counts, 0)
-                if l in self._scores:
-                    scores, protected = self._scores[l]
-                    self._scores[l] = (scores[..., :width], protected[..., :width])
-                if isinstance(self.scorer, _ScoreSet):
+                if l in self._attention.scores:
+                    scores, protected = self._attention.scores[l]
+                    self._attention.scores[l] = (scores[..., :width], protected[..., :width])
+                if isinstance(self.scorer, ScorerGroup):
                     self.scorer.trim(l, width)
         self.stats.replay_seconds += time.perf_counter() - start_time
 
-    # -- attention and scoring ------------------------------------------------------------------------------------
-    def _attend(self, module, query: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor, scale: float,
-                sliding_window) -> torch.Tensor:
-        """Attention of ``query`` (B, H_q, q, d) over the layer's cache (``new_keys``/``new_values`` (B, H_kv, q, d)
-        already appended); scores the layer when the session is scoring. Returns (B, H_q, q, d_v)."""
-        cache = self.cache
-        layer_idx = module.layer_idx
-        layer = cache.layers[layer_idx]
-        query_positions = cache.pending_positions
-        # One decode token over real, older tokens inside any sliding window: no mask is needed.
-        unmasked = (
-            query.shape[2] == 1
-            and not layer.has_padding
-            and (sliding_window is None or bool((query_positions[:, 0] - layer.min_position < sliding_window).all()))
-        )
-        q = query.shape[2]
-        # The first forward into an empty cache without padding: the cache holds exactly this forward's keys and
-        # values, so they are attended (and scored) as the model's own SDPA call does, on the tensors the model
-        # computed: no padded copy of the cache, no general masked ragged path (2-3x slower on CPUs).
-        fresh = (
-            q > 1 and new_keys.shape[2] == q and not layer.has_padding and not layer.state
-            and bool((layer.lengths == q).all())
-        )
-        if fresh and sliding_window is None:
-            output = torch.nn.functional.scaled_dot_product_attention(
-                query, new_keys.to(query.dtype), new_values.to(query.dtype), is_causal=True, scale=scale,
-                enable_gqa=new_keys.shape[1] != query.shape[1],
-            )
-        else:
-            output = kernels.ragged_attention(
-                query, query_positions, layer.keys, layer.values, layer.positions, layer.starts, layer.lengths, scale,
-                sliding_window, unmasked=unmasked, host_layout=layer.host_layout(),
-            )
-        if self._scoring:
-            start = time.perf_counter()
-            dense = None
-            if fresh:  # what dense_view() would copy out of the flat buffers, already at hand
-                positions = query_positions[:, None, :].expand(layer.batch_size, layer.num_heads, q)
-                dense = (new_keys, new_values, positions, {})
-            self._score_layer(module, layer_idx, query, query_positions, scale, dense)
-            self.stats.score_seconds += time.perf_counter() - start
-        return output
-
-    def _score_layer(self, module, layer_idx: int, query, query_positions, scale: float, dense=None) -> None:
-        """Score layer ``layer_idx``'s slots; ``dense``: its ``dense_view()`` when the caller already has it."""
-        cache = self.cache
-        layer = cache.layers[layer_idx]
-        keys, values, positions, state = layer.dense_view() if dense is None else dense
-        batch, heads = layer.batch_size, layer.num_heads
-        q = query.shape[2]
-        candidates = positions >= 0
-        if self._observer_from is not None:
-            candidates &= positions < self._observer_from[:, None, None]
-        captured = self._captured[layer_idx]
-        ctx = LayerContext(
-            layer_idx=layer_idx,
-            num_layers=self.spec.num_layers,
-            module=module,
-            keys=keys,
-            values=values,
-            positions=positions,
-            candidates=candidates,
-            queries=query,
-            query_positions=query_positions,
-            new_slots=(layer.lengths - q).reshape(batch, heads),
-            scale=scale,
-            window_size=q if self._observer_from is not None else max(self.window, 1),
-            hidden_states=captured.get("hidden_states"),
-            pre_rope_queries=captured.get("pre_rope_queries"),
-            pre_rope_keys=captured.get("pre_rope_keys"),
-            pre_rope_values=captured.get("pre_rope_values"),
-            replay=self._replay_chunk,
-            state=state,
-        )
-        scores = self.scorer.score(ctx).float()
-        if scores.shape != positions.shape:
-            raise ValueError(f"scorer {self.scorer!r} returned shape {tuple(scores.shape)}, expected {tuple(positions.shape)}")
-        scores = scores.masked_fill(~candidates, float("-inf"))
-        last = torch.where(candidates, positions, torch.full_like(positions, -1)).amax(-1, keepdim=True)
-        row_start = self._row_start.to(positions.device)[:, None, None]
-        protected = candidates & ((positions - row_start < self.sinks) | (positions > last - self.window))
-        # allocators observe the prompt's own window, not a replay (KVzip)
-        if getattr(self.allocator, "needs_window_attention", False) and self._replay_chunk is None:
-            self.allocator.observe_layer(layer_idx, ctx.window_attention(), candidates)
-        self._scores[layer_idx] = (scores, protected)
-        names = [n for n in self.scorer.state_names if n in ctx.state]
-        if names:
-            layer.write_state({n: ctx.state[n] for n in names})
-        captured.clear()
-        # not while query observers run: the prompt forward already filled every layer, there is no peak to cut;
-        # not for replaying scorers: their scores exist only after the replay (the allocation then runs once)
-        if (getattr(self.allocator, "cascade", False) and self._phase == "prefill" and self._observer_from is None
+    # -- cascade ----------------------------------------------------------------------------------------------------
+    def _after_layer(self, layer_idx: int) -> None:
+        """After layer ``layer_idx`` is scored: the cascade step of a cascading allocator, during the prompt's own
+        forwards only (not while query observers run: the prompt forward already filled every layer, there is no
+        peak to cut; not for replaying scorers: their scores exist only after the replay, allocated once)."""
+        if (self.allocator.cascade and self._phase == "prefill" and self._attention.observer_from is None
                 and not self.scorer.replays):
             self._cascade(layer_idx)
 
@@ -771,10 +617,10 @@ class CompressionSession:
         cache = self.cache
         layers = range(layer_idx + 1)
         inputs = AllocationInput(
-            scores=[self._scores[l][0] for l in layers],
-            protected=[self._scores[l][1] for l in layers],
-            budget=self._budget_rows.to(self._scores[layer_idx][0].device),
-            window=self.window,
+            scores=[self._attention.scores[l][0] for l in layers],
+            protected=[self._attention.scores[l][1] for l in layers],
+            budget=self._budget_rows.to(self._attention.scores[layer_idx][0].device),
+            window=self.config.window,
         )
         held = torch.zeros_like(self._budget_rows)  # tokens per head still held by the later layers (chunked)
         for later in cache.layers[layer_idx + 1 :]:
@@ -784,11 +630,12 @@ class CompressionSession:
         self.stats.cascade_peak_kv_bytes = max(self.stats.cascade_peak_kv_bytes, cache.kv_bytes())
         for l in layers:
             cache.layers[l].compact(plan.indices[l], plan.counts[l], 0)
-            scores, protected = self._scores[l]
-            self._scores[l] = (
+            scores, protected = self._attention.scores[l]
+            self._attention.scores[l] = (
                 _gather_slots(scores, plan.indices[l], plan.counts[l], float("-inf")),
                 _gather_slots(protected, plan.indices[l], plan.counts[l], False),
             )
+
 
 
 def _merge_spec(merger: Merger, cache: CompressedCache, layer_idx: int, scores, protected, indices, counts):
@@ -810,166 +657,60 @@ def _gather_slots(dense: torch.Tensor, indices: torch.Tensor, counts: torch.Tens
 @contextlib.contextmanager
 def compress(
     model: torch.nn.Module,
-    scorer: str | Scorer = "snapkv",
-    allocator: str | Allocator = "uniform",
-    budget: float | int | Budget = 0.1,
-    prefill: str = "one_shot",
-    chunk_size: int = 512,
-    window: int = 32,
-    sinks: int = 4,
-    decode_budget: float | int | None = None,
-    query: torch.Tensor | None = None,
-    reserve: int | None = None,
-    record: bool = False,
-    merge: str | Merger | None = None,
+    scorer: str | Scorer | CompressionConfig = _DEFAULTS.scorer,
+    allocator: str | Allocator = _DEFAULTS.allocator,
+    budget: float | int | Budget = _DEFAULTS.budget.value,
+    prefill: str = _DEFAULTS.prefill,
+    chunk_size: int = _DEFAULTS.chunk_size,
+    window: int = _DEFAULTS.window,
+    sinks: int = _DEFAULTS.sinks,
+    decode_budget: float | int | None = _DEFAULTS.decode_budget,
+    query: torch.Tensor | None = _DEFAULTS.query,
+    reserve: int | None = _DEFAULTS.reserve,
+    record: bool = _DEFAULTS.record,
+    merge: str | Merger | None = _DEFAULTS.merge,
+    *,
+    config: CompressionConfig | None = None,
 ) -> Iterator[CompressionSession]:
     """Compress the KV cache of every generation/forward run inside the block.
 
-    model:          a supported causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3 families)
-    scorer:         scorer name (``gatekv.scorers.available_scorers()``) or instance
-    allocator:      allocator name (``gatekv.available_allocators()``: uniform, adakv, pyramid, global, cake, ...) or instance
-    budget:         tokens kept per KV head: a ratio of the prompt (float in (0, 1]) or a count (int); protected
-                    tokens included. A budget covering the whole prompt is a no-op (the model runs untouched).
-    prefill:        ``one_shot`` (full prefill, then compact) or ``chunked`` (evict after each ``chunk_size`` tokens)
-    window, sinks:  recent tokens and first tokens that are always kept; ``window`` is also the observation window
-    decode_budget:  keep the cache at this size while generating (ratio of the prompt or a count); None = grow
-    query:          token ids (q,) or (B, q): query-aware scoring with these tokens as the observation window
-                    (they are not kept); None = the prompt's own last tokens observe
-    reserve:        free slots per (row, head) after compaction, so decoding appends without copying. None (default):
-                    sized from ``model.generate``'s ``max_new_tokens`` (or ``session.expect_new_tokens``), else 1/64
-                    of the prompt (at most 64) regrown geometrically: KV bytes stay at the budget + the generated
-                    tokens + <= 2% of the full cache. An int: exactly that room after every compaction.
-    record:         keep the kept positions of every eviction in ``stats.events`` (tests, analysis)
-    merge:          merger name (``ems``, ``d2o``, ``kvmerger``, ``razor``; ``gatekv.merge``) or instance: dropped
-                    tokens are merged into kept ones at every eviction (not at a cascade allocator's inner steps)
+    model:   a supported causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3 families)
+    config:  the settings as one :class:`CompressionConfig` (also accepted in place of ``scorer``); then the other
+             settings must stay at their defaults (``config.replace(budget=...)`` changes a field)
+    scorer, allocator, budget, prefill, chunk_size, window, sinks, decode_budget, query, reserve, record, merge:
+             the fields of :class:`CompressionConfig` (see its field docstrings), checked once here
     """
-    session = CompressionSession(
-        model, scorer, allocator, budget, prefill, chunk_size, window, sinks, decode_budget, query, reserve, record,
-        merge,
-    )
-    session._enter()
-    try:
+    if isinstance(scorer, CompressionConfig):
+        if config is not None:
+            raise ValueError("compress(): config given twice (in place of scorer and as config=)")
+        config, scorer = scorer, _DEFAULTS.scorer
+    settings = dict(scorer=scorer, allocator=allocator, budget=budget, prefill=prefill, chunk_size=chunk_size,
+                    window=window, sinks=sinks, decode_budget=decode_budget, query=query, reserve=reserve,
+                    record=record, merge=merge)
+    if config is None:
+        config = CompressionConfig(**settings)
+    else:
+        changed = sorted(k for k, v in settings.items() if not _is_default(k, v))
+        if changed:
+            raise ValueError(f"compress(): {changed} given together with config; use config.replace(...) instead")
+    session = CompressionSession(model, config)
+    with session.entered():
         yield session
-    finally:
-        session._exit()
 
 
-def _check_trained_scorers(model, scorer: Scorer) -> None:
-    """``ValueError`` if trained heads (a scorer with a ``config.fingerprint``) were made for a model of another
-    fingerprint than ``model``; ``Adapter.heads_for(model, allow_mismatch=True)`` is the explicit override."""
-    from gatekv.heads.config import ModelFingerprint
-
-    for one in getattr(scorer, "scorers", {}).values() if isinstance(scorer, _ScoreSet) else [scorer]:
-        fingerprint = getattr(getattr(one, "config", None), "fingerprint", None)
-        if not isinstance(fingerprint, ModelFingerprint):
-            continue
-        model_print = ModelFingerprint.from_model(model)
-        if getattr(one, "accepted_fingerprint", None) != model_print:
-            fingerprint.check_matches(model_print, what=f"scorer ({type(one).__name__} heads)")
-
-
-class _ScoreSet(Scorer):
-    """Several scorers over the same layer contexts (one shared prefill): each one's ``(B, H_kv, T)`` scores, ``-inf``
-    on non-candidate slots as the session masks them, are kept per layer in ``results[name][layer]``; the first one's
-    are returned."""
-
-    def __init__(self, scorers: dict[str, Scorer]):
-        replaying = [name for name, s in scorers.items() if s.replays]
-        if len(replaying) > 1:
-            raise ValueError(f"a shared prefill takes at most one replaying scorer (each replays its own inputs), got {replaying}")
-        self.scorers = scorers
-        self.replays = bool(replaying)
-        self._replaying = scorers[replaying[0]] if replaying else None
-        self.needs = frozenset().union(*(s.needs for s in scorers.values()))
-        self.state_names = tuple(dict.fromkeys(n for s in scorers.values() for n in s.state_names))
-        self.results: dict[str, dict[int, torch.Tensor]] = {name: {} for name in scorers}
-
-    def replay_inputs(self, token_ids, token_positions, start, end):
-        return self._replaying.replay_inputs(token_ids, token_positions, start, end)
-
-    def trim(self, layer_idx: int, width: int) -> None:
-        """Drop slots past ``width`` from the stored scores of layer ``layer_idx`` (a replay's KV was dropped)."""
-        for results in self.results.values():
-            if layer_idx in results:
-                results[layer_idx] = results[layer_idx][..., :width]
-
-    def score(self, ctx: LayerContext) -> torch.Tensor:
-        first = None
-        for name, scorer in self.scorers.items():
-            if ctx.replay is not None and not scorer.replays:
-                continue  # a replay forward is scored by the replaying scorer only
-            scores = scorer.score(ctx).float()
-            if scores.shape != ctx.positions.shape:
-                raise ValueError(f"scorer {name!r} returned shape {tuple(scores.shape)}, expected {tuple(ctx.positions.shape)}")
-            self.results[name][ctx.layer_idx] = scores.masked_fill(~ctx.candidates, float("-inf"))
-            first = scores if first is None else first
-        return first
-
-
-class SharedPrefill:
-    """One prefill scored by several scorers; :meth:`fork` compacts a copy of its full cache per (scorer, allocator,
-    budget). Every fork equals what :func:`compress` with that scorer, allocator and budget (one-shot prefill) builds
-    for the same prompt, at the cost of one prefill for all of them. Made by :func:`shared_prefill`."""
-
-    def __init__(self, session: CompressionSession, score_set: _ScoreSet):
-        self.session = session
-        self._score_set = score_set
-
-    @property
-    def scorer_names(self) -> list[str]:
-        return list(self._score_set.scorers)
-
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the prompt ``input_ids`` (B, T) once, scoring every layer with every scorer; returns the last
-        position's logits (B, vocab). The full cache is kept until the next :meth:`prefill`."""
-        session = self.session
-        session._held = {}
-        for results in self._score_set.results.values():
-            results.clear()
-        model = session.model
-        output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
-                       **{cache_kwarg(model): session.new_cache()})
-        if "cache" not in session._held:
-            raise RuntimeError("shared prefill: the forward was not scored (no compressible prompt)")
-        self._base_stats = session.stats
-        return output.logits[:, -1]
-
-    def fork(self, scorer: str, allocator: str | Allocator = "uniform", budget: float | int | Budget = 0.1,
-             merge: str | Merger | None = None) -> tuple[CompressedCache, CompressionStats]:
-        """A compacted copy of the prefilled cache: ``scorer``'s scores, ``allocator``, ``budget`` (ratio or count
-        per head), optional ``merge``. Returns ``(cache, stats)``; continue generating on ``cache`` inside the
-        :func:`shared_prefill` block (pass the whole prompt, as after a query-agnostic prefill)."""
-        session = self.session
-        held = session._held
-        if not held or "cache" not in held:
-            raise RuntimeError("fork() needs a prefill() first")
-        if scorer not in self._score_set.results:
-            raise ValueError(f"scorer {scorer!r} was not scored in this prefill; scored: {self.scorer_names}")
-        allocator = get_allocator(allocator)
-        if getattr(allocator, "cascade", False) or getattr(allocator, "needs_window_attention", False):
-            raise ValueError(f"allocator {allocator!r} observes the prefill itself (cascade/window attention): "
-                             "it cannot run on a shared prefill; use compress()")
-        merger = None if merge is None else get_merger(merge)
-        if hasattr(merger, "reset"):
-            merger.reset()
-        budget = _resolve_budget(budget, "budget")
-        base = self._base_stats
-        lengths = base.prompt_tokens.to(held["cache"].layers[0].lengths.device)
-        budget_rows = session._budget_tokens(budget, lengths)
-        cache = copy.deepcopy(held["cache"])
-        scores = [self._score_set.results[scorer][l] for l in range(session.spec.num_layers)]
-        event = session._evict(cache, "prefill", scores, held["protected"], allocator, budget_rows, merger)
-        stats = CompressionStats(prompt_tokens=base.prompt_tokens, budget_tokens=budget_rows.cpu(),
-                                 full_kv_bytes=base.full_kv_bytes, events=[event], compact_seconds=event.seconds)
-        return cache, stats
+def _is_default(name: str, value) -> bool:
+    default = getattr(_DEFAULTS, name)
+    if name == "budget":
+        default = default.value
+    return value is default or (not isinstance(value, torch.Tensor) and type(value) is type(default) and value == default)
 
 
 @contextlib.contextmanager
 def shared_prefill(
     model: torch.nn.Module,
     scorers: dict[str, str | Scorer],
-    window: int = 32,
-    sinks: int = 4,
+    window: int = DEFAULT_WINDOW,
+    sinks: int = DEFAULT_SINKS,
     reserve: int | None = None,
     record: bool = False,
 ) -> Iterator[SharedPrefill]:
@@ -987,12 +728,26 @@ def shared_prefill(
     if not scorers:
         raise ValueError("scorers must not be empty")
     score_set = _ScoreSet({name: get_scorer(s) for name, s in scorers.items()})
-    session = CompressionSession(model, score_set, "uniform", 1.0, "one_shot", window=window, sinks=sinks,
-                                 reserve=reserve, record=record)
-    session._held = {}
-    session._enter()
-    try:
-        yield SharedPrefill(session, score_set)
-    finally:
-        session._held = None
-        session._exit()
+    config = CompressionConfig(score_set, "uniform", 1.0, "one_shot", window=window, sinks=sinks, reserve=reserve,
+                               record=record)
+    session = CompressionSession(model, config)
+    session.hold_prefills()
+    with session.entered():
+        try:
+            yield SharedPrefill(session, score_set)
+        finally:
+            session.hold_prefills(False)
+
+
+def _check_trained_scorers(model, scorer: Scorer) -> None:
+    """``ValueError`` if trained heads (a scorer with a ``config.fingerprint``) were made for a model of another
+    fingerprint than ``model``; ``Adapter.heads_for(model, allow_mismatch=True)`` is the explicit override."""
+    from gatekv.heads.config import ModelFingerprint
+
+    for one in scorer.members.values() if isinstance(scorer, ScorerGroup) else [scorer]:
+        fingerprint = getattr(getattr(one, "config", None), "fingerprint", None)
+        if not isinstance(fingerprint, ModelFingerprint):
+            continue
+        model_print = ModelFingerprint.from_model(model)
+        if getattr(one, "accepted_fingerprint", None) != model_print:
+            fingerprint.check_matches(model_print, what=f"scorer ({type(one).__name__} heads)")

@@ -18,6 +18,7 @@ the model is exactly as it was after every call. ``scorer=None`` without an adap
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 import warnings
@@ -25,8 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gatekv.compress import CompressionSession, CompressionStats, compress
+from gatekv.compress import CompressionStats, compress
+from gatekv.chat import chat_template_parts
 from gatekv.models import cache_kwarg, load_base_model, output_cache
+from gatekv.settings import CompressionConfig
 
 __all__ = ["Answer", "GateKV"]
 
@@ -74,7 +77,12 @@ class GateKV:
     budget:     tokens kept per KV head: a ratio of the prompt (0.1) or a count (512)
     prefill:    ``one_shot`` or ``chunked``
     allow_mismatch: accept an adapter made for a model with a different fingerprint (expert use)
+    config:     all the settings as one :class:`~gatekv.settings.CompressionConfig` (instead of allocator, budget,
+                prefill and ``compress_options``; its scorer is used unless ``scorer`` or ``adapter`` is given)
     compress_options: further :func:`gatekv.compress` arguments (window, sinks, chunk_size, decode_budget, reserve)
+
+    The settings are validated once, here, into :attr:`config` (:class:`~gatekv.settings.CompressionConfig`; its
+    scorer is this wrapper's, or the default one for the full cache, which does not use it).
     """
 
     def __init__(
@@ -84,10 +92,11 @@ class GateKV:
         *,
         scorer=None,
         adapter=None,
-        allocator="uniform",
-        budget: float | int = 0.1,
-        prefill: str = "one_shot",
+        allocator=CompressionConfig.allocator,
+        budget: float | int = CompressionConfig.budget,
+        prefill: str = CompressionConfig.prefill,
         allow_mismatch: bool = False,
+        config: CompressionConfig | None = None,
         **compress_options,
     ):
         from gatekv.heads.adapter import Adapter
@@ -102,20 +111,27 @@ class GateKV:
             scorer = self.adapter.heads_for(model, allow_mismatch=allow_mismatch)
             if self.adapter.lora is not None:
                 self.adapter.lora.check_model(model)
+        if config is None:  # validated now, not at the first call
+            config = CompressionConfig(scorer if scorer is not None else CompressionConfig.scorer, allocator, budget,
+                                       prefill, **compress_options)
+        else:
+            defaults = (CompressionConfig.allocator, CompressionConfig.budget, CompressionConfig.prefill)
+            if any(a is not b for a, b in zip((allocator, budget, prefill), defaults)) or compress_options:
+                raise ValueError("GateKV: pass either config or allocator/budget/prefill/options, not both")
+            if scorer is None:
+                scorer = config.scorer
         if tokenizer is not None and scorer is not None:
             from gatekv.scorers import get_scorer
 
             instance = get_scorer(scorer)
             if instance.uses_tokenizer:  # e.g. KVzip's repeat prompt in the tokenizer's chat template
                 scorer = instance.bind_tokenizer(tokenizer)
+        if scorer is not None and scorer is not config.scorer:
+            config = config.with_scorer(scorer)
         self.scorer = scorer
-        self.allocator = allocator
-        self.budget = budget
-        self.prefill = prefill
-        self.compress_options = compress_options
+        self.config = config
+        """The compression settings of every call (validated once); ``session(**overrides)`` replaces fields."""
         self.last_stats: CompressionStats | None = None
-        if scorer is not None:  # validate scorer, allocator, budget and options now, not at the first call
-            CompressionSession(model, scorer, allocator, budget, prefill, **compress_options)
 
     @classmethod
     def from_pretrained(
@@ -124,9 +140,10 @@ class GateKV:
         adapter=None,
         *,
         scorer=None,
-        budget: float | int = 0.1,
-        allocator="uniform",
-        prefill: str = "one_shot",
+        budget: float | int = CompressionConfig.budget,
+        allocator=CompressionConfig.allocator,
+        prefill: str = CompressionConfig.prefill,
+        config: CompressionConfig | None = None,
         tokenizer=None,
         revision: str | None = None,
         adapter_revision: str | None = None,
@@ -139,6 +156,8 @@ class GateKV:
 
         base_model_or_id: a loaded model (used as is), a name/path, or None = the adapter's own ``base_model``
         adapter:          an :class:`Adapter`, a local directory or a Hub id (``adapter_revision``)
+        config:           the compression settings as one :class:`~gatekv.settings.CompressionConfig` (instead of
+                          budget, allocator, prefill and ``compress_options``), as in :class:`GateKV`
         """
         from gatekv.heads.adapter import Adapter
 
@@ -165,8 +184,34 @@ class GateKV:
             budget=budget,
             prefill=prefill,
             allow_mismatch=allow_mismatch,
+            config=config,
             **compress_options,
         )
+
+    # -- the settings ---------------------------------------------------------------------------------------------------
+    @property
+    def allocator(self):
+        """Allocator name or instance (:attr:`config`)."""
+        return self.config.allocator
+
+    @property
+    def budget(self) -> float | int:
+        """Tokens kept per KV head: a ratio of the prompt or a count (:attr:`config`)."""
+        return self.config.budget.value
+
+    @property
+    def prefill(self) -> str:
+        """``one_shot`` or ``chunked`` (:attr:`config`)."""
+        return self.config.prefill
+
+    @property
+    def compress_options(self) -> dict:
+        """The other settings of :attr:`config` that differ from the defaults (window, sinks, reserve, merge, ...)."""
+        defaults = CompressionConfig()
+        names = [f.name for f in dataclasses.fields(CompressionConfig)
+                 if f.name not in ("scorer", "allocator", "budget", "prefill")]
+        return {n: getattr(self.config, n) for n in names if getattr(self.config, n) is not getattr(defaults, n)
+                and not _equal(getattr(self.config, n), getattr(defaults, n))}
 
     # -- the context everything runs in ---------------------------------------------------------------------------------
     @property
@@ -178,17 +223,16 @@ class GateKV:
     def session(self, **overrides):
         """LoRA applied (if the adapter has it) + ``gatekv.compress`` with this wrapper's settings (``overrides``
         replace any of budget/allocator/prefill/window/...). Yields the session, or None for the full cache."""
-        options = dict(
-            scorer=self.scorer, allocator=self.allocator, budget=self.budget, prefill=self.prefill, **self.compress_options
-        )
-        options.update(overrides)
+        scorer = overrides.pop("scorer", self.scorer)
         with contextlib.ExitStack() as stack:
             if self.adapter is not None and self.adapter.lora is not None:
                 stack.enter_context(self.adapter.lora.applied(self.model))
-            if options["scorer"] is None:
+            if scorer is None:
                 yield None
                 return
-            session = stack.enter_context(compress(self.model, **options))
+            config = self.config.replace(scorer=scorer, **overrides) if overrides or scorer is not self.scorer \
+                else self.config
+            session = stack.enter_context(compress(self.model, config=config))
             yield session
             self.last_stats = session.stats
 
@@ -289,11 +333,10 @@ class GateKV:
         if not scorers:
             raise ValueError("answer_settings() needs scorers (the full cache has nothing to share)")
         context_ids, full_ids, options = self._prompt(context, question, chat, max_new_tokens)
-        window = self.compress_options.get("window", 32)
-        sinks = self.compress_options.get("sinks", 4)
-        reserve = self.compress_options.get("reserve")  # None: sized like compress() does
+        config = self.config
         answers = []
-        with torch.no_grad(), shared_prefill(self.model, scorers, window=window, sinks=sinks, reserve=reserve) as shared:
+        with torch.no_grad(), shared_prefill(self.model, scorers, window=config.window, sinks=config.sinks,
+                                             reserve=config.reserve) as shared:
             start = time.perf_counter()
             shared.prefill(context_ids)
             prefill_seconds = time.perf_counter() - start
@@ -304,7 +347,7 @@ class GateKV:
                 start = time.perf_counter()
                 cache, stats = shared.fork(setting.get("scorer", next(iter(scorers))),
                                            setting.get("allocator", self.allocator),
-                                           setting.get("budget", self.budget), setting.get("merge"))
+                                           setting.get("budget", config.budget), setting.get("merge"))
                 output = self.model.generate(full_ids, **{cache_kwarg(self.model): cache}, **options)
                 seconds = prefill_seconds + time.perf_counter() - start  # each answer is charged the shared prefill
                 answers.append(_make_answer(self.model, self.tokenizer, output.sequences, full_ids.shape[1],
@@ -371,8 +414,6 @@ def prompt_ids(tokenizer, context: str, question: str, chat: bool | None = None)
         chat = bool(getattr(tokenizer, "chat_template", None))
     head, tail = ("", "\n")
     if chat:
-        from gatekv.eval.needle import chat_template_parts
-
         head, tail = chat_template_parts(tokenizer)
     context_ids = tokenizer(head + context, add_special_tokens=not chat, return_tensors="pt")["input_ids"]
     question_text = ("\n\n" + question if question else "") + tail
@@ -404,3 +445,7 @@ def _dense_cache_bytes(cache) -> int:
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def _equal(a, b) -> bool:
+    return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and type(a) is type(b) and a == b

@@ -136,9 +136,35 @@ def plan_from_counts(scores: torch.Tensor, protected: torch.Tensor, counts: torc
 
 
 class Allocator:
-    """Base class: implement :meth:`layer_counts` (how many slots each head keeps); selection is shared."""
+    """Base class: implement :meth:`layer_counts` (how many slots each head keeps); selection is shared.
+
+    Abilities are declared here, not probed: an allocator that sets ``needs_window_attention`` gets every layer's
+    window attention during prefill (:meth:`observe_layer`); one that sets ``cascade`` is re-allocated after each
+    layer of the prefill (:meth:`cascade_allocate`). Either one observes the prefill itself (``observes_prefill``),
+    so it cannot run on a shared prefill.
+    """
 
     name: ClassVar[str] = ""
+    needs_window_attention: ClassVar[bool] = False
+    """Observes each layer's window attention during prefill (CAKE, D2O): :meth:`observe_layer` is called."""
+    cascade: ClassVar[bool] = False
+    """Allocated in cascade during prefill (CAKE): :meth:`cascade_allocate` runs after each layer is scored, so the
+    prefill never holds more than the budget plus one uncompressed layer."""
+
+    @property
+    def observes_prefill(self) -> bool:
+        """Whether the allocator sees the prefill forward itself (cascade or window attention)."""
+        return self.cascade or self.needs_window_attention
+
+    def observe_layer(self, layer_idx: int, attention: torch.Tensor, candidates: torch.Tensor) -> None:
+        """Window attention (B, H_q, w, T) softmax weights of layer ``layer_idx`` and its candidate slots (B, H_kv,
+        T) bool; called during prefill when ``needs_window_attention`` is set."""
+        raise NotImplementedError(f"{type(self).__name__} sets needs_window_attention but has no observe_layer()")
+
+    def cascade_allocate(self, inputs: AllocationInput, num_layers: int, held: torch.Tensor | None = None) -> KeepPlan:
+        """The plan of layers 0..m (``inputs`` holds their scores) with ``num_layers`` N in all; ``held``: (B,) tokens
+        per head still held by layers m+1..N-1. Called during prefill when ``cascade`` is set."""
+        raise NotImplementedError(f"{type(self).__name__} sets cascade but has no cascade_allocate()")
 
     def layer_counts(self, inputs: AllocationInput) -> list[torch.Tensor]:
         """Per layer (B, H_kv) int64 kept counts, each between the protected and the candidate count."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gatekv.config import load_config
+from gatekv.settings import DEFAULT_CHUNK_SIZE, DEFAULT_SINKS, DEFAULT_WINDOW, CompressionConfig
 
 __all__ = ["EvalConfig", "MethodConfig", "SuiteConfig", "load_eval_config"]
 
@@ -129,13 +130,13 @@ class EvalConfig:
     """``recall``: tokens of the span's start given after the instruction (the cue; not scored)."""
     recall_region: float = 0.8
     """``recall``: the span lies in this leading fraction of the context (and outside the recent window)."""
-    window: int = 32
+    window: int = DEFAULT_WINDOW
     """Recent tokens always kept (and the observation window)."""
-    sinks: int = 4
+    sinks: int = DEFAULT_SINKS
     """First tokens always kept."""
     prefill: Literal["one_shot", "chunked"] = "one_shot"
     """Prefill mode of the compressed runs."""
-    chunk_size: int = 512
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     """Chunk of the chunked prefill."""
     max_new_tokens: int = 32
     """Generated tokens per answer at most (greedy)."""
@@ -189,12 +190,17 @@ class EvalConfig:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         if not 0 <= self.seed_base or self.seed_base + self.num_samples > TRAIN_SEED_BASE:
             raise ValueError(f"seed_base: seeds must stay in [0, {TRAIN_SEED_BASE}) (higher ones are training data)")
-        for name, value, low in (("window", self.window, 0), ("sinks", self.sinks, 0), ("max_new_tokens", self.max_new_tokens, 1),
-                                 ("chunk_size", self.chunk_size, 1)):
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        self.compression()  # window, sinks, prefill and chunk_size, checked as every compressed cell will use them
         if not self.modes:
             raise ValueError("modes must not be empty")
+
+    def compression(self, scorer="snapkv", allocator="uniform", budget: float = 0.1, merge=None) -> CompressionConfig:
+        """The settings of a compressed cell: ``scorer``, ``allocator``, ``budget`` and ``merge`` (names or
+        instances) with this run's prefill mode, chunk size, window and sinks."""
+        return CompressionConfig(scorer, allocator, budget, self.prefill, self.chunk_size, self.window, self.sinks,
+                                 merge=merge)
 
     @property
     def realtext_tasks(self) -> list[str]:

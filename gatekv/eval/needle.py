@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
+from gatekv.chat import chat_template_parts  # re-exported: its home was here
+
 __all__ = ["NeedlePrompt", "chat_template_parts", "haystack_sentences", "needle_prompt"]
 
 _SUBJECTS = ("the archive", "the vault", "the server room", "the observatory", "the greenhouse", "the boathouse")
-_PLACEHOLDER = "\x00GATEKV_USER_CONTENT\x00"
 
 
 @dataclass
@@ -59,18 +60,6 @@ def haystack_sentences() -> tuple[str, ...]:
     from gatekv.training.synthetic import sentences
 
     return sentences("eval")
-
-
-def chat_template_parts(tokenizer) -> tuple[str, str]:
-    """Text of ``tokenizer``'s chat template before and after one user turn's content (default system prompt in the
-    head, end of the turn and assistant header in the tail)."""
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": _PLACEHOLDER}], tokenize=False, add_generation_prompt=True
-    )
-    if rendered.count(_PLACEHOLDER) != 1:
-        raise ValueError("the tokenizer's chat template does not render the user content verbatim")
-    head, tail = rendered.split(_PLACEHOLDER)
-    return head, tail
 
 
 def _encode(tokenizer, text: str) -> list[int]:

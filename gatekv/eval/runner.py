@@ -123,16 +123,23 @@ def _wrappers(model, tokenizer, config: EvalConfig) -> dict[str, object]:
 
     out = {}
     for method in config.methods:
-        common = dict(budget=config.budgets[0], allocator=_allocator(method, method.allocators[0]),
-                      prefill=config.prefill, window=config.window, sinks=config.sinks, chunk_size=config.chunk_size)
+        merge = None
         if method.merge is not None:
             from gatekv.merge import get_merger
 
-            common["merge"] = get_merger(method.merge, **method.merge_options)
+            merge = get_merger(method.merge, **method.merge_options)
         if method.is_full:
             out[method.name] = GateKV(model, tokenizer)
-        elif method.adapter is not None:
-            kv = GateKV(model, tokenizer, adapter=method.adapter, **common)
+            continue
+        scorer = method.scorer
+        if method.adapter is None and method.options:
+            from gatekv.scorers import get_scorer
+
+            scorer = get_scorer(method.scorer, **method.options)
+        settings = config.compression(scorer if method.adapter is None else "snapkv",
+                                      _allocator(method, method.allocators[0]), config.budgets[0], merge)
+        if method.adapter is not None:  # its trained heads replace the scorer
+            kv = GateKV(model, tokenizer, adapter=method.adapter, config=settings)
             unknown = sorted(set(method.options) - {"pool_kernel"})
             if unknown:
                 raise ValueError(f"method {method.name!r}: options {unknown} do not apply to an adapter (valid: pool_kernel)")
@@ -140,10 +147,7 @@ def _wrappers(model, tokenizer, config: EvalConfig) -> dict[str, object]:
                 kv.scorer.set_pooling(method.options["pool_kernel"])
             out[method.name] = kv
         else:
-            from gatekv.scorers import get_scorer
-
-            scorer = get_scorer(method.scorer, **method.options) if method.options else method.scorer
-            out[method.name] = GateKV(model, tokenizer, scorer=scorer, **common)
+            out[method.name] = GateKV(model, tokenizer, config=settings)
     return out
 
 
@@ -173,8 +177,7 @@ def _shareable(config: EvalConfig, method: MethodConfig, cell: Cell, kv) -> bool
         return False
     if kv.adapter is not None and kv.adapter.lora is not None:
         return False
-    allocator = get_allocator(_allocator(method, cell.allocator))
-    return not (getattr(allocator, "cascade", False) or getattr(allocator, "needs_window_attention", False))
+    return not get_allocator(_allocator(method, cell.allocator)).observes_prefill
 
 
 def _run_shared(config, model, tokenizer, group, task_samples, wrappers, methods, results, json_path, bar) -> None:
@@ -186,7 +189,7 @@ def _run_shared(config, model, tokenizer, group, task_samples, wrappers, methods
     runner = GateKV(model, tokenizer, window=config.window, sinks=config.sinks)
     scorers = {c.method: wrappers[c.method].scorer for c in group}
     settings = [dict(scorer=c.method, allocator=_allocator(methods[c.method], c.allocator), budget=c.budget,
-                     merge=wrappers[c.method].compress_options.get("merge")) for c in group]
+                     merge=wrappers[c.method].config.merge) for c in group]
     def finished(cell) -> set[int]:
         return {r["index"] for r in results.partial.get(cell.key, [])}
 
@@ -278,15 +281,14 @@ def _run_realtext(config, model, group, task_samples, wrappers, methods, results
             if together:
                 scorers = {c.method: wrappers[c.method].scorer for c in together}
                 with torch.no_grad(), shared_prefill(model, scorers, window=config.window, sinks=config.sinks,
-                                                     reserve=wrappers[together[0].method].compress_options.get(
-                                                         "reserve")) as shared:
+                                                     reserve=wrappers[together[0].method].config.reserve) as shared:
                     begin = time.perf_counter()
                     last = shared.prefill(prefix_t)[0]
                     prefill_seconds = time.perf_counter() - begin
                     for cell in together:
                         begin = time.perf_counter()
                         cache, stats = shared.fork(cell.method, _allocator(methods[cell.method], cell.allocator),
-                                                   cell.budget, wrappers[cell.method].compress_options.get("merge"))
+                                                   cell.budget, wrappers[cell.method].config.merge)
                         logits = target_logits(model, cache, kwarg, last, rest, len(sample.target_ids))
                         metrics = score_target(logits, sample.target_ids, full, task)
                         seconds = prefill_seconds + time.perf_counter() - begin  # each is charged the prefill
