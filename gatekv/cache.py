@@ -19,7 +19,29 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from gatekv import kernels
 
-__all__ = ["CompressedCache", "CompressedLayer", "full_cache_kv_bytes"]
+__all__ = ["CompressedCache", "CompressedLayer", "ForwardTokens", "full_cache_kv_bytes"]
+
+
+class ForwardTokens:
+    """What every layer's append shares about one forward's new tokens, computed once instead of once per layer.
+
+    positions: (B, q) int64, -1 = padding. ``padding``: some new token is padding; ``row_min`` (B,): each row's
+    smallest real position (int64 max for a row of padding only); :meth:`per_segment`: positions per segment.
+    """
+
+    def __init__(self, positions: torch.Tensor):
+        self.positions = positions
+        self.padding = bool((positions < 0).any())
+        real = torch.where(positions >= 0, positions, torch.full_like(positions, torch.iinfo(torch.long).max))
+        self.row_min = real.min(-1).values
+        self._expanded: dict[int, torch.Tensor] = {}
+
+    def per_segment(self, heads: int) -> torch.Tensor:
+        """(B * heads, q) positions, segment ``b * heads + h`` = row ``b`` (cached per ``heads``)."""
+        if heads not in self._expanded:
+            batch, q = self.positions.shape
+            self._expanded[heads] = self.positions[:, None, :].expand(batch, heads, q).reshape(batch * heads, q)
+        return self._expanded[heads]
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -47,6 +69,7 @@ class CompressedLayer(CacheLayerMixin):
         self.has_padding = False  # some filled slot holds no token (left padding not yet compacted away)
         self.min_position = None  # (B,) lower bound of the positions held per row (sliding-window check)
         self._host_layout: tuple[list[int], list[int]] | None = None
+        self._free: int | None = None  # free_slots(), None = not known
 
     # -- transformers layer API --------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -58,6 +81,7 @@ class CompressedLayer(CacheLayerMixin):
         self.positions = torch.zeros(0, dtype=torch.long, device=device)
         zeros = torch.zeros(batch * heads, dtype=torch.long, device=device)
         self.starts, self.caps, self.lengths = zeros.clone(), zeros.clone(), zeros.clone()
+        self._free = None
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -120,6 +144,7 @@ class CompressedLayer(CacheLayerMixin):
             self._relayout(torch.arange(counts.numel(), device=counts.device), counts, extra=self.caps - counts,
                            indices=order)
         self._host_layout = None
+        self._free = None
         self.appended = max(self.appended - n, 0)
         if self.expected:
             self.expected += n
@@ -167,6 +192,7 @@ class CompressedLayer(CacheLayerMixin):
         self.state = dict(zip(names, new[3:]))
         self.starts, self.caps, self.lengths = starts, caps, counts.clone()
         self._host_layout = None
+        self._free = None
         self.has_padding = self._any_padding()
 
     def _filled_rows(self) -> torch.Tensor:
@@ -187,10 +213,13 @@ class CompressedLayer(CacheLayerMixin):
             self._host_layout = (self.starts.tolist(), self.lengths.tolist())
         return self._host_layout
 
-    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor) -> None:
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor,
+               tokens: "ForwardTokens | None" = None) -> None:
         """Write new tokens after each segment's filled slots.
 
         key_states: (B, H_kv, q, d) post-RoPE; value_states: (B, H_kv, q, d_v); positions: (B, q) int64, -1 = padding
+        tokens:     what every layer of the forward shares about ``positions`` (:class:`ForwardTokens`, computed once
+                    per forward by :class:`CompressedCache`); None = computed here
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -199,9 +228,11 @@ class CompressedLayer(CacheLayerMixin):
             raise ValueError(
                 f"cache holds batch {self.batch_size} x {self.num_heads} KV heads, got keys of shape {tuple(key_states.shape)}"
             )
-        need = self.lengths + q
+        if tokens is None:
+            tokens = ForwardTokens(positions)
         remaining = max(self.expected - q, 0)
-        if bool((need > self.caps).any()):
+        if self.free_slots() < q:
+            need = self.lengths + q
             if remaining:  # the caller said how many tokens follow: room for exactly those
                 slack = torch.full_like(need, max(remaining, 1))
             elif q == 1:  # decode of unknown length: geometric in the appended tokens, O(log n) regrowths
@@ -211,25 +242,37 @@ class CompressedLayer(CacheLayerMixin):
             all_segments = torch.arange(need.numel(), device=need.device)
             self._relayout(all_segments, self.lengths, extra=need - self.lengths + slack)
             self.regrow_count += 1
+        free = self.free_slots()
         segments = batch * heads
-        new_positions = positions[:, None, :].expand(batch, heads, q).reshape(segments, q)
-        new = [
-            key_states.reshape(segments, q, -1),
-            value_states.reshape(segments, q, -1),
-            new_positions,
-        ]
         buffers, _, names = self._buffers()
-        nan = torch.full((segments, q), float("nan"), device=key_states.device)
-        new += [nan] * len(names)
-        kernels.append(buffers, self.starts, self.lengths, new)
-        self.lengths = need
+        if q == 1 and not key_states.is_cuda:
+            # decode on CPU: one indexed write per buffer at row starts + lengths (append_reference for q = 1, without
+            # the per-call checks: the cache built these tensors); GPUs keep the one-launch Triton kernel
+            rows = self.starts + self.lengths
+            new = [key_states.reshape(segments, -1), value_states.reshape(segments, -1), tokens.per_segment(heads)[:, 0]]
+            for buf, values in zip(buffers, new):
+                buf.index_copy_(0, rows, values.to(buf.dtype))
+            for buf in buffers[3:]:
+                buf.index_fill_(0, rows, float("nan"))
+        else:
+            new = [key_states.reshape(segments, q, -1), value_states.reshape(segments, q, -1), tokens.per_segment(heads)]
+            nan = torch.full((segments, q), float("nan"), device=key_states.device)
+            new += [nan] * len(names)
+            kernels.append(buffers, self.starts, self.lengths, new)
+        self.lengths = self.lengths + q
+        self._free = free - q
         self.expected = remaining
         self.appended += q
         self._host_layout = None
-        self.has_padding = self.has_padding or bool((positions < 0).any())
-        real = torch.where(positions >= 0, positions, torch.full_like(positions, torch.iinfo(torch.long).max))
-        row_min = real.min(-1).values
-        self.min_position = row_min if self.min_position is None else torch.minimum(self.min_position, row_min)
+        self.has_padding = self.has_padding or tokens.padding
+        self.min_position = tokens.row_min if self.min_position is None else torch.minimum(self.min_position, tokens.row_min)
+
+    def free_slots(self) -> int:
+        """The fewest free slots over segments (cached until the layout changes): an append of ``q <= free_slots()``
+        tokens needs no regrowth."""
+        if self._free is None:
+            self._free = int((self.caps - self.lengths).min().item()) if self.lengths.numel() else 0
+        return self._free
 
     def compact(self, indices: torch.Tensor, counts: torch.Tensor, reserve: int | None = None, merge=None) -> None:
         """Keep, per (row, head), the slots ``indices[b, h, :counts[b, h]]`` (ascending); free everything else.
@@ -274,6 +317,7 @@ class CompressedLayer(CacheLayerMixin):
                                flat_counts)
         self.lengths = flat_counts.clone()
         self._host_layout = None
+        self._free = None
         self.appended = 0  # the size is fixed now: a regrowth (uneven per-head counts) adds the small reserve only
 
     def dense_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -323,6 +367,7 @@ class CompressedCache(Cache):
             raise ValueError(f"growth must be > 1, got {growth}")
         super().__init__(layers=[CompressedLayer(reserve, growth) for _ in range(num_layers)])
         self.pending_positions: torch.Tensor | None = None
+        self._pending_tokens: ForwardTokens | None = None
         self.logical_length = 0
         self.forwards = 0
         self.compressions = 0
@@ -333,6 +378,7 @@ class CompressedCache(Cache):
         ``advance=False`` for observer tokens that will not stay in the cache (query-aware scoring).
         """
         self.pending_positions = positions
+        self._pending_tokens = ForwardTokens(positions)
         if advance:
             self.logical_length += positions.shape[1]
         self.forwards += 1
@@ -343,7 +389,10 @@ class CompressedCache(Cache):
                 "CompressedCache used outside gatekv.compress(): this cache belongs to a finished (or never started) "
                 "compression session; run the forward inside the same `with compress(...)` block, or start a new one"
             )
-        self.layers[layer_idx].append(key_states, value_states, self.pending_positions)
+        tokens = self._pending_tokens
+        if tokens is None or tokens.positions is not self.pending_positions:  # set directly, not by begin_forward
+            tokens = self._pending_tokens = ForwardTokens(self.pending_positions)
+        self.layers[layer_idx].append(key_states, value_states, self.pending_positions, tokens)
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

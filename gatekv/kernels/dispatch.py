@@ -100,6 +100,7 @@ def ragged_attention(
     *,
     unmasked: bool = False,
     host_layout: tuple[list[int], list[int]] | None = None,
+    validate: bool = True,
 ):
     """Causal GQA attention over the ragged cache (see ``reference.ragged_attention_reference``).
 
@@ -109,9 +110,13 @@ def ragged_attention(
                  Triton masks for free and ignores it.
     host_layout: ``(starts, lengths)`` as Python lists, when the caller has them: saves the PyTorch paths a
                  device-to-host copy.
+    validate:    False skips the argument checks: for the cache's own decode step, whose buffers and layout the
+                 cache built (the checks cost about as much as the attention of a short segment on CPU).
     """
-    checks.check_ragged_attention(query, query_positions, keys, values, positions, starts, lengths, scale, sliding_window)
-    checks.check_host_layout(host_layout, starts)
+    if validate:
+        checks.check_ragged_attention(query, query_positions, keys, values, positions, starts, lengths, scale,
+                                      sliding_window)
+        checks.check_host_layout(host_layout, starts)
     unmasked = bool(unmasked) and query.shape[2] == 1
     if _backend == "flash":
         from gatekv.kernels import flash
@@ -185,10 +190,10 @@ def _use_triton(tensors, floats: bool = False) -> bool:
         return False
     if _backend == "triton":
         return _load_triton() is not None
-    if floats and any(t.dtype not in _TRITON_FLOATS for t in tensors):
-        return False
     on_cuda = any(t.is_cuda for t in tensors)
     if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return False  # the common CPU case: decided without importing triton
+    if floats and any(t.dtype not in _TRITON_FLOATS for t in tensors):
+        return False
     module = _load_triton()
     return module is not None and (on_cuda or module._INTERPRETED)
