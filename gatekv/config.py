@@ -12,6 +12,9 @@ Typical use::
     config = load_config(TrainConfig, "configs/train/x.yaml", ["optim.lr=1e-3", "trainer.max_steps=50"])
     print(dump_yaml(config))
 
+Saved artifacts (adapter configs, result files) are read forgivingly instead: :func:`read_saved` warns about and
+drops unknown keys (a newer gatekv may have written them) and leaves the checks to the dataclass itself.
+
 Supported field types: ``bool``, ``int``, ``float`` (ints are accepted), ``str``, ``Optional[X]`` / ``X | None``,
 ``Literal[...]``, ``list[X]``, ``tuple[X, ...]`` / ``tuple[X, Y]``, ``dict[str, X]``, unions of those, and nested
 dataclasses. ``__post_init__`` of each dataclass runs after its fields are set (for cross-field checks); a
@@ -28,6 +31,7 @@ import re
 import textwrap
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -57,6 +61,7 @@ __all__ = [
     "load_config",
     "load_yaml",
     "parse_override",
+    "read_saved",
     "to_dict",
 ]
 
@@ -160,6 +165,28 @@ def from_dict(cls: type, data: Any, path: str = ""):
         if path and not message.startswith(path):
             message = f"{path}.{message}"
         raise ValueError(message) from None
+
+
+def read_saved(cls: type, data: Any, what: str, required: tuple[str, ...] = (), build: bool = True):
+    """Dataclass ``cls`` from a mapping read back from a saved file, forgivingly: unknown keys are ignored with a
+    warning (``ignoring unknown {what} keys [...]``), missing required ones (fields without a default, and
+    ``required``) are a ``ValueError`` (``{what} lacks [...]``); values are checked by ``cls`` itself.
+
+    build: False returns the known keys as a dict instead of an instance (for a caller that converts some first).
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} must be a mapping, got {type(data).__name__}")
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = {f.name for f in fields}
+    unknown = sorted(set(map(str, data)) - names)
+    if unknown:
+        warnings.warn(f"ignoring unknown {what} keys {unknown}", stacklevel=3)
+    needed = {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted((needed | set(required)) - set(data))
+    if missing:
+        raise ValueError(f"{what} lacks {missing}")
+    known = {k: v for k, v in data.items() if k in names}
+    return cls(**known) if build else known
 
 
 def _type_name(tp: Any) -> str:

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from gatekv.config import load_config
+from gatekv.heads.config import HeadsConfig  # the one heads config (adapters save its fields in HeadConfig)
+from gatekv.settings import DEFAULT_SINKS, DEFAULT_WINDOW
 
 __all__ = [
     "DataConfig",
@@ -48,36 +50,6 @@ class ModelConfig:
     def __post_init__(self):
         if not self.name.strip():
             raise ValueError("name must not be empty")
-
-
-@dataclass
-class HeadsConfig:
-    """The trainable per-layer modules."""
-
-    type: Literal["retaining_head", "attention_gate", "linear_gate"] = "retaining_head"
-    """retaining_head (Locret MLP on pre-RoPE q/k/v), attention_gate (small causal MHA on hidden states) or
-    linear_gate (Linear(RMSNorm(h)) or a small MLP)."""
-    hidden: int = 64
-    """MLP width of the retaining head / linear gate (linear gate: 0 = one linear map)."""
-    act: Optional[str] = None
-    """MLP activation; null = the base model's hidden_act."""
-    gate_heads: int = 2
-    """Attention gate: number of heads of its reduced attention."""
-    gate_head_dim: int = 16
-    """Attention gate: width of each gate head."""
-    init_keep_logit: float = 3.0
-    """Gates: initial output bias (keep probability sigmoid(3) = 0.95 at the start)."""
-    recency_buckets: int = 0
-    """Learned bias on each token's distance to the newest token (log2 buckets, two per octave; 32 reach 65K
-    tokens), per layer and KV head, added to the content score: pre-RoPE heads cannot see position, so recency
-    (what a recent window hard-codes) is learned from the labels. 0 = off. Targets cis and teacher."""
-
-    def __post_init__(self):
-        if isinstance(self.recency_buckets, bool) or not isinstance(self.recency_buckets, int) or self.recency_buckets < 0:
-            raise ValueError(f"heads.recency_buckets must be an int >= 0, got {self.recency_buckets!r}")
-        if self.hidden < 0 or (self.type == "retaining_head" and self.hidden < 1):
-            raise ValueError(f"hidden must be >= 1 for a retaining head (>= 0 for a linear gate), got {self.hidden}")
-        _positive("heads", gate_heads=self.gate_heads, gate_head_dim=self.gate_head_dim)
 
 
 @dataclass
@@ -145,10 +117,10 @@ class TargetConfig:
     added during training) or ste (hard 0 / -inf forward, soft gradient)."""
     temperature: float = 0.5
     """distill: tau of the soft / gumbel mask."""
-    sinks: int = 4
+    sinks: int = DEFAULT_SINKS
     """First prompt tokens the inference session protects: distill never masks them; the cis ranking term leaves
     them out."""
-    window: int = 32
+    window: int = DEFAULT_WINDOW
     """Last prompt tokens the inference session protects (its recent window): distill never masks them; the cis
     ranking term leaves them out."""
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -307,18 +307,9 @@ def train(config: TrainConfig) -> TrainResult:
 
     # -- model, heads ------------------------------------------------------------------------------------------------
     model, tokenizer, model_id = load_frozen_model(config.model)
-    head_options = {
-        "hidden": config.heads.hidden,
-        "gate_heads": config.heads.gate_heads,
-        "gate_head_dim": config.heads.gate_head_dim,
-        "init_keep_logit": config.heads.init_keep_logit,
-        "recency_buckets": config.heads.recency_buckets,
-    }
-    if config.heads.act is not None:
-        head_options["act"] = config.heads.act
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        heads = build_heads(config.heads.type, model, **head_options)
+        heads = build_heads(config.heads.type, model, **config.heads.options())
     head_config: HeadConfig = heads.config
     meta = {
         "head_type": head_config.type,

@@ -81,11 +81,7 @@ def check_model_shapes(config: TrainConfig) -> ModelShapes:
         except ValueError as error:
             raise ValueError(f"model.name {str(path)!r}: {error}") from None
         _check_projections(spec)
-        options = {"hidden": config.heads.hidden, "gate_heads": config.heads.gate_heads,
-                   "gate_head_dim": config.heads.gate_head_dim, "init_keep_logit": config.heads.init_keep_logit, "recency_buckets": config.heads.recency_buckets}
-        if config.heads.act is not None:
-            options["act"] = config.heads.act
-        heads = build_heads(config.heads.type, model, **options)
+        heads = build_heads(config.heads.type, model, **config.heads.options())
     positions = int(getattr(base_config, "max_position_embeddings", 0) or 0)
     if positions and config.data.max_length > positions:
         raise ValueError(f"data.max_length {config.data.max_length} > the model's max_position_embeddings {positions}")
