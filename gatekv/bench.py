@@ -83,6 +83,9 @@ class DecodeResult:
     """The budget of a floor or compressed setting (None for the full cache)."""
     cache_tokens: int | None = None
     """Prompt tokens held by a floor setting's dense cache."""
+    score_seconds: float | None = None
+    """Of the prefill, the seconds the scorer took (compressed settings: ``stats.score_seconds``; a trained scorer's
+    forward, a replay's extra forwards)."""
 
 
 def random_llama(
@@ -158,7 +161,7 @@ def run_decode_benchmark(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     budgets: tuple[float | int, ...] = (0.1,),
-    scorers: tuple[str, ...] = ("snapkv",),
+    scorers: tuple = ("snapkv",),
     allocators: tuple[str, ...] = ("uniform", "adakv"),
     steps: int = 32,
     warmup: int = 2,
@@ -172,6 +175,7 @@ def run_decode_benchmark(
 
     input_ids:  (1, T) prompt on the model's device
     budgets:    kept tokens per KV head: ratios of the prompt (float) or counts (int)
+    scorers:    registered scorer names, Scorer instances (labelled by ``name``) or ``(label, Scorer)`` pairs
     chunk_size: tokens per chunk of the chunked settings; None = no chunked settings (also skipped when the prompt
                 fits in one chunk)
     log:        optional callable receiving one line per finished setting (progress)
@@ -197,15 +201,18 @@ def run_decode_benchmark(
             log(_progress_line(result))
 
     def compressed(scorer, allocator, budget, prefill):
+        name, scorer = scorer if isinstance(scorer, tuple) else (scorer if isinstance(scorer, str) else scorer.name, scorer)
         with compress(model, scorer, allocator, budget=budget, window=window, sinks=sinks, prefill=prefill,
                       chunk_size=chunk_size or 512) as session:
             cache = session.new_cache()
-            session.expect_new_tokens(warmup + steps)  # what generate() would declare: room for the decode steps
+            # what generate() would declare: its max_new_tokens counts the prefill's token, then one per decode step
+            session.expect_new_tokens(1 + warmup + steps)
             prefill_s, times, tokens, kv, kv_end = _drive(model, input_ids, cache, steps, warmup)
         kept = session.stats.kept_tokens
-        label = f"{scorer}+{allocator}@{budget}" + (" chunked" if prefill == "chunked" else "")
+        label = f"{name}+{allocator}@{budget}" + (" chunked" if prefill == "chunked" else "")
         finish(DecodeResult(label, prompt_tokens, prefill_s, statistics.median(times), times, kv, kv_end,
-                            None if kept is None else float(kept.double().mean()), tokens, prefill, budget))
+                            None if kept is None else float(kept.double().mean()), tokens, prefill, budget,
+                            score_seconds=session.stats.score_seconds))
 
     with torch.no_grad():
         # untimed: first-call costs (allocator warm-up, kernel selection) must not land on the first setting
@@ -232,12 +239,29 @@ def run_decode_benchmark(
     return results
 
 
+def _resolve_scorers(scorers, model) -> list:
+    """Names stay names; a directory holding a saved adapter becomes its heads for ``model`` (labelled by the
+    directory's name). Anything else is left to ``compress`` (which names an unknown scorer)."""
+    from pathlib import Path
+
+    resolved = []
+    for scorer in scorers:
+        path = Path(scorer) if isinstance(scorer, (str, os.PathLike)) else None
+        if path is not None and (path / "gatekv_config.json").is_file():
+            from gatekv.heads.adapter import load_adapter
+
+            resolved.append((path.name, load_adapter(path, model)))
+        else:
+            resolved.append(scorer)
+    return resolved
+
+
 def _progress_line(result: DecodeResult) -> str:
     return f"  {result.label}: prefill {result.prefill_seconds:.2f} s, decode {result.decode_ms:.2f} ms/token"
 
 
 DECODE_COLUMNS = ("setting", "kept/head", "KV MiB", "KV x full", "decode ms", "x full", "x floor", "prefill s",
-                  "prefill x full", "prefill ms/tok", "KV end MiB")
+                  "prefill x full", "scoring x full prefill", "prefill ms/tok", "KV end MiB", "KV end x floor")
 """Column headers of :func:`format_decode_table`, in order."""
 
 
@@ -259,7 +283,9 @@ def format_decode_table(results: list[DecodeResult], header: str = "") -> str:
         cells = [
             r.label, kept, f"{r.kv_bytes / 2**20:.1f}", f"{r.kv_bytes / full.kv_bytes:.3f}", f"{r.decode_ms:.2f}",
             f"{r.decode_ms / full.decode_ms:.2f}", vs_floor, f"{r.prefill_seconds:.2f}", prefill_ratio,
+            "-" if r.score_seconds is None else f"{r.score_seconds / full.prefill_seconds:.3f}",
             f"{per_token:.2f}", f"{r.kv_bytes_end / 2**20:.1f}",
+            f"{r.kv_bytes_end / floor.kv_bytes_end:.3f}" if floor is not None and floor.kv_bytes_end else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -285,6 +311,8 @@ def bench_decode(
     model_name: ``smollm2`` (default on CPU: a needle prompt of ``length`` tokens) or ``llama8b-random`` (default on
                 CUDA: random token ids); num_layers: only for ``llama8b-random``; threads: CPU threads for torch;
     chunk_size: tokens per chunk of the chunked-prefill settings (None: none measured).
+    scorers:    registered scorer names, or directories of saved adapters (``gatekv_config.json`` inside), measured
+                like a scorer and labelled by the directory's name.
     """
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
@@ -323,7 +351,7 @@ def bench_decode(
     )
     print_fn(header)
     results = run_decode_benchmark(
-        model, input_ids, tuple(budgets), tuple(scorers), tuple(allocators), steps, warmup, chunk_size=chunk_size,
+        model, input_ids, tuple(budgets), tuple(_resolve_scorers(scorers, model)), tuple(allocators), steps, warmup, chunk_size=chunk_size,
         log=print_fn,
     )
     print_fn(format_decode_table(results))

@@ -67,3 +67,25 @@ def test_bench_decode_rows_and_columns(models):
     assert body["full"][x_floor] == "-" and body["dense floor@0.25"][prefill_ratio] == "-"
     for label in labels[2:]:
         float(body[label][x_floor]), float(body[label][prefill_ratio])  # measured ratios, whatever their value
+    score = header_cells.index("scoring x full prefill")
+    end_vs_floor = header_cells.index("KV end x floor")
+    assert body["full"][score] == "-" and body["full"][end_vs_floor] == "-"
+    for label, r in zip(labels[2:], results[2:]):
+        assert r.score_seconds is not None and r.score_seconds <= r.prefill_seconds
+        float(body[label][score]), float(body[label][end_vs_floor])
+
+
+def test_bench_decode_measures_a_saved_adapter_by_its_directory(models, tmp_path):
+    from gatekv.bench import _resolve_scorers
+    from gatekv.heads import Adapter, build_heads
+
+    model = models["llama"]
+    heads = build_heads("linear_gate", model, hidden=0)
+    Adapter(heads, base_model="tiny:llama", target="teacher").save_pretrained(tmp_path / "my-gate")
+    resolved = _resolve_scorers(["snapkv", str(tmp_path / "my-gate")], model)
+    assert resolved[0] == "snapkv" and resolved[1][0] == "my-gate"
+    ids, _ = random_batch(1, 64)
+    results = run_decode_benchmark(model, ids, budgets=(0.25,), scorers=tuple(resolved[1:]), allocators=("adakv",),
+                                   steps=1, warmup=0, window=8, sinks=2, chunk_size=None)
+    assert [r.label for r in results] == ["full", "dense floor@0.25", "my-gate+adakv@0.25"]
+    assert results[2].kept_per_head is not None and results[2].kv_bytes < results[0].kv_bytes
