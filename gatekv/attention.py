@@ -163,24 +163,13 @@ class SessionAttention:
             candidates &= positions < self.observer_from[:, None, None]
         captured = self.captured[layer_idx]
         ctx = LayerContext(
-            layer_idx=layer_idx,
-            num_layers=self.spec.num_layers,
-            module=module,
-            keys=keys,
-            values=values,
-            positions=positions,
-            candidates=candidates,
-            queries=query,
-            query_positions=query_positions,
-            new_slots=(layer.lengths - q).reshape(batch, heads),
-            scale=scale,
+            layer_idx=layer_idx, num_layers=self.spec.num_layers, module=module, keys=keys, values=values,
+            positions=positions, candidates=candidates, queries=query, query_positions=query_positions,
+            new_slots=(layer.lengths - q).reshape(batch, heads), scale=scale,
             window_size=q if self.observer_from is not None else max(self.window, 1),
-            hidden_states=captured.get("hidden_states"),
-            pre_rope_queries=captured.get("pre_rope_queries"),
-            pre_rope_keys=captured.get("pre_rope_keys"),
-            pre_rope_values=captured.get("pre_rope_values"),
-            replay=self.replay_chunk,
-            state=state,
+            hidden_states=captured.get("hidden_states"), pre_rope_queries=captured.get("pre_rope_queries"),
+            pre_rope_keys=captured.get("pre_rope_keys"), pre_rope_values=captured.get("pre_rope_values"),
+            replay=self.replay_chunk, state=state,
         )
         scores = self.scorer.score(ctx).float()
         if scores.shape != positions.shape:

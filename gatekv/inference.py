@@ -175,18 +175,8 @@ class GateKV:
                 name = str(name)
             model, loaded_tokenizer = load_base_model(name, revision=revision, dtype=dtype, device=device)
             tokenizer = tokenizer or loaded_tokenizer
-        return cls(
-            model,
-            tokenizer,
-            scorer=scorer,
-            adapter=adapter,
-            allocator=allocator,
-            budget=budget,
-            prefill=prefill,
-            allow_mismatch=allow_mismatch,
-            config=config,
-            **compress_options,
-        )
+        return cls(model, tokenizer, scorer=scorer, adapter=adapter, allocator=allocator, budget=budget, prefill=prefill,
+                   allow_mismatch=allow_mismatch, config=config, **compress_options)
 
     # -- the settings ---------------------------------------------------------------------------------------------------
     @property

@@ -196,9 +196,7 @@ ALLOCATORS: Registry[Allocator] = Registry("allocator", Allocator)
 name and options, or the instance itself). Built-ins register when ``gatekv.allocators`` is imported."""
 
 
-register_allocator = ALLOCATORS.register
-available_allocators = ALLOCATORS.names
-get_allocator = ALLOCATORS.get
+register_allocator, available_allocators, get_allocator = ALLOCATORS.register, ALLOCATORS.names, ALLOCATORS.get
 
 
 def round_preserving_sum(values: torch.Tensor, total: int) -> torch.Tensor:

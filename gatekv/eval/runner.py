@@ -190,11 +190,8 @@ def _run_shared(config, model, tokenizer, group, task_samples, wrappers, methods
     scorers = {c.method: wrappers[c.method].scorer for c in group}
     settings = [dict(scorer=c.method, allocator=_allocator(methods[c.method], c.allocator), budget=c.budget,
                      merge=wrappers[c.method].config.merge) for c in group]
-    def finished(cell) -> set[int]:
-        return {r["index"] for r in results.partial.get(cell.key, [])}
-
     for index, sample in enumerate(task_samples):
-        pending = [i for i, c in enumerate(group) if c.key not in results.cells and index not in finished(c)]
+        pending = [i for i, c in enumerate(group) if c.key not in results.cells and index not in _finished(results, c)]
         if not pending:
             continue
         answers = runner.answer_settings(sample.context, sample.question, [settings[i] for i in pending],
@@ -204,12 +201,23 @@ def _run_shared(config, model, tokenizer, group, task_samples, wrappers, methods
             results.partial.setdefault(group[i].key, []).append({"index": index, **_record(sample, answer)})
             bar.update(1)
         bar.set_postfix_str(f"shared prefill: {len(pending)} cells, {group[0].task} sample {index + 1}")
-        for cell in group:
-            if cell.key not in results.cells and len(finished(cell)) == len(task_samples):
-                records = sorted(results.partial[cell.key], key=lambda r: r["index"])
-                records = [{k: v for k, v in r.items() if k != "index"} for r in records]
-                _finish_cell(results, cell, records, sum(r["seconds"] for r in records))
+        _finish_complete_cells(results, group, len(task_samples),
+                               lambda cell, records: _finish_cell(results, cell, records, sum(r["seconds"] for r in records)))
         atomic_write_text(json_path, results.to_json())
+
+
+def _finished(results: EvalResults, cell: Cell) -> set[int]:
+    """Indices of the samples of ``cell`` already recorded in ``results.partial``."""
+    return {r["index"] for r in results.partial.get(cell.key, [])}
+
+
+def _finish_complete_cells(results: EvalResults, group: list[Cell], num_samples: int, finish) -> None:
+    """``finish(cell, records)`` for every cell of ``group`` whose ``num_samples`` samples are all in
+    ``results.partial``: its records in sample order, without their ``index``."""
+    for cell in group:
+        if cell.key not in results.cells and len(_finished(results, cell)) == num_samples:
+            records = sorted(results.partial[cell.key], key=lambda r: r["index"])
+            finish(cell, [{k: v for k, v in r.items() if k != "index"} for r in records])
 
 
 def _shares_realtext_prefill(config: EvalConfig, method: MethodConfig, cell: Cell, kv) -> bool:
@@ -246,11 +254,8 @@ def _run_realtext(config, model, group, task_samples, wrappers, methods, results
     device = next(model.parameters()).device
     kwarg = cache_kwarg(model)
 
-    def finished(cell) -> set[int]:
-        return {r["index"] for r in results.partial.get(cell.key, [])}
-
     for index, sample in enumerate(task_samples):
-        pending = [c for c in group if c.key not in results.cells and index not in finished(c)]
+        pending = [c for c in group if c.key not in results.cells and index not in _finished(results, c)]
         if not pending:
             continue
         task = sample.task
@@ -312,11 +317,8 @@ def _run_realtext(config, model, group, task_samples, wrappers, methods, results
             results.partial.setdefault(cell.key, []).append(records[cell.key])
             bar.update(1)
         bar.set_postfix_str(f"{task}: {len(pending)} cells, sample {index + 1}")
-        for cell in group:
-            if cell.key not in results.cells and len(finished(cell)) == len(task_samples):
-                rows = sorted(results.partial[cell.key], key=lambda r: r["index"])
-                rows = [{k: v for k, v in r.items() if k != "index"} for r in rows]
-                _finish_realtext_cell(results, cell, rows)
+        _finish_complete_cells(results, group, len(task_samples),
+                               lambda cell, records: _finish_realtext_cell(results, cell, records))
         atomic_write_text(json_path, results.to_json())
 
 

@@ -8,9 +8,20 @@ import triton
 import triton.language as tl
 
 from gatekv.kernels import checks, reference
-from gatekv.kernels.triton_common import INT_OF_SIZE, feature_block, require_kernel_device
+from gatekv.kernels.triton_common import INT_OF_SIZE, feature_block, in_pairs, int64_on, kernel_device
 
 __all__ = ["append"]
+
+
+@triton.jit
+def _copy_tokens(new_ptr, stride_tok, stride_col, dst_ptr, stride_row, stride_dst_col, num_cols, toks, tok_mask,
+                 dst_rows, BLOCK_F: tl.constexpr):
+    """Copy ``num_cols`` features of new tokens ``toks`` (BLOCK_Q,) of one segment to rows ``dst_rows``."""
+    for f0 in range(0, num_cols, BLOCK_F):
+        cols = f0 + tl.arange(0, BLOCK_F)
+        mask = tok_mask[:, None] & (cols < num_cols)[None, :]
+        tile = tl.load(new_ptr + toks[:, None] * stride_tok + cols[None, :] * stride_col, mask=mask)
+        tl.store(dst_ptr + dst_rows[:, None] * stride_row + cols[None, :] * stride_dst_col, tile, mask=mask)
 
 
 @triton.jit
@@ -27,28 +38,20 @@ def _append_kernel(
     toks = block * BLOCK_Q + tl.arange(0, BLOCK_Q)
     tok_mask = toks < num_new
     dst_rows = row0 + toks
-    seg64 = seg.to(tl.int64)
-    for f0 in range(0, cols_a, BLOCK_FA):
-        cols = f0 + tl.arange(0, BLOCK_FA)
-        mask = tok_mask[:, None] & (cols < cols_a)[None, :]
-        tile = tl.load(new_a_ptr + seg64 * stride_na_seg + toks[:, None] * stride_na_tok
-                       + cols[None, :] * stride_na_col, mask=mask)
-        tl.store(dst_a_ptr + dst_rows[:, None] * stride_da_row + cols[None, :] * stride_da_col, tile, mask=mask)
+    new_a_seg = new_a_ptr + seg.to(tl.int64) * stride_na_seg
+    _copy_tokens(new_a_seg, stride_na_tok, stride_na_col, dst_a_ptr, stride_da_row, stride_da_col, cols_a,
+                 toks, tok_mask, dst_rows, BLOCK_FA)
     if HAS_B:
-        for f0 in range(0, cols_b, BLOCK_FB):
-            cols = f0 + tl.arange(0, BLOCK_FB)
-            mask = tok_mask[:, None] & (cols < cols_b)[None, :]
-            tile = tl.load(new_b_ptr + seg64 * stride_nb_seg + toks[:, None] * stride_nb_tok
-                           + cols[None, :] * stride_nb_col, mask=mask)
-            tl.store(dst_b_ptr + dst_rows[:, None] * stride_db_row + cols[None, :] * stride_db_col, tile, mask=mask)
+        new_b_seg = new_b_ptr + seg.to(tl.int64) * stride_nb_seg
+        _copy_tokens(new_b_seg, stride_nb_tok, stride_nb_col, dst_b_ptr, stride_db_row, stride_db_col, cols_b,
+                     toks, tok_mask, dst_rows, BLOCK_FB)
 
 
-def _launch_append(pair_dst, pair_new, starts, lengths, block_q: int) -> None:
-    """pair_dst: 1 or 2 (N_cap, F) integer views; pair_new: matching (S, q, F) integer views."""
-    num_segments, num_new = pair_new[0].shape[:2]
-    a_dst, a_new = pair_dst[0], pair_new[0]
-    has_b = len(pair_dst) == 2
-    b_dst, b_new = (pair_dst[1], pair_new[1]) if has_b else (a_dst, a_new)
+def _launch_append(pair, has_b: bool, starts, lengths, block_q: int) -> None:
+    """pair: two (dst, new) of a (N_cap, F) integer view and the matching (S, q, F) one (``in_pairs``); the second
+    is written only when ``has_b``."""
+    (a_dst, a_new), (b_dst, b_new) = pair
+    num_segments, num_new = a_new.shape[:2]
     grid = (num_segments, triton.cdiv(num_new, block_q))
     _append_kernel[grid](
         a_new, a_new.stride(0), a_new.stride(1), a_new.stride(2), a_dst, a_dst.stride(0), a_dst.stride(1),
@@ -74,13 +77,11 @@ def append(
     """
     if validate:
         checks.check_append(dst, starts, lengths, new)
-    device = dst[0].device
-    require_kernel_device(device, "dst")
+    device = kernel_device("dst", dst[0])
     num_segments, num_new = new[0].shape[:2]
     if num_segments == 0 or num_new == 0:
         return
-    starts = starts.to(device=device, dtype=torch.int64)
-    lengths = lengths.to(device=device, dtype=torch.int64)
+    starts, lengths = int64_on(device, starts, lengths)
     movable = []
     for buf, tokens in zip(dst, new):
         tokens = tokens.to(buf.dtype)  # conversion by torch (round to nearest even), then a bit-exact copy
@@ -93,9 +94,8 @@ def append(
         as_int = tokens.view(INT_OF_SIZE[buf.element_size()])
         movable.append((rows, as_int.reshape(num_segments, num_new, rows.shape[1])))
     block_q = min(triton.next_power_of_2(num_new), 64)
-    for p in range(0, len(movable), 2):
-        pair = movable[p : p + 2]
-        _launch_append([m[0] for m in pair], [m[1] for m in pair], starts, lengths, block_q)
+    for pair, has_b in in_pairs(movable):
+        _launch_append(pair, has_b, starts, lengths, block_q)
 
 
 def _writable_rows(buf: torch.Tensor) -> torch.Tensor | None:

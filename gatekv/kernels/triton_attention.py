@@ -11,11 +11,16 @@ import triton.language as tl
 from gatekv.kernels import checks
 from gatekv.kernels.triton_common import (
     LOG2E,
-    check_floats,
+    check_splits,
     default_block,
+    dim_block,
     dot_in_fp32,
+    int64_on,
+    kernel_device,
     num_programs_wanted,
-    require_kernel_device,
+    row_block,
+    row_offsets,
+    segment_rows,
 )
 
 __all__ = ["ragged_attention"]
@@ -42,10 +47,7 @@ def _ragged_attention_kernel(
     """
     seg = tl.program_id(0)
     split = tl.program_id(1)
-    row_block = tl.program_id(2)
-    b = seg // num_kv_heads
-    h = seg % num_kv_heads
-    n_rows = group * q_len
+    b, h, n_rows, rows, row_ok, head, qi = segment_rows(seg, tl.program_id(2), num_kv_heads, group, q_len, BLOCK_M)
     length = tl.load(lengths_ptr + seg).to(tl.int32)
     start = tl.load(starts_ptr + seg).to(tl.int64)
     chunk = tl.maximum(tl.cdiv(tl.cdiv(length, num_splits), BLOCK_T) * BLOCK_T, BLOCK_T)
@@ -55,13 +57,9 @@ def _ragged_attention_kernel(
             return
     t_hi = tl.minimum(length, t_lo + chunk)
 
-    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    head = h * group + rows // q_len
-    qi = rows % q_len
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    q_off = b.to(tl.int64) * stride_qb + head.to(tl.int64)[:, None] * stride_qh + qi[:, None] * stride_qt
+    q_off = row_offsets(b, head, qi, stride_qb, stride_qh, stride_qt)
     q = tl.load(q_ptr + q_off + dk[None, :] * stride_qd, mask=row_ok[:, None] & (dk < head_dim)[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
@@ -109,7 +107,7 @@ def _ragged_attention_kernel(
     else:
         denom = tl.where(l_i > 0.0, l_i, 1.0)  # a query with no allowed key returns zeros
         out = acc / denom[:, None]
-        o_off = b.to(tl.int64) * stride_ob + head.to(tl.int64)[:, None] * stride_oh + qi[:, None] * stride_ot
+        o_off = row_offsets(b, head, qi, stride_ob, stride_oh, stride_ot)
         tl.store(out_ptr + o_off + dv[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (dv < value_dim)[None, :])
 
@@ -123,15 +121,10 @@ def _ragged_attention_combine_kernel(
 ):
     """Program (segment, row block): log-sum-exp merge of the chunks that hold keys, then normalise."""
     seg = tl.program_id(0)
-    row_block = tl.program_id(1)
-    b = seg // num_kv_heads
-    h = seg % num_kv_heads
-    n_rows = group * q_len
+    b, h, n_rows, rows, row_ok, head, qi = segment_rows(seg, tl.program_id(1), num_kv_heads, group, q_len, BLOCK_M)
     length = tl.load(lengths_ptr + seg).to(tl.int32)
     chunk = tl.maximum(tl.cdiv(tl.cdiv(length, num_splits), BLOCK_T) * BLOCK_T, BLOCK_T)
     used = tl.cdiv(length, chunk)
-    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
     dv = tl.arange(0, BLOCK_DV)
     mask = row_ok[:, None] & (dv < value_dim)[None, :]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -151,9 +144,7 @@ def _ragged_attention_combine_kernel(
         m_i = m_new
     denom = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / denom[:, None]
-    head = h * group + rows // q_len
-    qi = rows % q_len
-    o_off = b.to(tl.int64) * stride_ob + head.to(tl.int64)[:, None] * stride_oh + qi[:, None] * stride_ot
+    o_off = row_offsets(b, head, qi, stride_ob, stride_oh, stride_ot)
     tl.store(out_ptr + o_off + dv[None, :] * stride_od, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -178,7 +169,7 @@ def _launch_ragged_attention(query, query_positions, keys, values, positions, st
     group = num_q_heads // num_kv_heads
     value_dim = values.shape[1]
     n_rows = group * q_len
-    block_m = min(64, max(16, triton.next_power_of_2(n_rows)))
+    block_m = row_block(n_rows)
     row_blocks = triton.cdiv(n_rows, block_m)
     split = num_splits > 1
     if split:
@@ -187,8 +178,7 @@ def _launch_ragged_attention(query, query_positions, keys, values, positions, st
         part_l = torch.empty_like(part_m)
     else:
         part_o = part_m = part_l = out  # unused
-    block_dk = max(16, triton.next_power_of_2(head_dim))
-    block_dv = max(16, triton.next_power_of_2(value_dim))
+    block_dk, block_dv = dim_block(head_dim), dim_block(value_dim)
     _ragged_attention_kernel[(num_segments, num_splits, row_blocks)](
         query, *query.stride(),
         query_positions, *query_positions.stride(),
@@ -243,23 +233,19 @@ def ragged_attention(
     """
     if validate:
         checks.check_ragged_attention(query, query_positions, keys, values, positions, starts, lengths, scale, sliding_window)
-    check_floats(query=query, keys=keys, values=values)
-    device = query.device
-    require_kernel_device(device, "query")
+    device = kernel_device("query", query, query=query, keys=keys, values=values)
     batch, num_q_heads, q_len, _ = query.shape
     out = torch.empty((batch, num_q_heads, q_len, values.shape[1]), dtype=query.dtype, device=device)
     if out.numel() == 0:
         return out
     num_segments = starts.shape[0]
-    starts = starts.to(device=device, dtype=torch.int64)
-    lengths = lengths.to(device=device, dtype=torch.int64)
+    starts, lengths = int64_on(device, starts, lengths)
     query_positions = query_positions.to(device=device)
     n_rows = (num_q_heads // (num_segments // batch)) * q_len
     if num_splits is None:
-        row_blocks = triton.cdiv(n_rows, min(64, max(16, triton.next_power_of_2(n_rows))))
+        row_blocks = triton.cdiv(n_rows, row_block(n_rows))
         num_splits = _default_splits(keys.shape[0], num_segments, row_blocks, n_rows, values.shape[1], device)
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    check_splits(num_splits)
     block_t = default_block(block_t, 64, 256, "block_t")
     _launch_ragged_attention(query, query_positions, keys, values, positions, starts, lengths, out, scale,
                              sliding_window, num_splits, block_t)

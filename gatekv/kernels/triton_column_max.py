@@ -9,12 +9,7 @@ import triton
 import triton.language as tl
 
 from gatekv.kernels import checks
-from gatekv.kernels.triton_common import (
-    check_floats,
-    default_block,
-    dot_in_fp32,
-    require_kernel_device,
-)
+from gatekv.kernels.triton_common import default_block, dim_block, dot_in_fp32, kernel_device, row_block
 
 __all__ = ["column_max_logits"]
 
@@ -69,8 +64,8 @@ def _launch_column_max(queries, query_positions, keys, key_positions, out, scale
     batch, num_q_heads, num_queries, head_dim = queries.shape
     num_kv_heads, num_keys = keys.shape[1], keys.shape[2]
     group = num_q_heads // num_kv_heads
-    block_m = min(64, max(16, triton.next_power_of_2(group * num_queries)))
-    block_dk = max(16, triton.next_power_of_2(head_dim))
+    block_m = row_block(group * num_queries)
+    block_dk = dim_block(head_dim)
     if key_positions.dim() == 2:  # (B, T) shared by every KV head
         kpos_strides = (key_positions.stride(0), 0, key_positions.stride(1))
     else:
@@ -108,9 +103,7 @@ def column_max_logits(
     """
     if validate:
         checks.check_column_max_logits(queries, query_positions, keys, key_positions, scale)
-    check_floats(queries=queries, keys=keys)
-    device = keys.device
-    require_kernel_device(device, "keys")
+    device = kernel_device("keys", keys, queries=queries, keys=keys)
     batch, num_kv_heads, num_keys = keys.shape[:3]
     out = torch.empty((batch, num_kv_heads, num_keys), dtype=torch.float32, device=device)
     if out.numel() == 0:

@@ -1,5 +1,6 @@
 """Shared pieces of the Triton kernels: whether they run under Triton's CPU interpreter, block-size defaults,
-device and dtype checks, bit-exact integer views of buffers.
+device and dtype checks, bit-exact integer views of buffers, and the launch preamble every op repeats (index
+tensors on the device, buffers moved two per launch, a program's (batch row, KV head) and query rows).
 
 Under ``TRITON_INTERPRET=1`` (set before the kernels are imported) the kernels run on CPU tensors through
 Triton's interpreter; all arithmetic is then done in fp32, because the interpreter computes bf16 arithmetic on
@@ -8,8 +9,11 @@ the raw bit patterns. Without the interpreter every tensor must be on a CUDA dev
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import triton
+import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 LOG2E = 1.4426950408889634
@@ -87,3 +91,56 @@ def require_kernel_device(device: torch.device, name: str) -> None:
     )
 
 
+def kernel_device(name: str, tensor: torch.Tensor, **floats: torch.Tensor) -> torch.device:
+    """The device the kernels run on: ``tensor``'s (``name`` in the error), after checking that every tensor of
+    ``floats`` (name -> tensor) has a floating dtype the kernels take."""
+    check_floats(**floats)
+    require_kernel_device(tensor.device, name)
+    return tensor.device
+
+
+def int64_on(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """``tensors`` (index tensors: starts, lengths, counts) as int64 on ``device``."""
+    return [t.to(device=device, dtype=torch.int64) for t in tensors]
+
+
+def row_block(rows: int) -> int:
+    """Query rows per program: ``rows`` rounded up to a power of two, at least 16 (``tl.dot``'s minimum), at most 64."""
+    return min(64, max(16, triton.next_power_of_2(rows)))
+
+
+def dim_block(width: int) -> int:
+    """A head or value dimension rounded up to a power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(width))
+
+
+def check_splits(num_splits: int) -> None:
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+
+
+def in_pairs(items: list) -> Iterator[tuple[list, bool]]:
+    """``items`` two at a time (keys and values share one launch): ``(pair, has_b)`` where ``pair`` always holds two
+    entries; without a second one (``has_b`` False) the first stands in for it and the kernel skips it."""
+    for start in range(0, len(items), 2):
+        pair = list(items[start : start + 2])
+        yield (pair if len(pair) == 2 else pair * 2), len(pair) == 2
+
+
+@triton.jit
+def segment_rows(seg, row_block, num_kv_heads, group, num_queries, BLOCK_M: tl.constexpr):
+    """The query rows of program (segment ``seg`` = b * H_kv + h, ``row_block``): rows ``r = g * num_queries + i``
+    are query head ``h * group + g``, query ``i``. Returns ``(b, h, n_rows, rows, row_ok, head, qi)``, the last four
+    (BLOCK_M,)."""
+    b = seg // num_kv_heads
+    h = seg % num_kv_heads
+    n_rows = group * num_queries
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    return b, h, n_rows, rows, rows < n_rows, h * group + rows // num_queries, rows % num_queries
+
+
+@triton.jit
+def row_offsets(b, head, qi, stride_b, stride_h, stride_t):
+    """(BLOCK_M, 1) int64 offsets of rows (batch row ``b``, query head ``head``, query ``qi``) in a (B, H_q, q, ...)
+    tensor with those strides."""
+    return b.to(tl.int64) * stride_b + head.to(tl.int64)[:, None] * stride_h + qi[:, None] * stride_t

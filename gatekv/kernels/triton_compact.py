@@ -14,7 +14,9 @@ from gatekv.kernels.triton_common import (
     as_int_rows,
     default_block,
     feature_block,
-    require_kernel_device,
+    in_pairs,
+    int64_on,
+    kernel_device,
 )
 
 __all__ = ["compact"]
@@ -85,13 +87,12 @@ def _compact_kernel(
                        block * BLOCK_K, num_blocks * BLOCK_K, BLOCK_K, BLOCK_FB)
 
 
-def _launch_compact(pair_src, pair_dst, pair_fill, src_starts, indices, counts, dst_starts, dst_ends,
-                    fill_growth: bool, block_k: int) -> None:
-    """One launch moving one or two buffers. pair_*: lists of 1 or 2 (N, F) integer views / (1,) fill tensors."""
+def _launch_compact(pair, has_b: bool, src_starts, indices, counts, dst_starts, dst_ends, fill_growth: bool,
+                    block_k: int) -> None:
+    """One launch moving one or two buffers. pair: two (src, dst, fill) of (N, F) integer views and a (1,) fill
+    tensor (``in_pairs``); the second is moved only when ``has_b``."""
     num_segments, k_max = indices.shape
-    a_src, a_dst, a_fill = pair_src[0], pair_dst[0], pair_fill[0]
-    has_b = len(pair_src) == 2
-    b_src, b_dst, b_fill = (pair_src[1], pair_dst[1], pair_fill[1]) if has_b else (a_src, a_dst, a_fill)
+    (a_src, a_dst, a_fill), (b_src, b_dst, b_fill) = pair
     grid = (num_segments, max(1, triton.cdiv(k_max, block_k)))
     _compact_kernel[grid](
         a_src, a_src.stride(0), a_src.stride(1), a_dst, a_dst.stride(0), a_dst.stride(1), a_fill, a_src.shape[1],
@@ -134,8 +135,7 @@ def compact(
     """
     if validate:
         checks.check_compact(src, src_starts, indices, counts, dst_starts, dst_rows, fill)
-    device = src[0].device
-    require_kernel_device(device, "src")
+    device = kernel_device("src", src[0])
     dst_rows = int(dst_rows)
     fills = [0] * len(src) if fill is None else list(fill)
     fill_values = [torch.full((1,), value, dtype=buf.dtype, device=device) for buf, value in zip(src, fills)]
@@ -143,9 +143,7 @@ def compact(
     if num_segments == 0 or dst_rows == 0:
         return [torch.full((dst_rows, *buf.shape[1:]), value, dtype=buf.dtype, device=device)
                 for buf, value in zip(src, fills)]
-    src_starts = src_starts.to(device=device, dtype=torch.int64)
-    dst_starts = dst_starts.to(device=device, dtype=torch.int64)
-    counts = counts.to(device=device, dtype=torch.int64)
+    src_starts, dst_starts, counts = int64_on(device, src_starts, dst_starts, counts)
     indices = indices.to(device=device)
     dst_ends = torch.cat([dst_starts[1:], dst_starts.new_full((1,), dst_rows)])
     ordered = bool(((dst_starts[0] == 0) & (dst_ends >= dst_starts).all()).item())
@@ -163,10 +161,8 @@ def compact(
             continue
         movable.append((as_int_rows(buf), as_int_rows(out), fill_values[i].view(INT_OF_SIZE[buf.element_size()])))
     block_k = default_block(block_k, 64, 256, "block_k")
-    for p in range(0, len(movable), 2):
-        pair = movable[p : p + 2]
-        _launch_compact([m[0] for m in pair], [m[1] for m in pair], [m[2] for m in pair],
-                        src_starts, indices, counts, dst_starts, dst_ends, ordered, block_k)
+    for pair, has_b in in_pairs(movable):
+        _launch_compact(pair, has_b, src_starts, indices, counts, dst_starts, dst_ends, ordered, block_k)
     return outs
 
 

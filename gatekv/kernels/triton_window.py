@@ -11,11 +11,15 @@ import triton.language as tl
 from gatekv.kernels import checks
 from gatekv.kernels.triton_common import (
     LOG2E,
-    check_floats,
+    check_splits,
     default_block,
+    dim_block,
     dot_in_fp32,
+    kernel_device,
     num_programs_wanted,
-    require_kernel_device,
+    row_block,
+    row_offsets,
+    segment_rows,
 )
 
 __all__ = ["window_attention"]
@@ -38,12 +42,9 @@ def _window_logits(q, qpos, k_ptr, kpos_ptr, key_base, kpos_base, stride_kt, str
 
 
 @triton.jit
-def _load_window_queries(q_ptr, qpos_ptr, b, h, rows, row_ok, group, w, dk, head_dim,
+def _load_window_queries(q_ptr, qpos_ptr, b, head, qi, row_ok, dk, head_dim,
                          stride_qb, stride_qh, stride_qt, stride_qd, stride_pb, stride_pt, DOT_FP32: tl.constexpr):
-    head = h * group + rows // w
-    qi = rows % w
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + head.to(tl.int64)[:, None] * stride_qh
-                + qi[:, None] * stride_qt + dk[None, :] * stride_qd,
+    q = tl.load(q_ptr + row_offsets(b, head, qi, stride_qb, stride_qh, stride_qt) + dk[None, :] * stride_qd,
                 mask=row_ok[:, None] & (dk < head_dim)[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
@@ -64,14 +65,9 @@ def _window_lse_kernel(
     """Program (b * H_kv + h, key chunk, row block): running max and sum of exp2 over one chunk of keys."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    row_block = tl.program_id(2)
-    b = bh // num_kv_heads
-    h = bh % num_kv_heads
-    n_rows = group * w
-    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
+    b, h, n_rows, rows, row_ok, head, qi = segment_rows(bh, tl.program_id(2), num_kv_heads, group, w, BLOCK_M)
     dk = tl.arange(0, BLOCK_DK)
-    q, qpos = _load_window_queries(q_ptr, qpos_ptr, b, h, rows, row_ok, group, w, dk, head_dim,
+    q, qpos = _load_window_queries(q_ptr, qpos_ptr, b, head, qi, row_ok, dk, head_dim,
                                    stride_qb, stride_qh, stride_qt, stride_qd, stride_pb, stride_pt, DOT_FP32)
     key_base = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     kpos_base = b.to(tl.int64) * stride_kpb + h.to(tl.int64) * stride_kph
@@ -107,12 +103,7 @@ def _window_weights_kernel(
     """Program (b * H_kv + h, key block, row block): merge the chunk statistics, write normalised weights."""
     bh = tl.program_id(0)
     key_block = tl.program_id(1)
-    row_block = tl.program_id(2)
-    b = bh // num_kv_heads
-    h = bh % num_kv_heads
-    n_rows = group * w
-    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
+    b, h, n_rows, rows, row_ok, head, qi = segment_rows(bh, tl.program_id(2), num_kv_heads, group, w, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for split in range(0, num_splits):
@@ -127,7 +118,7 @@ def _window_weights_kernel(
     inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
 
     dk = tl.arange(0, BLOCK_DK)
-    q, qpos = _load_window_queries(q_ptr, qpos_ptr, b, h, rows, row_ok, group, w, dk, head_dim,
+    q, qpos = _load_window_queries(q_ptr, qpos_ptr, b, head, qi, row_ok, dk, head_dim,
                                    stride_qb, stride_qh, stride_qt, stride_qd, stride_pb, stride_pt, DOT_FP32)
     key_base = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     kpos_base = b.to(tl.int64) * stride_kpb + h.to(tl.int64) * stride_kph
@@ -136,9 +127,7 @@ def _window_weights_kernel(
     s = _window_logits(q, qpos, k_ptr, kpos_ptr, key_base, kpos_base, stride_kt, stride_kd, stride_kpt,
                        ts, t_ok, dk, head_dim, scale_log2, DOT_FP32)
     weights = tl.exp2(s - m_safe[:, None]) * inv_l[:, None]
-    head = h * group + rows // w
-    qi = rows % w
-    o_off = b.to(tl.int64) * stride_ob + head.to(tl.int64)[:, None] * stride_oh + qi[:, None] * stride_ot
+    o_off = row_offsets(b, head, qi, stride_ob, stride_oh, stride_ot)
     tl.store(out_ptr + o_off + ts[None, :] * stride_ok, weights, mask=row_ok[:, None] & t_ok[None, :])
 
 
@@ -148,9 +137,9 @@ def _launch_window_attention(window_queries, window_positions, keys, key_positio
     num_kv_heads, num_keys = keys.shape[1], keys.shape[2]
     group = num_q_heads // num_kv_heads
     n_rows = group * w
-    block_m = min(64, max(16, triton.next_power_of_2(n_rows)))
+    block_m = row_block(n_rows)
     row_blocks = triton.cdiv(n_rows, block_m)
-    block_dk = max(16, triton.next_power_of_2(head_dim))
+    block_dk = dim_block(head_dim)
     part_m = torch.empty((batch * num_kv_heads, num_splits, n_rows), dtype=torch.float32, device=out.device)
     part_l = torch.empty_like(part_m)
     common = (
@@ -194,9 +183,7 @@ def window_attention(
     """
     if validate:
         checks.check_window_attention(window_queries, window_positions, keys, key_positions, scale)
-    check_floats(window_queries=window_queries, keys=keys)
-    device = keys.device
-    require_kernel_device(device, "keys")
+    device = kernel_device("keys", keys, window_queries=window_queries, keys=keys)
     batch, num_q_heads, w, _ = window_queries.shape
     num_kv_heads, num_keys = keys.shape[1], keys.shape[2]
     out = torch.empty((batch, num_q_heads, w, num_keys), dtype=torch.float32, device=device)
@@ -205,11 +192,10 @@ def window_attention(
     block_t = default_block(block_t, 64, 256, "block_t")
     if num_splits is None:
         group = num_q_heads // num_kv_heads
-        row_blocks = triton.cdiv(group * w, min(64, max(16, triton.next_power_of_2(group * w))))
+        row_blocks = triton.cdiv(group * w, row_block(group * w))
         wanted = triton.cdiv(num_programs_wanted(device), batch * num_kv_heads * row_blocks)
         num_splits = max(1, min(wanted, triton.cdiv(num_keys, 1024)))
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    check_splits(num_splits)
     _launch_window_attention(window_queries, window_positions.to(device), keys, key_positions.to(device), out,
                              scale, num_splits, block_t)
     return out

@@ -310,16 +310,10 @@ class TrainerConfig:
     """Ask torch for deterministic algorithms (CPU runs are deterministic regardless)."""
 
     def __post_init__(self):
-        _positive(
-            "trainer",
-            max_steps=self.max_steps,
-            num_nodes=self.num_nodes,
-            accumulate_grad_batches=self.accumulate_grad_batches,
-            log_every_n_steps=self.log_every_n_steps,
-            val_every_n_steps=self.val_every_n_steps,
-            checkpoint_every_n_steps=self.checkpoint_every_n_steps,
-            threads=self.threads,
-        )
+        _positive("trainer", max_steps=self.max_steps, num_nodes=self.num_nodes,
+                  accumulate_grad_batches=self.accumulate_grad_batches, log_every_n_steps=self.log_every_n_steps,
+                  val_every_n_steps=self.val_every_n_steps, checkpoint_every_n_steps=self.checkpoint_every_n_steps,
+                  threads=self.threads)
         if isinstance(self.devices, str) and self.devices != "auto":
             raise ValueError(f"devices must be an int or 'auto', got {self.devices!r}")
         if isinstance(self.devices, int) and self.devices < 1:
