@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from gatekv.settings import DEFAULT_WINDOW
+
 __all__ = ["REALTEXT_METRICS", "REALTEXT_TASKS", "RECALL_INSTRUCTION", "RealTextSample", "full_logprobs",
            "make_realtext_samples", "score_target", "target_logits"]
 
@@ -128,7 +130,7 @@ def _window_order(documents, counts: list[int]) -> list[tuple[int, int]]:
 
 def make_realtext_samples(task: str, tokenizer, documents, length: int, num_samples: int, seed_base: int = 0,
                           continuation_tokens: int = 128, recall_span: int = 96, recall_cue: int = 8,
-                          recall_region: float = 0.8, window: int = 32) -> list[RealTextSample]:
+                          recall_region: float = 0.8, window: int = DEFAULT_WINDOW) -> list[RealTextSample]:
     """Samples with seeds ``seed_base .. seed_base + num_samples - 1`` of ``task`` from ``documents``
     (``gatekv.corpus.Document``); ``length``: context tokens; ``window``: the recent window the recall span must
     stay out of. ``ValueError`` when the documents have fewer windows than samples or the span does not fit."""
