@@ -50,8 +50,8 @@ from gatekv.settings import DEFAULT_RESERVE, DEFAULT_SINKS, DEFAULT_WINDOW, PREF
 from gatekv.shared_prefill import SharedPrefill, _ScoreSet
 from gatekv.stats import CompressionEvent, CompressionStats
 
-__all__ = ["ATTENTION_NAME", "PREFILL_MODES", "CompressionConfig", "CompressionEvent", "CompressionSession",
-           "CompressionStats", "SharedPrefill", "compress", "shared_prefill"]
+__all__ = ["ATTENTION_NAME", "CompressionConfig", "CompressionEvent", "CompressionSession", "CompressionStats",
+           "PREFILL_MODES", "SharedPrefill", "compress", "shared_prefill"]
 
 _DEFAULTS = CompressionConfig()  # the signature defaults of compress() are the config's field defaults
 

@@ -22,8 +22,8 @@ from gatekv.allocators.base import ALLOCATORS, Allocator, Budget
 from gatekv.merge.base import MERGERS, Merger
 from gatekv.scorers.base import SCORERS, Scorer
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_RESERVE", "DEFAULT_SINKS", "DEFAULT_WINDOW", "PREFILL_MODES",
-           "CompressionConfig", "resolve_budget"]
+__all__ = ["CompressionConfig", "DEFAULT_CHUNK_SIZE", "DEFAULT_RESERVE", "DEFAULT_SINKS", "DEFAULT_WINDOW",
+           "PREFILL_MODES", "resolve_budget"]
 
 PREFILL_MODES = ("one_shot", "chunked")
 DEFAULT_WINDOW = 32
