@@ -18,6 +18,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from gatekv import kernels
+from gatekv.kernels import torch_ragged
 
 __all__ = ["CompressedCache", "CompressedLayer", "ForwardTokens", "full_cache_kv_bytes"]
 
@@ -323,10 +324,15 @@ class CompressedLayer(CacheLayerMixin):
     def dense_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Padded copies for scoring: keys (B, H, T, d), values (B, H, T, d_v), positions (B, H, T) (-1 pad), state.
 
-        T = the longest segment. A copy: used once per scoring forward, never per decode step.
+        T = the longest segment. When every segment holds T slots at one stride (a uniform allocation, a
+        ``decode_budget`` step) keys and values are views of the flat buffers (no copy: read them, do not keep or
+        modify them across cache changes); otherwise padded copies. Positions and state are always copies.
         """
         t = self.max_length()
         batch, heads = self.batch_size, self.num_heads
+        views = self._regular_views(t)
+        if views is not None:
+            return views
         slot = torch.arange(t, device=self.starts.device)
         valid = slot[None, :] < self.lengths[:, None]  # (S, T)
         rows = torch.where(valid, self.starts[:, None] + slot[None, :], torch.zeros_like(slot)[None, :])
@@ -338,6 +344,27 @@ class CompressedLayer(CacheLayerMixin):
             for name, buf in self.state.items()
         }
         return keys, values, positions, state
+
+    def _regular_views(self, t: int):
+        """``dense_view()`` as views when every segment holds exactly ``t`` slots at one stride, else None."""
+        if t == 0 or self.positions is None:
+            return None
+        starts, lengths = self.host_layout()
+        if min(lengths) != t:
+            return None
+        stride = torch_ragged.regular_stride(starts, lengths, self.keys.shape[0])
+        if stride is None:
+            return None
+        batch, heads = self.batch_size, self.num_heads
+
+        def view(buffer: torch.Tensor) -> torch.Tensor:
+            if buffer.dim() == 1:
+                return buffer.as_strided((batch, heads, t), (heads * stride, stride, 1), buffer.storage_offset())
+            return torch_ragged.segments_view(buffer, batch, heads, stride, t)
+
+        # keys/values (the bulk) as views; positions and state (one number per slot) copied, as callers may keep them
+        return (view(self.keys), view(self.values), view(self.positions).clone(),
+                {n: view(b).clone() for n, b in self.state.items()})
 
     def write_state(self, state: dict[str, torch.Tensor]) -> None:
         """Store dense per-slot state (B, H, T) back into the flat buffers (new names are allocated)."""

@@ -83,3 +83,32 @@ def test_cache_update_shares_one_forward_tokens_across_layers():
     for layer in cache.layers:
         assert layer.lengths.tolist() == [4] * (B * H)
         assert torch.equal(layer.positions[layer._filled_rows()], positions[:, None, :].expand(B, H, 4).reshape(-1))
+
+
+def test_dense_view_of_a_regular_layout_is_a_view_equal_to_the_padded_copy():
+    layer = CompressedLayer(reserve=3)
+    g = torch.Generator().manual_seed(1)
+    positions = torch.arange(12).repeat(B, 1)
+    positions[1, :2] = -1
+    layer.append(torch.randn(B, H, 12, D, generator=g), torch.randn(B, H, 12, D, generator=g), positions)
+    layer.write_state({"acc": torch.rand(B, H, 12, generator=g)})
+    indices = torch.sort(torch.rand(B, H, 12, generator=g), -1).indices[..., :3].sort(-1).values
+    layer.compact(indices, torch.full((B, H), 3))  # every segment 3 slots at one stride (3 + reserve 3)
+    one = torch.randn(B, H, 1, D)
+    layer.append(one, one, torch.tensor([[50], [50]]))
+    copied = CompressedLayer._regular_views
+    try:  # the padded-copy path, for comparison
+        CompressedLayer._regular_views = lambda self, t: None
+        want = layer.dense_view()
+    finally:
+        CompressedLayer._regular_views = copied
+    got = layer.dense_view()
+    assert got[0].untyped_storage().data_ptr() == layer.keys.untyped_storage().data_ptr()  # no copy of the bulk
+    assert got[2].untyped_storage().data_ptr() != layer.positions.untyped_storage().data_ptr()  # positions: a copy
+    for g, w in zip(got[:3], want[:3]):
+        assert torch.equal(torch.nan_to_num(g, nan=-7.0), torch.nan_to_num(w, nan=-7.0))
+    assert set(got[3]) == set(want[3]) == {"acc"}
+    assert torch.equal(torch.nan_to_num(got[3]["acc"], nan=-7.0), torch.nan_to_num(want[3]["acc"], nan=-7.0))
+    layer.lengths[0] -= 1  # uneven lengths: the padded copy again
+    layer._host_layout = None
+    assert layer.dense_view()[0].untyped_storage().data_ptr() != layer.keys.untyped_storage().data_ptr()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ragged_attention_sdpa", "ragged_decode_unmasked", "regular_stride"]
+__all__ = ["ragged_attention_sdpa", "ragged_decode_unmasked", "regular_stride", "segments_view"]
 
 
 def regular_stride(starts: list[int], lengths: list[int], rows: int) -> int | None:
@@ -41,7 +41,7 @@ def regular_stride(starts: list[int], lengths: list[int], rows: int) -> int | No
     return stride
 
 
-def _segments_view(buffer: torch.Tensor, batch: int, kv_heads: int, stride: int, length: int) -> torch.Tensor:
+def segments_view(buffer: torch.Tensor, batch: int, kv_heads: int, stride: int, length: int) -> torch.Tensor:
     """The flat buffer (N_cap, d) of a regular layout as a (B, H_kv, length, d) view: segment b * H_kv + h at [b, h]."""
     row, col = buffer.stride()
     return buffer.as_strided(
@@ -75,8 +75,8 @@ def ragged_decode_unmasked(
         return query.new_zeros(batch, num_q_heads, 1, values.shape[-1])
     stride = regular_stride(starts, lengths, min(keys.shape[0], values.shape[0]))
     if stride is not None:
-        k = _segments_view(keys, batch, num_kv_heads, stride, longest)
-        v = _segments_view(values, batch, num_kv_heads, stride, longest)
+        k = segments_view(keys, batch, num_kv_heads, stride, longest)
+        v = segments_view(values, batch, num_kv_heads, stride, longest)
         mask = None
         if min(lengths) < longest:  # shorter segments: their slots past the length are another token's room
             counts = torch.tensor(lengths, device=keys.device).reshape(batch, num_kv_heads, 1, 1)
