@@ -65,10 +65,28 @@ def test_threshold(inputs, tau, cap):
             assert torch.equal(kept & ~protected, above), "exactly the unprotected tokens above tau are kept"
 
 
+@settings(max_examples=30, deadline=None)
+@given(allocation_inputs(), st.integers(0, 2**16))
+def test_threshold_per_layer_taus(inputs, seed):
+    g = torch.Generator().manual_seed(seed)
+    taus = (torch.rand(len(inputs.scores), generator=g) * 2 - 1).tolist()
+    plan = get_allocator("threshold", tau=taus).allocate(inputs)
+    check_plan_invariants(inputs, plan)
+    for layer, (tau, scores, protected) in enumerate(zip(taus, inputs.scores, inputs.protected)):
+        single = get_allocator("threshold", tau=tau).allocate(inputs)  # layer l alone decides with its own tau
+        assert torch.equal(plan.counts[layer], single.counts[layer])
+        above = (scores > tau) & (scores > float("-inf")) & ~protected
+        assert torch.equal(plan.kept_mask(layer, scores.shape[-1]) & ~protected, above)
+    with pytest.raises(ValueError, match="per-layer taus"):
+        get_allocator("threshold", tau=taus + [0.0]).allocate(inputs)
+
+
 @pytest.mark.parametrize(
     "name, options, field",
     [
         ("threshold", {"tau": float("nan")}, "tau"),
+        ("threshold", {"tau": []}, "tau"),
+        ("threshold", {"tau": [0.0, float("inf")]}, "tau"),
         ("threshold", {"tau": "0"}, "tau"),
         ("global", {"floor": 1.5}, "floor"),
         ("global", {"floor": -0.1}, "floor"),

@@ -20,15 +20,18 @@ class ThresholdAllocator(Allocator):
     follows the input, not the budget; with ``cap=True`` a head keeps at most ``max(B, protected)`` slots (its
     highest-scored ones above ``tau``).
 
-    tau: finite threshold on the score; cap: bound each head by the budget.
+    tau: finite threshold on the score, one for every layer, or a list of one per layer (per-layer calibration: a
+         gate trained to rank, not to give keep-probabilities, has a score scale of its own in each layer);
+    cap: bound each head by the budget.
     """
 
-    def __init__(self, tau: float = 0.0, cap: bool = False):
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
-            raise ValueError(f"threshold: tau must be a finite number, got {tau!r}")
+    def __init__(self, tau: float | list[float] = 0.0, cap: bool = False):
+        values = tau if isinstance(tau, (list, tuple)) else [tau]
+        if not values or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) for t in values):
+            raise ValueError(f"threshold: tau must be a finite number or a non-empty list of them, got {tau!r}")
         if not isinstance(cap, bool):
             raise ValueError(f"threshold: cap must be a bool, got {cap!r}")
-        self.tau = float(tau)
+        self.tau = [float(t) for t in values] if isinstance(tau, (list, tuple)) else float(tau)
         self.cap = cap
 
     def allocate(self, inputs: AllocationInput) -> KeepPlan:
@@ -36,9 +39,12 @@ class ThresholdAllocator(Allocator):
 
     def layer_counts(self, inputs: AllocationInput) -> list[torch.Tensor]:
         """Per layer (B, H_kv): protected + unprotected candidates above ``tau`` (capped by the budget if asked)."""
+        taus = self.tau if isinstance(self.tau, list) else [self.tau] * len(inputs.scores)
+        if len(taus) != len(inputs.scores):
+            raise ValueError(f"threshold: {len(taus)} per-layer taus for a model of {len(inputs.scores)} layers")
         counts = []
-        for scores, protected in zip(inputs.scores, inputs.protected):
-            above = ((scores > self.tau) & (scores > float("-inf")) & ~protected).sum(-1)
+        for tau, scores, protected in zip(taus, inputs.scores, inputs.protected):
+            above = ((scores > tau) & (scores > float("-inf")) & ~protected).sum(-1)
             layer = protected.sum(-1) + above
             if self.cap:
                 layer = torch.minimum(layer, inputs.budget.to(layer.device)[:, None])
