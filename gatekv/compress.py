@@ -391,7 +391,10 @@ class CompressionSession:
         if self._phase == "prefill":
             call = self._generate
             if call is not None and call.room:  # the decode room, given at the compaction that follows
-                room = call.room if self._decode_rows is None else min(call.room, int(self._decode_rows.max()))
+                room = call.room
+                if self._decode_rows is not None:  # a fixed-size decode grows only up to decode_budget, then refills
+                    growth = int((self._decode_rows - torch.minimum(self._budget_rows, self._decode_rows)).max())
+                    room = min(room, growth + 1)  # + the slot a step appends before it evicts
                 cache.expect(room)
             self._finish_step(cache, "prefill")
             self._phase = "decode"

@@ -84,3 +84,14 @@ def test_decode_budget_evicts_in_place_without_reallocating(allocator):
         assert int(event.kept_tokens.sum(-1).max()) <= 40 * event.kept_tokens.shape[-1]
     if allocator == "uniform":
         assert session.cache.layers[0].regrow_count == 1  # the prefill's own allocation; none while decoding
+
+
+def test_decode_budget_room_is_the_growth_up_to_the_budget_not_max_new_tokens():
+    model = tiny_model("llama")
+    ids, mask = random_batch(1, 80, seed=4)
+    with compress(model, "tova", "uniform", budget=30, decode_budget=36, window=4) as session:
+        model.generate(ids, attention_mask=mask, max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)
+    layer = session.cache.layers[0]
+    # room for the 6 tokens before the budget is reached, not for all 39 generated ones (the rest refill in place)
+    assert int(layer.caps.max()) <= 36 + 1
+    assert int(layer.lengths.max()) <= 36
