@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gatekv.models import cache_kwarg
+from gatekv.settings import DEFAULT_SINKS, DEFAULT_WINDOW
 
 __all__ = [
     "DECODE_COLUMNS",
@@ -165,8 +166,8 @@ def run_decode_benchmark(
     allocators: tuple[str, ...] = ("uniform", "adakv"),
     steps: int = 32,
     warmup: int = 2,
-    window: int = 32,
-    sinks: int = 4,
+    window: int = DEFAULT_WINDOW,
+    sinks: int = DEFAULT_SINKS,
     chunk_size: int | None = 512,
     log=None,
 ) -> list[DecodeResult]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from gatekv.scorers import LayerContext, Scorer, get_scorer
+from gatekv.settings import DEFAULT_SINKS, DEFAULT_WINDOW
 
 __all__ = ["build_teacher", "teacher_scores"]
 
@@ -42,7 +43,7 @@ class _Recorder(Scorer):
 
 
 def teacher_scores(model, scorer: Scorer, prompt_ids: torch.Tensor, query_ids: torch.Tensor | None = None,
-                   window: int = 32, sinks: int = 4) -> torch.Tensor:
+                   window: int = DEFAULT_WINDOW, sinks: int = DEFAULT_SINKS) -> torch.Tensor:
     """``(Ly, H_kv, P)`` float32 scores ``scorer`` gives the ``P`` tokens of one prompt.
 
     prompt_ids: (P,) token ids (no padding); query_ids: (R,) observer tokens for a query-aware scorer (the sample's
