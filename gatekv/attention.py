@@ -141,6 +141,7 @@ class SessionAttention:
                 query, query_positions, layer.keys, layer.values, layer.positions, layer.starts, layer.lengths, scale,
                 sliding_window, unmasked=unmasked, host_layout=layer.host_layout(),
                 validate=not unmasked,  # a decode step over buffers the cache built: the checks cost ~ the attention
+                flat_mask=layer.flat_mask() if unmasked else None,
             )
         if self.scoring:
             start = time.perf_counter()

@@ -9,7 +9,9 @@ scorer x allocator with a one-shot prefill, and each scorer with a chunked prefi
 1. prefill: one forward over the prompt (``logits_to_keep=1``); for a compressed setting this includes scoring
    and compaction, since ``compress()`` compacts inside that forward's hooks;
 2. ``warmup`` decode steps, not timed; then ``steps`` single-token forwards (greedy next token), each timed alone
-   with the device synchronized before and after; the median is reported;
+   with the device synchronized before and after; the median is reported. The timed steps run in ``rounds``: each
+   round runs every setting in turn (all caches stay alive), so a drift of the machine's speed is shared by all
+   settings (on a shared 2-core VM, the same dense decode drifts by +-15% over minutes);
 3. KV bytes: keys + values allocated by the cache right after the prefill (capacity included for the compressed
    cache: its growth room is real memory) and after the last step.
 
@@ -132,30 +134,60 @@ def _cache_bytes(cache) -> int:
     return cache.kv_bytes() if isinstance(cache, CompressedCache) else _dynamic_cache_bytes(cache)
 
 
-def _drive(model, input_ids: torch.Tensor, cache, steps: int, warmup: int) -> tuple[float, list[float], list[int], int, int]:
-    """Prefill then ``warmup + steps`` greedy single-token forwards on ``cache``.
+class _Run:
+    """One setting being measured: its cache (and compression session), the next input token, what was measured."""
 
-    Returns (prefill seconds, decode step milliseconds of the timed steps, tokens, KV bytes after prefill, at end).
-    """
-    device = input_ids.device
-    _sync(device)
-    start = time.perf_counter()
-    out = model(input_ids=input_ids, **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
-    _sync(device)
-    prefill = time.perf_counter() - start
-    bytes_after_prefill = _cache_bytes(cache)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    tokens, times = [], []
-    for step in range(warmup + steps):
-        _sync(device)
-        start = time.perf_counter()
-        out = model(input_ids=token, **{cache_kwarg(model): cache}, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
-        if step >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-        tokens.append(int(token[0, 0]))
-    return prefill, times, tokens, bytes_after_prefill, _cache_bytes(cache)
+    def __init__(self, label: str, kind: str, budget, cache, session=None, cache_tokens: int | None = None):
+        self.label, self.kind, self.budget, self.cache, self.session = label, kind, budget, cache, session
+        self.cache_tokens = cache_tokens
+        self.token = None
+        self.prefill_seconds = 0.0
+        self.kv_bytes = 0
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+
+    def entered(self):
+        """The context its forwards run in: the compression session re-entered, or nothing (a dense cache)."""
+        import contextlib
+
+        return self.session.entered() if self.session is not None else contextlib.nullcontext()
+
+    def prefill(self, model, input_ids: torch.Tensor) -> None:
+        device = input_ids.device
+        with self.entered():
+            _sync(device)
+            start = time.perf_counter()
+            out = model(input_ids=input_ids, **{cache_kwarg(model): self.cache}, use_cache=True, logits_to_keep=1)
+            _sync(device)
+            self.prefill_seconds = time.perf_counter() - start
+        self.kv_bytes = _cache_bytes(self.cache)
+        self.token = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def decode(self, model, steps: int, timed: bool) -> None:
+        """``steps`` greedy single-token forwards, each timed alone (device synchronized before and after)."""
+        device = self.token.device
+        with self.entered():
+            for _ in range(steps):
+                _sync(device)
+                start = time.perf_counter()
+                out = model(input_ids=self.token, **{cache_kwarg(model): self.cache}, use_cache=True)
+                self.token = out.logits[:, -1].argmax(-1, keepdim=True)
+                _sync(device)
+                if timed:
+                    self.times.append((time.perf_counter() - start) * 1e3)
+                self.tokens.append(int(self.token[0, 0]))
+
+    def result(self, prompt_tokens: int) -> DecodeResult:
+        stats = self.session.stats if self.session is not None else None
+        kept = None if stats is None else stats.kept_tokens
+        if self.kind == "floor":
+            kept = torch.tensor(float(self.cache_tokens))
+        return DecodeResult(
+            self.label, prompt_tokens, self.prefill_seconds, statistics.median(self.times), self.times,
+            self.kv_bytes, _cache_bytes(self.cache), None if kept is None else float(kept.double().mean()),
+            self.tokens, self.kind, self.budget, self.cache_tokens,
+            score_seconds=None if stats is None else stats.score_seconds,
+        )
 
 
 def run_decode_benchmark(
@@ -170,6 +202,7 @@ def run_decode_benchmark(
     sinks: int = DEFAULT_SINKS,
     chunk_size: int | None = 512,
     log=None,
+    rounds: int = 4,
 ) -> list[DecodeResult]:
     """Measure the full cache, then per budget the dense floor, every ``scorer x allocator`` (one-shot prefill) and
     every scorer with a chunked prefill (first allocator), on the same prompt.
@@ -180,63 +213,65 @@ def run_decode_benchmark(
     chunk_size: tokens per chunk of the chunked settings; None = no chunked settings (also skipped when the prompt
                 fits in one chunk)
     log:        optional callable receiving one line per finished setting (progress)
+    rounds:     the timed steps are split into this many rounds, and each round runs every setting in turn (each
+                compressed setting's session re-entered), so that a drift in the machine's speed over the minutes of
+                the benchmark (other tenants, clocks) lands on every setting alike instead of on whichever ran then
     returns:    one :class:`DecodeResult` per setting, the full cache first
     """
     from transformers import DynamicCache
 
     from gatekv.allocators import Budget
-    from gatekv.compress import compress
+    from gatekv.compress import CompressionSession
 
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must have shape (1, T), got {tuple(input_ids.shape)}")
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     prompt_tokens = input_ids.shape[1]
-    results = []
+    per_round = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
 
-    def finish(result: DecodeResult) -> None:
-        results.append(result)
-        if log:
-            log(_progress_line(result))
-
-    def compressed(scorer, allocator, budget, prefill):
+    def compressed(scorer, allocator, budget, prefill) -> _Run:
         name, scorer = scorer if isinstance(scorer, tuple) else (scorer if isinstance(scorer, str) else scorer.name, scorer)
-        with compress(model, scorer, allocator, budget=budget, window=window, sinks=sinks, prefill=prefill,
-                      chunk_size=chunk_size or 512) as session:
-            cache = session.new_cache()
-            # what generate() would declare: its max_new_tokens counts the prefill's token, then one per decode step
-            session.expect_new_tokens(1 + warmup + steps)
-            prefill_s, times, tokens, kv, kv_end = _drive(model, input_ids, cache, steps, warmup)
-        kept = session.stats.kept_tokens
+        session = CompressionSession(model, scorer=scorer, allocator=allocator, budget=budget, window=window,
+                                     sinks=sinks, prefill=prefill, chunk_size=chunk_size or 512)
+        cache = session.new_cache()
+        # what generate() would declare: its max_new_tokens counts the prefill's token, then one per decode step
+        session.expect_new_tokens(1 + warmup + steps)
         label = f"{name}+{allocator}@{budget}" + (" chunked" if prefill == "chunked" else "")
-        finish(DecodeResult(label, prompt_tokens, prefill_s, statistics.median(times), times, kv, kv_end,
-                            None if kept is None else float(kept.double().mean()), tokens, prefill, budget,
-                            score_seconds=session.stats.score_seconds))
+        return _Run(label, prefill, budget, cache, session)
 
     with torch.no_grad():
         # untimed: first-call costs (allocator warm-up, kernel selection) must not land on the first setting
         model(input_ids=input_ids[:, : min(prompt_tokens, 64)], use_cache=False)
-
-        cache = DynamicCache(config=model.config)
-        prefill, times, tokens, kv, kv_end = _drive(model, input_ids, cache, steps, warmup)
-        del cache
-        finish(DecodeResult("full", prompt_tokens, prefill, statistics.median(times), times, kv, kv_end, None, tokens))
-
+        runs = [_Run("full", "full", None, DynamicCache(config=model.config))]
+        runs[0].prefill(model, input_ids)
         for budget in budgets:
             kept = min(int(Budget(budget).tokens(torch.tensor([prompt_tokens]))[0]), prompt_tokens)
-            cache = DynamicCache(config=model.config)
-            prefill, times, tokens, kv, kv_end = _drive(model, input_ids[:, -kept:], cache, steps, warmup)
-            del cache
-            finish(DecodeResult(f"dense floor@{budget}", prompt_tokens, prefill, statistics.median(times), times, kv,
-                                kv_end, float(kept), tokens, "floor", budget, kept))
-            for scorer in scorers:
-                for allocator in allocators:
-                    compressed(scorer, allocator, budget, "one_shot")
+            floor = _Run(f"dense floor@{budget}", "floor", budget, DynamicCache(config=model.config), cache_tokens=kept)
+            floor.prefill(model, input_ids[:, -kept:])
+            runs.append(floor)
+            settings = [(scorer, allocator, "one_shot") for scorer in scorers for allocator in allocators]
             if chunk_size is not None and prompt_tokens > chunk_size and allocators:
-                for scorer in scorers:
-                    compressed(scorer, allocators[0], budget, "chunked")
+                settings += [(scorer, allocators[0], "chunked") for scorer in scorers]
+            for scorer, allocator, prefill in settings:
+                run = compressed(scorer, allocator, budget, prefill)
+                run.prefill(model, input_ids)
+                runs.append(run)
+                if log:
+                    log(f"  {run.label}: prefill {run.prefill_seconds:.2f} s")
+        for run in runs:
+            run.decode(model, warmup, timed=False)
+        for count in per_round:
+            for run in runs:
+                run.decode(model, count, timed=True)
+        results = [run.result(prompt_tokens) for run in runs]
+    if log:
+        for result in results:
+            log(_progress_line(result))
     return results
 
 
@@ -306,12 +341,14 @@ def bench_decode(
     seed: int = 0,
     chunk_size: int | None = 512,
     print_fn=print,
+    rounds: int = 4,
 ) -> list[DecodeResult]:
     """Build the model and prompt for ``device``, run :func:`run_decode_benchmark` and print the table.
 
     model_name: ``smollm2`` (default on CPU: a needle prompt of ``length`` tokens) or ``llama8b-random`` (default on
                 CUDA: random token ids); num_layers: only for ``llama8b-random``; threads: CPU threads for torch;
     chunk_size: tokens per chunk of the chunked-prefill settings (None: none measured).
+    rounds:     interleaved rounds of the timed steps (see :func:`run_decode_benchmark`).
     scorers:    registered scorer names, or directories of saved adapters (``gatekv_config.json`` inside), measured
                 like a scorer and labelled by the directory's name.
     """
@@ -348,12 +385,12 @@ def bench_decode(
         device_name = f"CPU, torch threads: {torch.get_num_threads()}, load average (1/5/15 min) at start: {load}"
     header = (
         f"decode benchmark: {description}; prompt {input_ids.shape[1]} tokens; {steps} timed steps (median) after "
-        f"{warmup} warm-up; device: {device_name}; torch {torch.__version__}"
+        f"{warmup} warm-up, in {rounds} interleaved rounds; device: {device_name}; torch {torch.__version__}"
     )
     print_fn(header)
     results = run_decode_benchmark(
         model, input_ids, tuple(budgets), tuple(_resolve_scorers(scorers, model)), tuple(allocators), steps, warmup, chunk_size=chunk_size,
-        log=print_fn,
+        log=print_fn, rounds=rounds,
     )
     print_fn(format_decode_table(results))
     return results

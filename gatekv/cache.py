@@ -71,6 +71,7 @@ class CompressedLayer(CacheLayerMixin):
         self.min_position = None  # (B,) lower bound of the positions held per row (sliding-window check)
         self._host_layout: tuple[list[int], list[int]] | None = None
         self._free: int | None = None  # free_slots(), None = not known
+        self._flat_mask: torch_ragged.FlatDecodeMask | None = None  # flat_mask(), None = not built
 
     # -- transformers layer API --------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -82,7 +83,7 @@ class CompressedLayer(CacheLayerMixin):
         self.positions = torch.zeros(0, dtype=torch.long, device=device)
         zeros = torch.zeros(batch * heads, dtype=torch.long, device=device)
         self.starts, self.caps, self.lengths = zeros.clone(), zeros.clone(), zeros.clone()
-        self._free = None
+        self._layout_changed()
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -144,8 +145,7 @@ class CompressedLayer(CacheLayerMixin):
             order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept slots first, in order
             self._relayout(torch.arange(counts.numel(), device=counts.device), counts, extra=self.caps - counts,
                            indices=order)
-        self._host_layout = None
-        self._free = None
+        self._layout_changed()
         self.appended = max(self.appended - n, 0)
         if self.expected:
             self.expected += n
@@ -192,8 +192,7 @@ class CompressedLayer(CacheLayerMixin):
         self.keys, self.values, self.positions = new[0], new[1], new[2]
         self.state = dict(zip(names, new[3:]))
         self.starts, self.caps, self.lengths = starts, caps, counts.clone()
-        self._host_layout = None
-        self._free = None
+        self._layout_changed()
         self.has_padding = self._any_padding()
 
     def _filled_rows(self) -> torch.Tensor:
@@ -207,6 +206,27 @@ class CompressedLayer(CacheLayerMixin):
         if self.positions is None or self.positions.numel() == 0:
             return False
         return bool((self.positions[self._filled_rows()] < 0).any())
+
+    def _layout_changed(self) -> None:
+        """Drop what is derived from the layout (starts, caps, lengths): the host copy, the free slots, the flat mask."""
+        self._host_layout = None
+        self._free = None
+        self._flat_mask = None
+
+    def flat_mask(self) -> "torch_ragged.FlatDecodeMask | None":
+        """The layout's :class:`~gatekv.kernels.torch_ragged.FlatDecodeMask` for the PyTorch flat decode path (built on first use, kept up to date by decode appends), or None where that
+        path does not apply: a regular layout (one SDPA call over strided views), more than ``FLAT_MAX_HEADS`` KV
+        heads, an empty segment, CUDA tensors."""
+        if self._flat_mask is None:
+            if (not self.is_initialized or self.keys.is_cuda or not 0 < self.num_heads <= torch_ragged.FLAT_MAX_HEADS
+                    or self.lengths.numel() == 0):
+                return None
+            starts, lengths = self.host_layout()
+            if min(lengths) == 0 or torch_ragged.regular_stride(starts, lengths, self.keys.shape[0]) is not None:
+                return None
+            self._flat_mask = torch_ragged.FlatDecodeMask.build(self.starts, self.caps, self.lengths, self.batch_size,
+                                                                self.num_heads)
+        return self._flat_mask
 
     def host_layout(self) -> tuple[list[int], list[int]]:
         """Segment starts and lengths as Python lists (cached until the layout changes)."""
@@ -255,7 +275,10 @@ class CompressedLayer(CacheLayerMixin):
                 buf.index_copy_(0, rows, values.to(buf.dtype))
             for buf in buffers[3:]:
                 buf.index_fill_(0, rows, float("nan"))
+            if self._flat_mask is not None:
+                self._flat_mask.fill(rows)
         else:
+            self._flat_mask = None
             new = [key_states.reshape(segments, q, -1), value_states.reshape(segments, q, -1), tokens.per_segment(heads)]
             nan = torch.full((segments, q), float("nan"), device=key_states.device)
             new += [nan] * len(names)
@@ -264,7 +287,8 @@ class CompressedLayer(CacheLayerMixin):
         self._free = free - q
         self.expected = remaining
         self.appended += q
-        self._host_layout = None
+        if self._host_layout is not None:  # every segment grew by q
+            self._host_layout = (self._host_layout[0], [length + q for length in self._host_layout[1]])
         self.has_padding = self.has_padding or tokens.padding
         self.min_position = tokens.row_min if self.min_position is None else torch.minimum(self.min_position, tokens.row_min)
 
@@ -317,8 +341,7 @@ class CompressedLayer(CacheLayerMixin):
         kernels.evict_in_place(buffers, self.starts, self.lengths, indices.reshape(segments, -1).to(self.lengths.device),
                                flat_counts)
         self.lengths = flat_counts.clone()
-        self._host_layout = None
-        self._free = None
+        self._layout_changed()
         self.appended = 0  # the size is fixed now: a regrowth (uneven per-head counts) adds the small reserve only
 
     def dense_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:

@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     decode.add_argument("--steps", type=int, default=32, help="timed decode steps; the median is reported (default 32)")
     decode.add_argument("--warmup", type=int, default=2, help="untimed decode steps before the timed ones (default 2)")
+    decode.add_argument(
+        "--rounds", type=int, default=4,
+        help="the timed steps run in this many rounds, each over every setting in turn (default 4)",
+    )
     decode.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     decode.add_argument(
         "--model",
@@ -151,6 +155,9 @@ def _run_bench_decode(args) -> int:
     check_device(args.device, "--device")
     for budget in args.budget:  # before minutes of model loading
         resolve_budget(budget, "--budget")
+    for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--rounds", args.rounds, 1)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
     bench_decode(
         length=args.length,
         budgets=tuple(args.budget),
@@ -164,6 +171,7 @@ def _run_bench_decode(args) -> int:
         threads=args.threads,
         seed=args.seed,
         chunk_size=args.chunk_size or None,
+        rounds=args.rounds,
     )
     return 0
 

@@ -50,7 +50,8 @@ def test_bench_decode_rows_and_columns(models):
     assert labels == ["full", "dense floor@0.25", "snapkv+uniform@0.25", "snapkv+adakv@0.25",
                       "snapkv+uniform@0.25 chunked"]
     assert [r.kind for r in results] == ["full", "floor", "one_shot", "one_shot", "chunked"]
-    assert len(lines) == len(results)
+    for r in results:  # a progress line per setting, with its decode time
+        assert any(line.startswith(f"  {r.label}: prefill") and "ms/token" in line for line in lines)
     floor = results[1]
     assert floor.cache_tokens == 24 and floor.kv_bytes < results[0].kv_bytes
     for r in results[2:]:
@@ -73,6 +74,22 @@ def test_bench_decode_rows_and_columns(models):
     for label, r in zip(labels[2:], results[2:]):
         assert r.score_seconds is not None and r.score_seconds <= r.prefill_seconds
         float(body[label][score]), float(body[label][end_vs_floor])
+
+
+def test_bench_decode_rounds_interleave_without_changing_the_decode(models):
+    """Splitting the timed steps into rounds (every setting in turn, sessions re-entered) decodes the same greedy
+    tokens per setting as one round, and times every step."""
+    model = models["llama"]
+    ids, _ = random_batch(1, 80)
+    kwargs = dict(budgets=(0.3,), scorers=("snapkv",), allocators=("uniform", "adakv"), steps=5, warmup=1, window=8,
+                  sinks=2, chunk_size=32)
+    one = run_decode_benchmark(model, ids, rounds=1, **kwargs)
+    three = run_decode_benchmark(model, ids, rounds=3, **kwargs)
+    assert [r.label for r in one] == [r.label for r in three]
+    for a, b in zip(one, three):
+        assert a.tokens == b.tokens and len(a.tokens) == 6
+        assert len(b.decode_ms_all) == 5
+        assert a.kv_bytes == b.kv_bytes and a.kv_bytes_end == b.kv_bytes_end
 
 
 def test_bench_decode_measures_a_saved_adapter_by_its_directory(models, tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from gatekv.kernels import layout_from_caps
 from gatekv.kernels.reference import ragged_attention_reference
-from gatekv.kernels.torch_ragged import ragged_attention_sdpa, ragged_decode_unmasked
+from gatekv.kernels.torch_ragged import FlatDecodeMask, ragged_attention_sdpa, ragged_decode_unmasked
 
 
 def ragged_case(batch, kv_heads, group, q_len, lengths, d=16, seed=0, pad=0):
@@ -46,3 +46,96 @@ def test_unmasked_decode_equals_reference():
     expected = ragged_attention_reference(query, qpos, keys, values, positions, starts, lengths, 0.3)
     got = ragged_decode_unmasked(query, keys, values, starts.tolist(), lengths.tolist(), 0.3)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch,kv_heads,group", [(1, 3, 3), (3, 2, 2), (2, 4, 1)])
+def test_flat_decode_equals_reference(batch, kv_heads, group):
+    g = torch.Generator().manual_seed(batch * 10 + kv_heads)
+    lengths = torch.randint(1, 40, (batch * kv_heads,), generator=g).tolist()
+    query, qpos, keys, values, positions, starts, lengths_t = ragged_case(batch, kv_heads, group, 1, lengths, seed=3)
+    caps = lengths_t + 3  # ragged_case's room
+    mask = FlatDecodeMask.build(starts, caps, lengths_t, batch, kv_heads)
+    expected = ragged_attention_reference(query, qpos, keys, values, positions, starts, lengths_t, 0.3)
+    got = ragged_decode_unmasked(query, keys, values, starts.tolist(), lengths, 0.3, flat_mask=mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # the mask opens exactly the filled slots of each head's segment in its row's range
+    for s, (start, length) in enumerate(zip(starts.tolist(), lengths)):
+        b, h = divmod(s, kv_heads)
+        lo = mask.row_start[b]
+        opened = (mask.bias[b, h] == 0).nonzero().flatten() + lo
+        assert opened.tolist() == list(range(start, start + length))
+
+
+def test_flat_mask_follows_decode_appends():
+    """A compressed layer with uneven heads keeps its flat mask up to date slot by slot: after each appended token
+    the mask equals one built from scratch, and the flat path equals the reference over the grown cache."""
+    from gatekv.cache import CompressedLayer
+
+    layer = CompressedLayer(reserve=2)
+    g = torch.Generator().manual_seed(0)
+    batch, heads, d = 2, 3, 8
+    prompt = 12
+    keys = torch.randn(batch, heads, prompt, d, generator=g)
+    layer.append(keys, torch.randn(batch, heads, prompt, d, generator=g), torch.arange(prompt).repeat(batch, 1))
+    counts = torch.tensor([[2, 7, 12], [5, 1, 9]])
+    indices = torch.stack([torch.stack([torch.arange(prompt) for _ in range(heads)]) for _ in range(batch)])
+    layer.compact(indices, counts, reserve=2)
+    assert layer.flat_mask() is not None
+    for step in range(5):  # crosses a regrowth (room 2)
+        pos = torch.full((batch, 1), prompt + step)
+        layer.append(torch.randn(batch, heads, 1, d, generator=g), torch.randn(batch, heads, 1, d, generator=g), pos)
+        mask = layer.flat_mask()
+        fresh = FlatDecodeMask.build(layer.starts, layer.caps, layer.lengths, batch, heads)
+        assert torch.equal(mask.bias, fresh.bias)
+        query = torch.randn(batch, heads * 2, 1, d, generator=g)
+        qpos = torch.full((batch, 1), prompt + step)
+        expected = ragged_attention_reference(query, qpos, layer.keys, layer.values, layer.positions, layer.starts,
+                                              layer.lengths, 0.5)
+        starts, lengths = layer.host_layout()
+        assert lengths == layer.lengths.tolist()
+        got = ragged_decode_unmasked(query, layer.keys, layer.values, starts, lengths, 0.5, flat_mask=mask)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert layer.regrow_count >= 1
+
+
+def test_flat_mask_only_for_uneven_layouts():
+    from gatekv.cache import CompressedLayer
+
+    layer = CompressedLayer(reserve=2)
+    layer.append(torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4), torch.arange(6)[None])
+    assert layer.flat_mask() is None  # equal lengths at one stride: the strided-view SDPA path
+    layer.compact(torch.arange(6).expand(1, 2, 6), torch.tensor([[2, 5]]))
+    assert layer.flat_mask() is not None
+    layer.compact(torch.arange(6).expand(1, 2, 6), torch.tensor([[0, 2]]))
+    assert layer.flat_mask() is None  # an empty segment: the per-segment path gives it zeros
+
+
+def test_flat_decode_windows_on_random_layouts():
+    """Random uneven layouts (long or short first heads, uneven room): the windowed flat path equals the reference,
+    and every window holds its head's segment inside the row's slots."""
+    from gatekv.kernels.torch_ragged import _window
+
+    for seed in range(30):
+        g = torch.Generator().manual_seed(seed)
+        batch, heads, group, d = 1 + seed % 2, 1 + seed % 4, 1 + seed % 3, 8
+        lengths = torch.randint(1, 60, (batch * heads,), generator=g)
+        caps = lengths + torch.randint(0, 20, (batch * heads,), generator=g)
+        starts, rows = layout_from_caps(caps)
+        keys, values = torch.randn(rows, d, generator=g), torch.randn(rows, d, generator=g)
+        positions = torch.full((rows,), -1, dtype=torch.long)
+        for start, length in zip(starts.tolist(), lengths.tolist()):
+            positions[start : start + length] = torch.arange(length)
+        query = torch.randn(batch, heads * group, 1, d, generator=g)
+        qpos = torch.full((batch, 1), 100)
+        mask = FlatDecodeMask.build(starts, caps, lengths, batch, heads)
+        expected = ragged_attention_reference(query, qpos, keys, values, positions, starts, lengths, 0.4)
+        got = ragged_decode_unmasked(query, keys, values, starts.tolist(), lengths.tolist(), 0.4, flat_mask=mask)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        for b in range(batch):
+            lo = mask.row_start[b]
+            segs = range(b * heads, (b + 1) * heads)
+            rel = [int(starts[s]) - lo for s in segs]
+            ends = [int(starts[s] + lengths[s]) - lo for s in segs]
+            c, length = _window(rel, ends, mask.row_width[b])
+            assert all(h * c <= rel[h] and ends[h] <= h * c + length for h in range(heads))
+            assert (heads - 1) * c + length <= mask.row_width[b]

@@ -101,6 +101,7 @@ def ragged_attention(
     unmasked: bool = False,
     host_layout: tuple[list[int], list[int]] | None = None,
     validate: bool = True,
+    flat_mask=None,
 ):
     """Causal GQA attention over the ragged cache (see ``reference.ragged_attention_reference``).
 
@@ -112,6 +113,8 @@ def ragged_attention(
                  device-to-host copy.
     validate:    False skips the argument checks: for the cache's own decode step, whose buffers and layout the
                  cache built (the checks cost about as much as the attention of a short segment on CPU).
+    flat_mask:   the layout's ``torch_ragged.FlatDecodeMask`` (kept by the cache): an unmasked decode over uneven
+                 segments then takes the PyTorch flat path instead of one SDPA call per segment.
     """
     if validate:
         checks.check_ragged_attention(query, query_positions, keys, values, positions, starts, lengths, scale,
@@ -139,7 +142,7 @@ def ragged_attention(
 
     starts_list, lengths_list = host_layout if host_layout is not None else (starts.tolist(), lengths.tolist())
     if unmasked:
-        return torch_ragged.ragged_decode_unmasked(query, keys, values, starts_list, lengths_list, scale)
+        return torch_ragged.ragged_decode_unmasked(query, keys, values, starts_list, lengths_list, scale, flat_mask)
     return torch_ragged.ragged_attention_sdpa(
         query, query_positions, keys, values, positions, starts_list, lengths_list, scale, sliding_window
     )

@@ -7,6 +7,13 @@ knows this from the cache's bookkeeping), decode attention needs no position mas
   capacity, as after a uniform allocation): the flat buffers are viewed in place as dense ``(B, H_kv, L, d)``
   tensors (no copy) and one SDPA call with ``enable_gqa`` serves every row and head, as for a dense cache of
   ``L`` tokens; shorter segments are masked past their length.
+- *flat*: segments of uneven lengths (a head-wise allocation such as Ada-KV) with few KV heads per row
+  (``FLAT_MAX_HEADS``): per batch row, each KV head's query group attends over a window of the row's slots that
+  holds its segment (strided views, one stride for all heads, so windows may overlap other heads' slots), masked by
+  a :class:`FlatDecodeMask` (0 on the head's own filled slots, -inf elsewhere, kept up to date by the cache at
+  each decode append): ``baddbmm``, softmax, ``bmm``. Up to ``H_kv`` times the dot products of the kept tokens
+  when the heads' lengths differ a lot, but every key is read in place and three ops replace ``H_kv`` SDPA calls
+  (on CPU each of those is single-threaded at one query and costs about what the floor's one call costs);
 - otherwise one SDPA call per segment, in which the ``G`` query heads of a GQA group act as ``G`` queries of one
   head, reading the segment's keys in place.
 
@@ -18,7 +25,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ragged_attention_sdpa", "ragged_decode_unmasked", "regular_stride", "segments_view"]
+__all__ = ["FLAT_MAX_HEADS", "FlatDecodeMask", "ragged_attention_sdpa", "ragged_decode_unmasked", "regular_stride",
+           "segments_view"]
+
+FLAT_MAX_HEADS = 4
+"""Most KV heads per row for the flat path: its matmuls may do up to ``H_kv`` times the needed dot products, which
+on CPU costs less than ``H_kv`` single-query SDPA calls up to about this many heads."""
 
 
 def regular_stride(starts: list[int], lengths: list[int], rows: int) -> int | None:
@@ -50,6 +62,89 @@ def segments_view(buffer: torch.Tensor, batch: int, kv_heads: int, stride: int, 
     )
 
 
+class FlatDecodeMask:
+    """Additive mask of the flat decode path: per batch row ``b``, (H_kv, n_max) with 0 where slot ``lo_b + j`` holds
+    a token of KV head ``h`` and -inf elsewhere (other heads' slots, free room).
+
+    ``lo_b``: the row's first slot (its first segment's start); the range covers the row's segments with their room.
+    Built by :meth:`build` from the layout; the owner (the cache layer) calls :meth:`fill` with the flat rows it
+    writes at each decode append and drops the mask when the layout changes.
+    """
+
+    def __init__(self, bias: torch.Tensor, row_start: list[int], row_width: list[int], heads: int):
+        self.bias = bias  # (B, H_kv, n_max) float32
+        self.row_start = row_start  # per row, its first slot
+        self.row_width = row_width  # per row, its slots (its segments' capacities)
+        self.heads = heads
+        n_max = bias.shape[-1]
+        segments = torch.arange(bias.shape[0] * heads, device=bias.device)
+        lo = torch.tensor(row_start, device=bias.device, dtype=torch.long).repeat_interleave(heads)
+        self._base = segments * n_max - lo  # flat index in ``bias`` of slot r of segment s: _base[s] + r
+
+    @classmethod
+    def build(cls, starts: torch.Tensor, caps: torch.Tensor, lengths: torch.Tensor, batch: int, heads: int,
+              dtype: torch.dtype = torch.float32) -> "FlatDecodeMask":
+        """The mask of a layout: starts/caps/lengths (S = B * H_kv,) int64, segments of a row consecutive."""
+        lo = starts.reshape(batch, heads)[:, 0]
+        hi = (starts + caps).reshape(batch, heads).amax(-1)
+        n_max = int((hi - lo).max().item())
+        rel = lo.repeat_interleave(heads)[:, None] + torch.arange(n_max, device=starts.device) - starts[:, None]
+        allowed = (rel >= 0) & (rel < lengths[:, None])  # (S, n_max)
+        bias = torch.zeros(batch * heads, n_max, dtype=dtype, device=starts.device)
+        bias.masked_fill_(~allowed, float("-inf"))
+        return cls(bias.reshape(batch, heads, n_max), lo.tolist(), (hi - lo).tolist(), heads)
+
+    def fill(self, rows: torch.Tensor) -> None:
+        """Open one new slot per segment: ``rows`` (S,) the flat rows just written (segment order)."""
+        self.bias.view(-1).index_fill_(0, self._base + rows, 0.0)
+
+
+def _window(rel_starts: list[int], ends: list[int], width: int) -> tuple[int, int]:
+    """The windows of the flat path: head ``h`` reads the ``L`` slots from ``h * c`` (relative to the row's first
+    slot). Each window must hold its head's segment (``h * c <= start_h``, ``end_h <= h * c + L``) and stay inside
+    the row's ``width`` slots (``(H - 1) * c + L <= width``); the largest such ``c`` gives the shortest ``L``
+    (``c = 0``, ``L`` = the row's filled range, always fits). Returns ``(c, L)``."""
+    heads = len(ends)
+    c = min((rel_starts[h] // h for h in range(1, heads)), default=0)
+    for k in range(heads - 1):
+        c = min(c, (width - ends[k]) // (heads - 1 - k))
+    c = max(c, 0)
+    return c, max(ends[h] - h * c for h in range(heads))
+
+
+def _decode_flat(query, keys, values, starts, lengths, scale, mask: FlatDecodeMask) -> torch.Tensor:
+    """The flat path of :func:`ragged_decode_unmasked` (every segment holds >= 1 token).
+
+    Per batch row, KV head ``h`` attends over a window of ``L`` slots starting ``h * c`` slots into the row (strided
+    views of the flat buffers and of the mask, no copy), chosen by :func:`_window` to hold its whole segment; slots
+    of the window outside the segment are masked. Two batched matmuls over the ``H_kv`` windows and one softmax.
+    """
+    batch, num_q_heads, _, head_dim = query.shape
+    heads = mask.heads
+    group = num_q_heads // heads
+    dtype, out_dtype = keys.dtype, query.dtype
+    if query.dtype != dtype:
+        query = query.to(dtype)
+    bias_all = mask.bias if mask.bias.dtype == dtype else mask.bias.to(dtype)
+    n_max = bias_all.shape[-1]
+    key_row, value_row, d_v = keys.stride(0), values.stride(0), values.shape[1]
+    pieces = []
+    for b in range(batch):
+        lo = mask.row_start[b]
+        first = b * heads
+        c, length = _window([starts[first + h] - lo for h in range(heads)],
+                            [starts[first + h] + lengths[first + h] - lo for h in range(heads)], mask.row_width[b])
+        k = keys.as_strided((heads, length, head_dim), (c * key_row, key_row, keys.stride(1)), keys.storage_offset() + lo * key_row)
+        v = values.as_strided((heads, length, d_v), (c * value_row, value_row, values.stride(1)),
+                              values.storage_offset() + lo * value_row)
+        bias = bias_all.as_strided((heads, 1, length), (n_max + c, length, 1),
+                                   bias_all.storage_offset() + b * heads * n_max)
+        logits = torch.baddbmm(bias, query[b].reshape(heads, group, head_dim), k.transpose(1, 2), alpha=scale)
+        pieces.append(torch.bmm(torch.softmax(logits, -1), v))  # (H_kv, G, d_v)
+    out = pieces[0] if batch == 1 else torch.stack(pieces)
+    return out.view(batch, num_q_heads, 1, d_v).to(out_dtype)
+
+
 def ragged_decode_unmasked(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -57,12 +152,15 @@ def ragged_decode_unmasked(
     starts: list[int],
     lengths: list[int],
     scale: float,
+    flat_mask: FlatDecodeMask | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query token per row over every filled slot of its segments.
 
-    query:   (B, H_q, 1, d) post-RoPE
-    keys:    (N_cap, d), values: (N_cap, d_v) flat storage; starts/lengths: per segment (S = B * H_kv) as lists
-    returns: (B, H_q, 1, d_v); a segment of length 0 gives zeros
+    query:     (B, H_q, 1, d) post-RoPE
+    keys:      (N_cap, d), values: (N_cap, d_v) flat storage; starts/lengths: per segment (S = B * H_kv) as lists
+    flat_mask: the layout's :class:`FlatDecodeMask`, when the caller keeps one: an irregular layout then takes the
+               flat path (if every segment holds a token and ``H_kv <= FLAT_MAX_HEADS``)
+    returns:   (B, H_q, 1, d_v); a segment of length 0 gives zeros
     """
     batch, num_q_heads, q_len, head_dim = query.shape
     if q_len != 1:
@@ -89,6 +187,8 @@ def ragged_decode_unmasked(
             empty = (counts == 0).repeat_interleave(group, dim=1)
             out = out.masked_fill(empty, 0.0)
         return out
+    if flat_mask is not None and flat_mask.heads == num_kv_heads <= FLAT_MAX_HEADS and min(lengths) > 0:
+        return _decode_flat(query, keys, values, starts, lengths, scale, flat_mask)
     grouped = query.reshape(batch, num_kv_heads, group, head_dim)  # G query heads as G queries
     pieces = []
     for s in range(num_segments):
