@@ -428,6 +428,8 @@ class CompressionSession:
     def _is_noop(self, lengths: torch.Tensor) -> bool:
         if self.config.decode_budget is not None or self.config.query is not None or self._held is not None:
             return False
+        if not self.allocator.uses_budget:  # the threshold allocator keeps what its scores say, whatever the budget
+            return False
         return bool((self.config.budget.tokens(lengths) >= lengths).all())
 
     def _budget_tokens(self, budget: Budget, lengths: torch.Tensor) -> torch.Tensor:

@@ -239,3 +239,20 @@ def test_fairkv_wraps_inner(inputs, rebalance):
         if not rebalance:
             assert torch.equal(ours, theirs)
     assert len(allocator.last_assignment) == len(inputs.scores)
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.5])
+def test_threshold_compresses_whatever_the_budget(deep_llama, budget):
+    """The threshold allocator (no cap) decides the kept amount itself: a budget covering the prompt (1.0) is no
+    no-op for it; a tau above every score keeps exactly the protected sinks + window of each head. With cap=True
+    the budget rules again, and 1.0 leaves the prompt whole."""
+    ids = torch.randint(4, 100, (1, 80), generator=torch.Generator().manual_seed(2))
+    with compress(deep_llama, "snapkv", get_allocator("threshold", tau=1e9), budget=budget, window=6, sinks=2) as session:
+        deep_llama(input_ids=ids)
+    assert not session.stats.noop
+    kept = session.stats.events[0].kept_tokens
+    assert bool((kept == 8).all())  # 2 sinks + 6 window tokens per head
+    with compress(deep_llama, "snapkv", get_allocator("threshold", tau=1e9, cap=True), budget=1.0, window=6,
+                  sinks=2) as capped:
+        deep_llama(input_ids=ids)
+    assert capped.stats.noop

@@ -53,6 +53,21 @@ def test_haystack_is_held_out_from_training_text(tokenizer):
         make_task_sample("niah_single", tokenizer, 1000, seed=TRAIN_SEED_BASE)
 
 
+def test_training_split_of_a_task_is_disjoint_from_evaluation(tokenizer):
+    """split='train' (fine-tuning data of a task): training seeds only, the training haystack, never an evaluation
+    sentence; the same seed gives the same sample."""
+    sample = make_task_sample("niah_multikey", tokenizer, 600, seed=TRAIN_SEED_BASE + 7, split="train")
+    assert sample == make_task_sample("niah_multikey", tokenizer, 600, seed=TRAIN_SEED_BASE + 7, split="train")
+    held_out = set(sentences("eval"))
+    used = [s for s in sentences("train") if s in sample.context]
+    assert used and not any(s in sample.context for s in held_out if s not in set(sentences("train")))
+    assert sample.meta == {"haystack": "pydoc_data.topics[train]", "split": "train"} and sample.answers[0] in sample.context
+    with pytest.raises(ValueError, match="training seeds must be ints >= "):
+        make_task_sample("niah_multikey", tokenizer, 600, seed=3, split="train")
+    with pytest.raises(ValueError, match="split must be 'eval' or 'train'"):
+        make_task_sample("niah_multikey", tokenizer, 600, seed=3, split="test")
+
+
 def test_generator_bad_input(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="unknown task 'needle'.*niah_single"):
         make_task_sample("needle", tokenizer, 1000, seed=0)

@@ -17,6 +17,15 @@ next to the data (the training run copies it into the adapter card)::
     python train/prepare_data.py --mix docs=0.5,qa=0.43,multi=0.07 --num-samples 84 --max-tokens 7936 \
         --part-max-tokens docs=4096,qa=2400 --out runs/data/smollm2-mix.jsonl
 
+A RULER-style task of ``gatekv eval`` as fine-tuning data (``--task``: niah_multikey, vt, qa, ...): the task's
+training split (seeds from 1_000_000 up, haystack = the training part of the documentation; ``gatekv eval`` uses
+seeds below it and the held-out part), one user turn ``context + "\n\n" + question`` and the answer as the
+assistant turn, the prompt format ``gatekv eval`` asks in (``data.prompt_split: last_paragraph`` makes the context
+the evictable prompt). Context lengths are uniform in [--min-tokens, --max-tokens]::
+
+    python train/prepare_data.py --task niah_multikey --num-samples 400 --min-tokens 512 --max-tokens 1024 \
+        --out runs/data/smollm2-multikey.jsonl
+
 Online: convert a Hub dataset (e.g. LongAlpaca) into the same JSONL (Alpaca records become user/assistant chats) in
 the columns of the ``--mix`` records, so that a converted file and a mix file load together from one directory
 (``data.path: DIR``); ``--max-tokens`` skips longer chats (counted with ``--tokenizer``)::
@@ -141,6 +150,33 @@ def _write_mix(args) -> int:
     return 0
 
 
+def _task_records(args) -> list[dict]:
+    """``--task``: chats of a ``gatekv.eval`` task's training split (see the module docstring)."""
+    import random
+
+    from gatekv.chat import chat_template_parts
+    from gatekv.eval.tasks import make_task_sample
+
+    tokenizer = _tokenizer(args.tokenizer)
+    head_tokens = len(tokenizer(chat_template_parts(tokenizer)[0], add_special_tokens=False)["input_ids"]) \
+        if getattr(tokenizer, "chat_template", None) else 0
+    rng = random.Random(args.seed_base)
+    records = []
+    for i in range(args.num_samples):
+        length = rng.randint(args.min_tokens, args.max_tokens)
+        sample = make_task_sample(args.task, tokenizer, length, args.seed_base + i, head_tokens=head_tokens,
+                                  split="train")
+        answer = sample.answers[0] if sample.metric != "all" else ", ".join(sample.answers)
+        records.append({
+            "messages": [{"role": "user", "content": sample.context + "\n\n" + sample.question},
+                         {"role": "assistant", "content": answer}],
+            "text": None, "prompt_chars": None,
+            "meta": {"part": args.task, "source": sample.meta["haystack"], "context_tokens": sample.context_tokens,
+                     "seed": sample.seed, "answers": sample.answers, "metric": sample.metric},
+        })
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     from gatekv.training import synthetic
 
@@ -161,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--continuation", type=int, default=256, help="--mix: response tokens of a docs sample")
     parser.add_argument("--part-max-tokens", default="qa=4096",
                         help="--mix: longest context per part, e.g. docs=4096,qa=2400 (others: --max-tokens)")
+    parser.add_argument("--task", help="a gatekv eval task (niah_multikey, vt, qa, ...): its training split as chats")
     parser.add_argument("--hub-id", help="convert this Hub dataset instead of generating (needs network)")
     parser.add_argument("--hub-config", default=None, help="Hub dataset configuration")
     parser.add_argument("--hub-split", default="train", help="Hub dataset split (default train)")
@@ -178,6 +215,17 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             print(f"prepare_data: {error}", file=sys.stderr)
             return 2
+    if args.task:
+        if args.tokenizer == "none":
+            parser.error("--task needs a tokenizer (contexts are cut at token counts)")
+        try:
+            records = _task_records(args)
+        except ValueError as error:
+            print(f"prepare_data: {error}", file=sys.stderr)
+            return 2
+        path = synthetic.write_jsonl(records, args.out)
+        print(f"wrote {len(records)} {args.task} chats to {path} in {time.perf_counter() - start:.1f} s")
+        return 0
     if args.hub_id:
         records, skipped_long = _from_hub(args)
         if not records:

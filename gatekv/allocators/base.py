@@ -152,6 +152,13 @@ class Allocator:
     prefill never holds more than the budget plus one uncompressed layer."""
 
     @property
+    def uses_budget(self) -> bool:
+        """Whether the kept amount follows the budget. False (the threshold allocator without a cap): the allocator
+        decides how much each head keeps, so a budget that covers the whole prompt does not make compression a
+        no-op."""
+        return True
+
+    @property
     def observes_prefill(self) -> bool:
         """Whether the allocator sees the prefill forward itself (cascade or window attention)."""
         return self.cascade or self.needs_window_attention

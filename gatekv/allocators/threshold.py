@@ -34,6 +34,11 @@ class ThresholdAllocator(Allocator):
         self.tau = [float(t) for t in values] if isinstance(tau, (list, tuple)) else float(tau)
         self.cap = cap
 
+    @property
+    def uses_budget(self) -> bool:
+        """Only when capped: otherwise the scores alone decide what is kept (any budget, 1.0 included)."""
+        return self.cap
+
     def allocate(self, inputs: AllocationInput) -> KeepPlan:
         return plan_exact_counts(inputs, self.layer_counts(inputs))
 

@@ -256,22 +256,30 @@ def _cwe(rng, filler, length, head_tokens: int):
 
 
 def make_task_sample(task: str, tokenizer, length: int, seed: int, haystack: Haystack | None = None,
-                     head_tokens: int = 0) -> EvalSample:
+                     head_tokens: int = 0, split: str = "eval") -> EvalSample:
     """One sample of ``task`` whose context has at most ``length`` tokens (``head_tokens``: tokens the prompt
     template adds before the context, subtracted from the budget).
 
-    Seeds must be below ``gatekv.training.synthetic.TRAIN_SEED_BASE`` (higher seeds belong to training data).
+    split: ``eval`` (seeds below ``gatekv.training.synthetic.TRAIN_SEED_BASE``, default haystack: the held-out
+    documentation) or ``train`` (fine-tuning data of the task: seeds from ``TRAIN_SEED_BASE`` up, default haystack:
+    the training part of the documentation, which shares no sentence with the held-out one).
     """
     from gatekv.training.synthetic import TRAIN_SEED_BASE
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid: {list(TASKS)}")
-    if not isinstance(seed, int) or not 0 <= seed < TRAIN_SEED_BASE:
+    if split not in ("eval", "train"):
+        raise ValueError(f"split must be 'eval' or 'train', got {split!r}")
+    if split == "eval" and not (isinstance(seed, int) and 0 <= seed < TRAIN_SEED_BASE):
         raise ValueError(f"seed must be an int in [0, {TRAIN_SEED_BASE}) (higher seeds belong to training), got {seed!r}")
+    if split == "train" and not (isinstance(seed, int) and seed >= TRAIN_SEED_BASE):
+        raise ValueError(f"training seeds must be ints >= {TRAIN_SEED_BASE} (lower seeds belong to evaluation), got {seed!r}")
     if not isinstance(length, int) or length < 128:
         raise ValueError(f"length must be an int >= 128 tokens, got {length!r}")
+    if haystack is None:
+        haystack = Haystack.default() if split == "eval" else _training_haystack()
     rng = random.Random(f"{task}:{seed}")  # one stream per (task, seed): tasks do not share draws
-    filler = _Filler(tokenizer, haystack or Haystack.default())
+    filler = _Filler(tokenizer, haystack)
     if task == "cwe":
         context, question, answers, metric = _cwe(rng, filler, length, head_tokens)
     else:
@@ -287,10 +295,18 @@ def make_task_sample(task: str, tokenizer, length: int, seed: int, haystack: Hay
         chosen = filler.fill(rng, room)
         context = " ".join(_insert(rng, chosen, statements))
     return EvalSample(task, seed, context, question, list(answers), metric, filler.count(context),
-                      {"haystack": (haystack or Haystack.default()).name})
+                      {"haystack": haystack.name, **({"split": "train"} if split == "train" else {})})
+
+
+@functools.lru_cache(maxsize=1)
+def _training_haystack() -> Haystack:
+    from gatekv.training.synthetic import sentences
+
+    return Haystack(sentences("train"), "pydoc_data.topics[train]")
 
 
 def make_task_samples(task: str, tokenizer, length: int, num_samples: int, seed_base: int = 0,
-                      haystack: Haystack | None = None, head_tokens: int = 0) -> list[EvalSample]:
-    """Samples with seeds ``seed_base .. seed_base + num_samples - 1``."""
-    return [make_task_sample(task, tokenizer, length, seed_base + i, haystack, head_tokens) for i in range(num_samples)]
+                      haystack: Haystack | None = None, head_tokens: int = 0, split: str = "eval") -> list[EvalSample]:
+    """Samples with seeds ``seed_base .. seed_base + num_samples - 1`` (``split``: see :func:`make_task_sample`)."""
+    return [make_task_sample(task, tokenizer, length, seed_base + i, haystack, head_tokens, split)
+            for i in range(num_samples)]

@@ -54,7 +54,7 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    """Optional LoRA on the backbone (peft), for the Attention-Gate SFT recipe; only with the distill target."""
+    """Optional LoRA on the backbone (peft), for the Attention-Gate SFT recipe; with the distill and lm targets."""
 
     enabled: bool = False
     """Train LoRA adapters on the backbone together with the heads."""
@@ -79,10 +79,12 @@ class LoraConfig:
 class TargetConfig:
     """What the heads learn."""
 
-    kind: Literal["cis", "distill", "teacher"] = "cis"
+    kind: Literal["cis", "distill", "teacher", "lm"] = "cis"
     """cis: regress Locret's causal importance score (max future pre-softmax logit over response queries and the GQA
     group); distill: KL to the frozen model with soft gate masks on prompt keys + an eviction-rate hinge; teacher:
-    regress (and rank) the scores a registered scorer gives the prompt tokens (``teacher``: kvzip = the KVzap recipe)."""
+    regress (and rank) the scores a registered scorer gives the prompt tokens (``teacher``: kvzip = the KVzap recipe);
+    lm: Attention-Gate's own recipe: cross-entropy of the response tokens under the gates' soft masks on prompt keys
+    + the eviction-rate hinge, usually with ``lora.enabled`` (the paper's SFT setting)."""
     teacher: Optional[str] = None
     """teacher: name of the registered scorer whose scores are the labels (kvzip, snapkv, expected_attention, ...)."""
     teacher_options: dict[str, Any] = field(default_factory=dict)
@@ -107,16 +109,19 @@ class TargetConfig:
     topk_fraction: float = 0.1
     """Fraction of prompt tokens whose predicted vs. target top-k overlap is reported (0.1 = top 10%)."""
     eviction_target: float = 0.5
-    """distill: fraction of prompt tokens the gates should evict (reached after eviction_ramp_steps)."""
+    """distill / lm: fraction of prompt tokens the gates should evict (reached after eviction_ramp_steps)."""
     eviction_ramp_steps: int = 100
-    """distill: steps over which the eviction target ramps linearly from 0 to eviction_target."""
+    """distill / lm: steps over which the eviction target ramps linearly from 0 to eviction_target."""
     eviction_weight: float = 1.0
-    """distill: weight of the one-sided hinge max(0, target - eviction rate)."""
+    """distill / lm: weight of the one-sided hinge max(0, target - eviction rate)."""
     mask: Literal["soft", "gumbel", "ste"] = "gumbel"
-    """distill: how keep probabilities enter attention: soft (log sigmoid(logit / tau)), gumbel (logistic noise
+    """distill / lm: how keep probabilities enter attention: soft (log sigmoid(logit / tau)), gumbel (logistic noise
     added during training) or ste (hard 0 / -inf forward, soft gradient)."""
     temperature: float = 0.5
-    """distill: tau of the soft / gumbel mask."""
+    """distill / lm: tau of the soft / gumbel mask."""
+    gates: bool = True
+    """lm: false = no gate masks at all (the gates stay untrained, the hinge is off): LoRA fine-tuning alone on the
+    same data, the baseline of the Attention-Gate comparison (needs lora.enabled)."""
     sinks: int = DEFAULT_SINKS
     """First prompt tokens the inference session protects: distill never masks them; the cis ranking term leaves
     them out."""
@@ -124,7 +129,7 @@ class TargetConfig:
     """Last prompt tokens the inference session protects (its recent window): distill never masks them; the cis
     ranking term leaves them out."""
     lora: LoraConfig = field(default_factory=LoraConfig)
-    """Optional LoRA on the backbone (distill only)."""
+    """Optional LoRA on the backbone (distill and lm)."""
 
     def summary(self) -> dict:
         """The settings that define this objective (what a model card should say the heads were trained for)."""
@@ -139,9 +144,12 @@ class TargetConfig:
                 out.update(rank_weight=self.rank_weight, rank_temperature=self.rank_temperature,
                            rank_excludes={"sinks": self.sinks, "window": self.window})
             return out
-        return {"kind": "distill", "eviction_target": self.eviction_target, "eviction_weight": self.eviction_weight,
-                "mask": self.mask, "temperature": self.temperature, "sinks": self.sinks, "window": self.window,
-                "lora": self.lora.enabled}
+        out = {"kind": self.kind, "eviction_target": self.eviction_target, "eviction_weight": self.eviction_weight,
+               "mask": self.mask, "temperature": self.temperature, "sinks": self.sinks, "window": self.window,
+               "lora": self.lora.enabled}
+        if self.kind == "lm" and not self.gates:
+            out = {"kind": "lm", "gates": False, "lora": self.lora.enabled}
+        return out
 
     def _check_teacher(self) -> None:
         """The teacher fields: a registered scorer that accepts the options (built once here to check)."""
@@ -182,8 +190,10 @@ class TargetConfig:
             raise ValueError(f"eviction_target must be in [0, 1), got {self.eviction_target}")
         if self.eviction_ramp_steps < 0 or self.eviction_weight < 0 or self.sinks < 0 or self.window < 0:
             raise ValueError("eviction_ramp_steps, eviction_weight, sinks and window must be >= 0")
-        if self.lora.enabled and self.kind != "distill":
-            raise ValueError("lora.enabled needs kind: distill (with cis the backbone only produces labels)")
+        if self.lora.enabled and self.kind not in ("distill", "lm"):
+            raise ValueError("lora.enabled needs kind: distill or lm (with cis the backbone only produces labels)")
+        if not self.gates and (self.kind != "lm" or not self.lora.enabled):
+            raise ValueError("target.gates: false is the LoRA-only baseline: it needs kind: lm and lora.enabled: true")
 
 
 @dataclass
@@ -257,6 +267,9 @@ class OptimConfig:
     """Decay after warmup, down to min_lr_ratio * lr at max_steps."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of lr."""
+    lora_lr: Optional[float] = None
+    """Learning rate of the backbone's LoRA weights (target.lora), null = lr. The gates of the lm / distill recipes
+    train at ~1e-2 (Adam moves their logits by ~lr per step), far above what LoRA on the backbone tolerates."""
     recency_lr: Optional[float] = None
     """Learning rate of the heads' recency table (heads.recency_buckets), null = 20 x lr. Adam moves a weight by
     about its lr per step, so at the heads' lr the table would shift by ~0.2 over a run, while the labels' recency
@@ -267,7 +280,7 @@ class OptimConfig:
     """Clip each gradient element (value, Locret) or the global norm (norm; DeepSpeed only supports norm)."""
 
     def __post_init__(self):
-        _positive("optim", lr=self.lr, grad_clip=self.grad_clip, recency_lr=self.recency_lr)
+        _positive("optim", lr=self.lr, grad_clip=self.grad_clip, recency_lr=self.recency_lr, lora_lr=self.lora_lr)
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
         if self.warmup_steps < 0 or self.weight_decay < 0:
@@ -372,10 +385,12 @@ class TrainConfig:
         _check_finite(self)
         if isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed!r}")
-        if self.data.feature_cache is not None and self.target.kind == "distill":
-            raise ValueError("data.feature_cache works with target.kind cis or teacher (distill needs the live backbone)")
-        if self.heads.recency_buckets > 0 and self.target.kind == "distill":
-            raise ValueError("heads.recency_buckets works with target.kind cis or teacher (distill trains per-layer gates)")
+        if self.data.feature_cache is not None and self.target.kind in ("distill", "lm"):
+            raise ValueError(f"data.feature_cache works with target.kind cis or teacher ({self.target.kind} needs the "
+                             "live backbone)")
+        if self.heads.recency_buckets > 0 and self.target.kind in ("distill", "lm"):
+            raise ValueError(f"heads.recency_buckets works with target.kind cis or teacher ({self.target.kind} trains "
+                             "per-layer gates)")
         if self.trainer.strategy == "deepspeed" and self.optim.grad_clip is not None and self.optim.grad_clip_algorithm == "value":
             raise ValueError("optim.grad_clip_algorithm: DeepSpeed clips by norm only; set it to 'norm' (or grad_clip: null)")
 

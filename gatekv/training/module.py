@@ -118,9 +118,16 @@ class HeadTrainingModule(L.LightningModule):
         optim = self.config.optim
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         recency_lr = optim.recency_lr if optim.recency_lr is not None else 20 * optim.lr
-        params = [{"params": [p for n, p in named if not n.endswith(".recency")], "lr": optim.lr}]
-        if any(n.endswith(".recency") for n, _ in named):
-            params.append({"params": [p for n, p in named if n.endswith(".recency")], "lr": recency_lr})
+        lora_lr = optim.lora_lr if optim.lora_lr is not None else optim.lr
+
+        def group(n: str) -> str:
+            return "recency" if n.endswith(".recency") else "lora" if ".lora_" in n else "heads"
+
+        params = [{"params": [p for n, p in named if group(n) == "heads"], "lr": optim.lr}]
+        for name, lr in (("recency", recency_lr), ("lora", lora_lr)):
+            members = [p for n, p in named if group(n) == name]
+            if members:
+                params.append({"params": members, "lr": lr})
         if self._offloads_optimizer():  # ZeRO-Offload refuses torch optimizers: the same AdamW, DeepSpeed's CPU kernel
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 

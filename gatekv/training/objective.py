@@ -16,6 +16,11 @@ Targets (../shared/methods.md):
   gates' log keep probabilities added to the prompt keys (exact: nothing upstream of the prompt rows depends on the
   gates). loss = KL(teacher || student) on response positions + weight * max(0, ramped target - eviction rate).
   With LoRA the student is the whole LoRA'd model over the full sequence (gates read its own features).
+- ``lm`` (Attention-Gate's recipe): one forward of the (LoRA'd) model over the whole sample with the gates' log keep
+  probabilities added to the prompt keys for the response rows (each layer's gates read that layer's live
+  features); loss = cross-entropy of every response token (the first one predicted by the prompt's last row, which
+  attends the full prompt as at inference, where the prompt is compressed after its prefill) + weight * max(0,
+  ramped target - eviction rate). ``gates: false``: the same cross-entropy without any mask (LoRA-only baseline).
 - ``teacher``: the labels are the scores a registered scorer (``target.teacher``: kvzip, snapkv, ...) gives the prompt
   tokens inside :func:`gatekv.compress` (:func:`gatekv.training.teacher.teacher_scores`; query-aware: the response
   tokens observe), log-transformed by default; same loss as ``cis`` (SmoothL1 + smoothness + optional listwise
@@ -171,6 +176,8 @@ class HeadObjective(nn.Module):
             return self.cis_step(batch)
         if self.target.kind == "teacher":
             return self.teacher_step(batch)
+        if self.target.kind == "lm":
+            return self.lm_step(batch, step)
         return self.distill_step(batch, step)
 
     # -- cis -----------------------------------------------------------------------------------------------------
@@ -371,4 +378,54 @@ class HeadObjective(nn.Module):
             "eviction_target": torch.full_like(rate, target).detach(),
             "topk_overlap": overlap,
         }
+        return loss, metrics
+
+    # -- lm --------------------------------------------------------------------------------------------------------
+    def lm_step(self, batch: dict, step: int):
+        """Attention-Gate's objective: cross-entropy of the response under the gates' soft masks + the eviction hinge
+        (``gates: false``: the cross-entropy alone, no masks)."""
+        ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        prompt_lengths, lengths = batch["prompt_lengths"], batch["lengths"]
+        batch_size, length = ids.shape
+        positions = torch.arange(length, device=ids.device)[None].expand(batch_size, -1)
+        maskable = self.maskable_keys(prompt_lengths, length)
+        # rows P-1 .. L-2 predict the response tokens P .. L-1; row P-1 is a prompt row (it sees no mask: at inference
+        # the prompt is compressed after its prefill, which already predicted the first response token)
+        rows, row_positions = _response_rows((prompt_lengths - 1).clamp(min=0), (lengths - 1).clamp(min=prompt_lengths))
+        valid = row_positions >= 0
+        targets = torch.gather(ids, 1, (rows + 1).clamp(max=length - 1))
+        decoder, lm_head = self.hf_model.get_decoder(), self.hf_model.get_output_embeddings()
+        width = int(prompt_lengths.max())
+        valid_prompt = torch.arange(width, device=ids.device)[None] < prompt_lengths[:, None]
+        layer_logits: list[torch.Tensor] = []
+        kwargs = dict(input_ids=ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+        if self.target.gates:
+            with self.capture() as capture:
+
+                def bias_fn(layer):  # each layer's gates read that layer's live features
+                    sink = capture.sinks[layer]
+                    feats = {name: _slice_tokens(name, sink[name], 0, width) for name in self.heads.feature_names}
+                    logits = self.heads.layer_scores(layer, feats, valid_prompt)
+                    layer_logits.append(logits)
+                    full = logits.new_zeros(batch_size, logits.shape[1], length)
+                    full[..., :width] = gate_log_mask(logits, self.target.mask, self.target.temperature, self.training)
+                    return full * maskable[:, None, :]
+
+                capture.prepare(attention_mask.bool(), positions, bias_fn=bias_fn, bias_from=prompt_lengths)
+                hidden = decoder(**kwargs).last_hidden_state
+        else:
+            hidden = decoder(**kwargs).last_hidden_state
+        index = rows[:, :, None].expand(-1, -1, hidden.shape[-1])
+        logits_lm = lm_head(torch.gather(hidden, 1, index)).float()  # (B, n, V)
+        nll = torch.nn.functional.cross_entropy(logits_lm.transpose(1, 2), targets, reduction="none")  # (B, n)
+        ce = (nll * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+        if self.target.gates:
+            target = self.eviction_target(step)
+            rate = eviction_rate(torch.stack(layer_logits), maskable[:, :width])
+            loss = (ce + self.target.eviction_weight * torch.relu(target - rate)).mean()
+        else:
+            target, rate = 0.0, torch.zeros_like(ce)
+            loss = ce.mean()
+        metrics = {"ce": ce.detach(), "eviction_rate": rate.detach(),
+                   "eviction_target": torch.full_like(rate, target).detach()}
         return loss, metrics

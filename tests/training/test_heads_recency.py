@@ -170,3 +170,27 @@ def test_the_recency_table_gets_its_own_learning_rate():
     objective.heads = build_heads("retaining_head", tiny_model("llama"), hidden=8)
     optimizer = HeadTrainingModule(objective, load_train_config(None, []), {}).configure_optimizers()["optimizer"]
     assert len(optimizer.param_groups) == 1
+
+
+def test_lora_weights_get_their_own_learning_rate():
+    """optim.lora_lr: the backbone's LoRA weights train at their own rate (the lm / distill recipes' gates at lr)."""
+    pytest.importorskip("peft", reason="needs the train extra: pip install 'gatekv[train]'")
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from torch import nn
+
+    from gatekv.training.config import load_train_config
+    from gatekv.training.module import HeadTrainingModule
+
+    objective = nn.Module()
+    objective.backbone = get_peft_model(tiny_model("llama"), PeftLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    objective.heads = build_heads("attention_gate", tiny_model("llama"))
+    lora = sum(1 for n, p in objective.backbone.named_parameters() if p.requires_grad)
+    heads = sum(1 for _ in objective.heads.parameters())
+    for overrides, want in ((["optim.lr=0.01"], 0.01), (["optim.lr=0.01", "optim.lora_lr=0.0005"], 0.0005)):
+        config = load_train_config(None, overrides + ["target.kind=lm", "target.lora.enabled=true"])
+        optimizer = HeadTrainingModule(objective, config, {}).configure_optimizers()["optimizer"]
+        groups = sorted((len(g["params"]), g["initial_lr"]) for g in optimizer.param_groups)
+        assert groups == sorted([(heads, pytest.approx(0.01)), (lora, pytest.approx(want))])
+    with pytest.raises(ValueError, match="optim.lora_lr must be > 0"):
+        load_train_config(None, ["optim.lora_lr=0"])

@@ -205,6 +205,30 @@ def test_prepare_data_script_writes_usable_jsonl(tmp_path, tokenizer):
     assert stats.used == 3 and all(s.length > s.prompt_length for s in samples)
 
 
+def test_prepare_data_script_writes_task_chats(tmp_path, tokenizer):
+    """--task: a gatekv eval task's training split as chats (context + question, then the answer), whose prompt split
+    at the last paragraph is the context."""
+    import json
+    import subprocess
+    import sys
+
+    from _training_helpers import REPO
+
+    out = tmp_path / "t.jsonl"
+    subprocess.run([sys.executable, str(REPO / "train" / "prepare_data.py"), "--tokenizer", "char", "--task",
+                    "niah_multikey", "--out", str(out), "--num-samples", "3", "--min-tokens", "300",
+                    "--max-tokens", "400"], check=True, capture_output=True)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3 and {r["meta"]["part"] for r in records} == {"niah_multikey"}
+    for r in records:
+        user, assistant = r["messages"]
+        assert assistant["content"] == r["meta"]["answers"][0] and assistant["content"] in user["content"]
+        assert r["meta"]["seed"] >= synthetic.TRAIN_SEED_BASE and r["meta"]["source"] == "pydoc_data.topics[train]"
+    config = DataConfig(path=str(out), prompt_split="last_paragraph")
+    samples, stats = prepare_samples(load_records(config), tokenizer, config)
+    assert stats.used == 3 and all(s.length > s.prompt_length for s in samples)
+
+
 def test_processes_share_each_epoch_without_overlap():
     batches = [[i] for i in range(7)]
     shares = [EpochBatchSampler(batches, seed=3, rank=r, world_size=2) for r in range(2)]

@@ -92,7 +92,8 @@ def test_column_max_in_small_query_blocks_equals_one_block():
 @pytest.mark.parametrize(
     "family,head_type,kind",
     [("llama", "retaining_head", "cis"), ("qwen3", "attention_gate", "cis"), ("phi3", "linear_gate", "distill"),
-     ("mistral", "attention_gate", "distill"), ("qwen2", "retaining_head", "distill")],
+     ("mistral", "attention_gate", "distill"), ("qwen2", "retaining_head", "distill"), ("llama", "attention_gate", "lm"),
+     ("phi3", "linear_gate", "lm")],
 )
 def test_batch_of_three_equals_mean_of_single_samples(models, family, head_type, kind):
     model = models[family]
@@ -283,3 +284,83 @@ def test_ste_mask_values_and_finite_gradient():
     assert bias[0].item() == pytest.approx(-1e4) and bias[1].item() == pytest.approx(0.0, abs=1e-6)
     bias.sum().backward()
     assert torch.isfinite(logits.grad).all() and (logits.grad > 0).all()
+
+
+def _plain_response_ce(model, batch):
+    """Per sample: mean cross-entropy of the response tokens P .. L-1 from a plain forward of ``model``."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
+    out = []
+    for b, (p, n) in enumerate(zip(batch["prompt_lengths"].tolist(), batch["lengths"].tolist())):
+        out.append(torch.nn.functional.cross_entropy(logits[b, p - 1 : n - 1], ids[b, p:n]))
+    return torch.stack(out)
+
+
+def _with_lora(model, std=0.1):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    import copy
+
+    wrapped = get_peft_model(copy.deepcopy(model), PeftLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    wrapped.eval()
+    for name, p in wrapped.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=std)  # LoRA that changes the model, so that LoRA A gets a gradient too
+    return wrapped
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_lm_without_gates_is_the_plain_response_cross_entropy(models, family):
+    """``gates: false`` (the LoRA-only baseline): the loss is the LoRA'd model's own cross-entropy on the response
+    tokens, the first one predicted by the prompt's last token; only LoRA weights get gradients."""
+    pytest.importorskip("peft", reason="needs the train extra: pip install 'gatekv[train]'")
+    wrapped = _with_lora(models[family])
+    heads = build_heads("attention_gate", wrapped.get_base_model())
+    target = TargetConfig(kind="lm", gates=False, lora=LoraConfig(enabled=True))
+    objective = HeadObjective(wrapped, heads, target, lora=True)
+    batch = batch_of(random_samples())
+    loss, metrics = objective(batch, step=5)
+    with torch.no_grad():
+        expected = _plain_response_ce(wrapped, batch)
+    torch.testing.assert_close(metrics["ce"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.detach(), expected.mean(), rtol=1e-5, atol=1e-5)
+    assert float(metrics["eviction_rate"].abs().max()) == 0.0
+    loss.backward()
+    graded = {n for n, p in wrapped.named_parameters() if p.grad is not None}
+    assert graded and all("lora_" in n for n in graded)
+    assert all(p.grad is None for p in heads.parameters())
+
+
+def test_lm_with_gates_keeping_everything_equals_no_gates(models):
+    """Gates that keep every token (keep logit 30) change nothing: the same cross-entropy as without masks."""
+    model = models["mistral"]
+    batch = batch_of(random_samples())
+    heads = build_heads("linear_gate", model, init_keep_logit=30.0)
+    gated = HeadObjective(model, heads, TargetConfig(kind="lm", mask="soft", temperature=1.0, window=4))
+    _, metrics = gated(batch, step=0)
+    with torch.no_grad():
+        expected = _plain_response_ce(model, batch)
+    torch.testing.assert_close(metrics["ce"], expected, rtol=1e-4, atol=1e-5)
+    assert float(metrics["eviction_rate"].max()) < 1e-6
+
+
+def test_lm_gates_and_lora_both_learn(models):
+    """With gates at p = 0.5 the masks change the cross-entropy, and both the gates and LoRA get gradients; the
+    eviction hinge pushes the gates' keep logits down."""
+    pytest.importorskip("peft", reason="needs the train extra: pip install 'gatekv[train]'")
+    wrapped = _with_lora(models["llama"])
+    heads = build_heads("attention_gate", wrapped.get_base_model(), init_keep_logit=0.0)
+    target = TargetConfig(kind="lm", mask="soft", temperature=1.0, window=4, eviction_target=0.9, eviction_ramp_steps=0,
+                          lora=LoraConfig(enabled=True))
+    objective = HeadObjective(wrapped, heads, target, lora=True)
+    batch = batch_of(random_samples())
+    loss, metrics = objective(batch, step=1)
+    with torch.no_grad():
+        plain = _plain_response_ce(wrapped, batch)
+    assert float((metrics["ce"] - plain).abs().min()) > 1e-4  # the masks act on the response rows
+    assert 0.3 < float(metrics["eviction_rate"].mean()) < 0.7
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters() if p.requires_grad)
+    lora_grads = [p.grad for n, p in wrapped.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
