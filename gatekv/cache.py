@@ -214,9 +214,9 @@ class CompressedLayer(CacheLayerMixin):
         self._flat_mask = None
 
     def flat_mask(self) -> "torch_ragged.FlatDecodeMask | None":
-        """The layout's :class:`~gatekv.kernels.torch_ragged.FlatDecodeMask` for the PyTorch flat decode path (built on first use, kept up to date by decode appends), or None where that
-        path does not apply: a regular layout (one SDPA call over strided views), more than ``FLAT_MAX_HEADS`` KV
-        heads, an empty segment, CUDA tensors."""
+        """The layout's :class:`~gatekv.kernels.torch_ragged.FlatDecodeMask` for the PyTorch flat decode path (built
+        on first use, kept up to date by decode appends), or None where that path does not apply: a regular layout
+        (one SDPA call over strided views), more than ``FLAT_MAX_HEADS`` KV heads, an empty segment, CUDA tensors."""
         if self._flat_mask is None:
             if (not self.is_initialized or self.keys.is_cuda or not 0 < self.num_heads <= torch_ragged.FLAT_MAX_HEADS
                     or self.lengths.numel() == 0):
