@@ -54,6 +54,38 @@ def test_evict_in_place_keeps_exactly_what_compaction_keeps(seed):
             assert torch.equal(moved[0][start + i], keys[start + i])
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_one_eviction_per_segment_moves_the_last_slot_into_the_hole(seed):
+    """The decode_budget step (every segment drops exactly one slot, kept indices in any order): the segment's last
+    slot moves into the dropped one (nothing moves when the last slot is the dropped one), every other slot stays;
+    the moves the general path makes."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 9, (5,), generator=g)
+    starts, rows = layout_from_caps(lengths + 2)
+    keys = torch.randn(rows, 4, generator=g)
+    positions = torch.arange(rows)
+    dropped = [int(torch.randint(0, int(n), (1,), generator=g)) for n in lengths]
+    dropped[0] = int(lengths[0]) - 1  # one segment drops its last slot
+    k_max = int(lengths.max()) - 1
+    indices = torch.zeros(len(lengths), max(k_max, 1), dtype=torch.long)
+    for s, (n, d) in enumerate(zip(lengths.tolist(), dropped)):
+        kept = [i for i in range(n) if i != d]
+        indices[s, : len(kept)] = torch.tensor(kept, dtype=torch.long)[torch.randperm(len(kept), generator=g)]
+    moved = [keys.clone(), positions.clone()]
+    evict_in_place_reference(moved, starts, lengths, indices, lengths - 1)
+    expected = [keys.clone(), positions.clone()]
+    for s, (start, n, d) in enumerate(zip(starts.tolist(), lengths.tolist(), dropped)):
+        for buf in expected:
+            buf[start + d] = buf[start + n - 1]
+    for got, want in zip(moved, expected):
+        assert torch.equal(got, want)
+    # the first n - 1 slots of each segment hold exactly its kept tokens
+    for s, (start, n, d) in enumerate(zip(starts.tolist(), lengths.tolist(), dropped)):
+        kept = set(range(n)) - {d}
+        held = set(moved[1][start : start + n - 1].tolist())
+        assert held == {start + i for i in kept}
+
+
 def test_evict_in_place_edge_cases():
     starts, rows = layout_from_caps(torch.tensor([3, 3]))
     keys = torch.arange(rows * 2, dtype=torch.float32).reshape(rows, 2)
