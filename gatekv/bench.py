@@ -179,12 +179,12 @@ class _Run:
 
     def result(self, prompt_tokens: int) -> DecodeResult:
         stats = self.session.stats if self.session is not None else None
-        kept = None if stats is None else stats.kept_tokens
+        kept = None if stats is None or stats.kept_tokens is None else float(stats.kept_tokens.double().mean())
         if self.kind == "floor":
-            kept = torch.tensor(float(self.cache_tokens))
+            kept = float(self.cache_tokens)
         return DecodeResult(
             self.label, prompt_tokens, self.prefill_seconds, statistics.median(self.times), self.times,
-            self.kv_bytes, _cache_bytes(self.cache), None if kept is None else float(kept.double().mean()),
+            self.kv_bytes, _cache_bytes(self.cache), kept,
             self.tokens, self.kind, self.budget, self.cache_tokens,
             score_seconds=None if stats is None else stats.score_seconds,
         )

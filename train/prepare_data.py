@@ -154,12 +154,11 @@ def _task_records(args) -> list[dict]:
     """``--task``: chats of a ``gatekv.eval`` task's training split (see the module docstring)."""
     import random
 
-    from gatekv.chat import chat_template_parts
     from gatekv.eval.tasks import make_task_sample
+    from gatekv.inference import prompt_ids
 
     tokenizer = _tokenizer(args.tokenizer)
-    head_tokens = len(tokenizer(chat_template_parts(tokenizer)[0], add_special_tokens=False)["input_ids"]) \
-        if getattr(tokenizer, "chat_template", None) else 0
+    head_tokens = prompt_ids(tokenizer, "", "")[0].shape[1]  # what gatekv eval subtracts from the context budget
     rng = random.Random(args.seed_base)
     records = []
     for i in range(args.num_samples):

@@ -309,6 +309,27 @@ class HeadObjective(nn.Module):
         j = torch.arange(num_keys, device=prompt_lengths.device)[None]
         return (j >= self.target.sinks) & (j < prompt_lengths[:, None] - self.target.window)
 
+    def gate_bias(self, logits: torch.Tensor, maskable: torch.Tensor, length: int) -> torch.Tensor:
+        """Gate logits (B, H, P) of the first P keys -> the additive log keep-mask (B, H, T) on the ``maskable``
+        (B, T) prompt keys only (sinks, recent window and response keys get 0)."""
+        full = logits.new_zeros(logits.shape[0], logits.shape[1], length)
+        full[..., : logits.shape[-1]] = gate_log_mask(logits, self.target.mask, self.target.temperature, self.training)
+        return full * maskable[:, None, :]
+
+    def live_gate_bias_fn(self, capture: TrainingCapture, valid_prompt: torch.Tensor, maskable: torch.Tensor,
+                          length: int, layer_logits: list[torch.Tensor]):
+        """A ``bias_fn`` for ``capture.prepare``: each layer's gates score the first P = ``valid_prompt.shape[1]``
+        keys from that layer's live features (the student's own); their logits are appended to ``layer_logits``."""
+        width = valid_prompt.shape[1]
+
+        def bias_fn(layer: int) -> torch.Tensor:
+            sink = capture.sinks[layer]
+            feats = {name: _slice_tokens(name, sink[name], 0, width) for name in self.heads.feature_names}
+            layer_logits.append(self.heads.layer_scores(layer, feats, valid_prompt))
+            return self.gate_bias(layer_logits[-1], maskable, length)
+
+        return bias_fn
+
     def distill_step(self, batch: dict, step: int):
         ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         prompt_lengths, lengths = batch["prompt_lengths"], batch["lengths"]
@@ -328,11 +349,6 @@ class HeadObjective(nn.Module):
             index = (kl_rows - offset).clamp(min=0)[:, :, None].expand(-1, -1, hidden.shape[-1])
             return torch.gather(hidden, 1, index)
 
-        def bias_from_logits(logits):  # (B, H, P) -> (B, H, T): log-mask on maskable prompt keys only
-            full = logits.new_zeros(batch_size, logits.shape[1], length)
-            full[..., :width] = gate_log_mask(logits, self.target.mask, self.target.temperature, self.training)
-            return full * maskable[:, None, :]
-
         with self.capture() as capture:
             with torch.no_grad(), self._adapters_off():
                 capture.prepare(key_valid, positions, label_queries=_response_rows(prompt_lengths, lengths),
@@ -346,7 +362,7 @@ class HeadObjective(nn.Module):
                 # student: only the tokens after the shortest prompt, on the teacher's keys/values of the tokens
                 # before it (exact: no prompt row depends on the gates, only response rows see the bias)
                 logits = self.heads.stacked_scores(teacher_inputs, valid_prompt)
-                biases = [bias_from_logits(logits[l]) for l in range(logits.shape[0])]
+                biases = [self.gate_bias(logits[l], maskable, length) for l in range(logits.shape[0])]
                 capture.prepare(key_valid, positions[:, start:], bias_fn=lambda l: biases[l], bias_from=prompt_lengths,
                                 use_prefix=True)
                 out = decoder(input_ids=ids[:, start:], attention_mask=attention_mask[:, start:],
@@ -355,13 +371,7 @@ class HeadObjective(nn.Module):
             else:
                 # student: the whole (LoRA'd) model; each layer's gates read that layer's live features
                 layer_logits: list[torch.Tensor] = []
-
-                def bias_fn(layer):
-                    sink = capture.sinks[layer]
-                    feats = {name: _slice_tokens(name, sink[name], 0, width) for name in self.heads.feature_names}
-                    layer_logits.append(self.heads.layer_scores(layer, feats, valid_prompt))
-                    return bias_from_logits(layer_logits[-1])
-
+                bias_fn = self.live_gate_bias_fn(capture, valid_prompt, maskable, length, layer_logits)
                 capture.prepare(key_valid, positions, bias_fn=bias_fn, bias_from=prompt_lengths)
                 out = decoder(input_ids=ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
                 student_logits = lm_head(gather(out.last_hidden_state))
@@ -401,16 +411,7 @@ class HeadObjective(nn.Module):
         kwargs = dict(input_ids=ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
         if self.target.gates:
             with self.capture() as capture:
-
-                def bias_fn(layer):  # each layer's gates read that layer's live features
-                    sink = capture.sinks[layer]
-                    feats = {name: _slice_tokens(name, sink[name], 0, width) for name in self.heads.feature_names}
-                    logits = self.heads.layer_scores(layer, feats, valid_prompt)
-                    layer_logits.append(logits)
-                    full = logits.new_zeros(batch_size, logits.shape[1], length)
-                    full[..., :width] = gate_log_mask(logits, self.target.mask, self.target.temperature, self.training)
-                    return full * maskable[:, None, :]
-
+                bias_fn = self.live_gate_bias_fn(capture, valid_prompt, maskable, length, layer_logits)
                 capture.prepare(attention_mask.bool(), positions, bias_fn=bias_fn, bias_from=prompt_lengths)
                 hidden = decoder(**kwargs).last_hidden_state
         else:
