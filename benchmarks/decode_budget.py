@@ -6,9 +6,16 @@ O(d) data movement per head, no compaction). Measured on the same prompt with th
 
 - ``full``: the dense transformers cache (grows to prompt + generated tokens);
 - ``no eviction``: the compressed prompt (``budget``), growing as tokens come;
-- ``decode_budget N``: the compressed prompt, then N slots per head at most while generating.
+- ``decode_budget N``: the compressed prompt, then N slots per head at most while generating;
+- ``decode_budget N, interval k`` (``--intervals``): the same, evicting k slots per head once every k steps
+  (``decode_interval``: up to N + k - 1 slots between evictions).
 
     python benchmarks/decode_budget.py --prompt 512 --new 1024 --decode-budget 512 --scorer tova
+    python benchmarks/decode_budget.py --intervals 1 16 --repeats 2
+
+With ``--repeats R`` every setting runs R times, the settings in turn (a rotated order per repeat), and the table
+gives each setting's median over its runs: this VM's speed drifts by ~15% over minutes, so settings run minutes
+apart in one block each would not compare.
 
 TOVA (the last query's attention) scores a cache on every step for free; SnapKV's window works too.
 """
@@ -49,8 +56,15 @@ def main() -> None:
     parser.add_argument("--decode-budget", type=int, default=512)
     parser.add_argument("--budget", type=float, default=0.5, help="prompt budget (ratio)")
     parser.add_argument("--scorer", default="tova")
+    parser.add_argument("--intervals", type=int, nargs="+", default=[1], help="decode_interval values to run")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per setting, interleaved")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    for name in ("prompt", "new", "decode_budget", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if min(args.intervals) < 1:
+        parser.error("--intervals must be >= 1")
 
     import torch
     from transformers import DynamicCache
@@ -66,20 +80,32 @@ def main() -> None:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"SmolLM2-135M-Instruct fp32 CPU, {torch.get_num_threads()} threads, load {load}; prompt {ids.shape[1]} "
           f"tokens, {args.new} generated, scorer {args.scorer}, prompt budget {args.budget}")
-    rows = []
+    settings = [("full (dense cache)", None, None), ("no eviction", None, 1)]
+    settings += [(f"decode_budget {args.decode_budget}" + (f", interval {k}" if k > 1 else ""), args.decode_budget, k)
+                 for k in args.intervals]
+    runs: dict[str, list] = {label: [] for label, _, _ in settings}
     with torch.no_grad():
         model(input_ids=ids[:, :64], use_cache=False)  # warm-up
-        cache = DynamicCache(config=model.config)
-        prefill, steps, total = _run(model, ids, cache, args.new)
-        rows.append(("full (dense cache)", prefill, steps, total, _cache_bytes(cache), None))
-        for decode_budget in (None, args.decode_budget):
-            with compress(model, args.scorer, "uniform", budget=args.budget, decode_budget=decode_budget) as session:
-                cache = session.new_cache()
-                session.expect_new_tokens(args.new)
-                prefill, steps, total = _run(model, ids, cache, args.new)
-                kept = cache.kept_tokens()
-            label = "no eviction" if decode_budget is None else f"decode_budget {decode_budget}"
-            rows.append((label, prefill, steps, total, cache.kv_bytes(), float(kept.double().max())))
+        for repeat in range(args.repeats):
+            shift = repeat % len(settings)
+            for label, decode_budget, interval in settings[shift:] + settings[:shift]:
+                if interval is None:
+                    cache = DynamicCache(config=model.config)
+                    prefill, steps, total = _run(model, ids, cache, args.new)
+                    runs[label].append((prefill, steps, total, _cache_bytes(cache), None))
+                    continue
+                with compress(model, args.scorer, "uniform", budget=args.budget, decode_budget=decode_budget,
+                              decode_interval=interval) as session:
+                    cache = session.new_cache()
+                    session.expect_new_tokens(args.new)
+                    prefill, steps, total = _run(model, ids, cache, args.new)
+                    kept = cache.kept_tokens()
+                runs[label].append((prefill, steps, total, cache.kv_bytes(), float(kept.double().max())))
+    rows = []
+    for label, _, _ in settings:  # the run with the median total time
+        ordered = sorted(runs[label], key=lambda run: run[2])
+        rows.append((label, *ordered[(len(ordered) - 1) // 2]))
+    print(f"median of {args.repeats} interleaved run(s) per setting")
     base = rows[1][3]
     print("| setting | tokens/s | x no eviction | median ms/token | last 128 steps ms/token | KV MiB at end | "
           "max kept/head at end |")

@@ -28,35 +28,7 @@ import torch.nn.functional as F
 from gatekv.compress import shared_prefill
 from gatekv.corpus import load_corpus
 from gatekv.models import cache_kwarg
-from gatekv.scorers.base import Scorer
-
-
-class LabelScores(Scorer):
-    """Scores given per layer (``labels[layer]``: (1, H_kv, P) over positions 0..P-1): an oracle, for analysis."""
-
-    name = "label-oracle"
-
-    def __init__(self):
-        self.labels: list[torch.Tensor] = []
-
-    def score(self, ctx):
-        label = self.labels[ctx.layer_idx]
-        positions = ctx.positions.clamp(min=0, max=label.shape[-1] - 1)
-        scores = label.to(ctx.keys.device).expand(ctx.positions.shape[0], -1, -1).gather(2, positions)
-        return scores.masked_fill(ctx.positions < 0, float("-inf")).float()
-
-
-def cis_labels(model, ids: torch.Tensor, prompt_length: int) -> list[torch.Tensor]:
-    """Per layer (1, H_kv, prompt_length) CIS labels of the prompt from the queries after it."""
-    from gatekv.training.capture import TrainingCapture
-
-    length = ids.shape[1]
-    positions = torch.arange(length)[None]
-    rows = torch.arange(prompt_length, length)[None]
-    with torch.no_grad(), TrainingCapture(model) as capture:
-        capture.prepare(torch.ones(1, length, dtype=torch.bool), positions, label_queries=(rows, rows.clone()))
-        model.get_decoder()(input_ids=ids, position_ids=positions, use_cache=False)
-        return [label[..., :prompt_length].float() for label in capture.labels]
+from gatekv.eval.oracle import OracleScorer, cis_labels
 
 
 def windows(tokenizer, corpus: str, length: int, continuation: int, samples: int, seed: int) -> list[torch.Tensor]:
@@ -105,7 +77,7 @@ def main(argv=None) -> int:
 
     model, tokenizer = load_smollm2()
     heads = Adapter.from_pretrained(args.adapter).heads_for(model) if args.adapter else None
-    oracle = LabelScores()
+    oracle = OracleScorer()
     scorers = {"oracle": oracle, "snapkv": "snapkv", "streaming_llm": "streaming_llm", "tova": "tova"}
     if heads is not None:
         scorers["heads"] = heads
@@ -121,7 +93,7 @@ def main(argv=None) -> int:
             full = F.log_softmax(model(input_ids=ids).logits[0, args.length - 1 : -1].float(), -1)
             nll.setdefault("full", []).append(float(-full.gather(1, target[:, None]).mean()))
             if "oracle" in scorers:
-                oracle.labels = cis_labels(model, ids, args.length)
+                oracle.set_labels(cis_labels(model, ids[0].tolist(), args.length))
             with shared_prefill(model, scorers, window=args.window, sinks=args.sinks) as shared:
                 first = shared.prefill(ids[:, : args.length])
                 for budget in args.budget:

@@ -356,7 +356,7 @@ class CompressionSession:
             self._phase = "decode"
             self._attention.scoring = self._decode_rows is not None and cache.layers[0].max_length() + q > int(
                 self._decode_rows.min()
-            )
+            ) + self.config.decode_interval - 1
             if call is not None and not call.started and call.room:  # a generate() continuing a prefilled cache
                 cache.expect(q + call.room)
         if call is not None:
@@ -394,7 +394,7 @@ class CompressionSession:
                 room = call.room
                 if self._decode_rows is not None:  # a fixed-size decode grows only up to decode_budget, then refills
                     growth = int((self._decode_rows - torch.minimum(self._budget_rows, self._decode_rows)).max())
-                    room = min(room, growth + 1)  # + the slot a step appends before it evicts
+                    room = min(room, growth + self.config.decode_interval)  # + the slots appended before an eviction
                 cache.expect(room)
             self._finish_step(cache, "prefill")
             self._phase = "decode"
@@ -675,6 +675,7 @@ def compress(
     record: bool = _DEFAULTS.record,
     merge: str | Merger | None = _DEFAULTS.merge,
     *,
+    decode_interval: int = _DEFAULTS.decode_interval,
     config: CompressionConfig | None = None,
 ) -> Iterator[CompressionSession]:
     """Compress the KV cache of every generation/forward run inside the block.
@@ -682,8 +683,8 @@ def compress(
     model:   a supported causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3 families)
     config:  the settings as one :class:`CompressionConfig` (also accepted in place of ``scorer``); then the other
              settings must stay at their defaults (``config.replace(budget=...)`` changes a field)
-    scorer, allocator, budget, prefill, chunk_size, window, sinks, decode_budget, query, reserve, record, merge:
-             the fields of :class:`CompressionConfig` (see its field docstrings), checked once here
+    scorer, allocator, budget, prefill, chunk_size, window, sinks, decode_budget, query, reserve, record, merge,
+    decode_interval: the fields of :class:`CompressionConfig` (see its field docstrings), checked once here
     """
     if isinstance(scorer, CompressionConfig):
         if config is not None:
@@ -691,7 +692,7 @@ def compress(
         config, scorer = scorer, _DEFAULTS.scorer
     settings = dict(scorer=scorer, allocator=allocator, budget=budget, prefill=prefill, chunk_size=chunk_size,
                     window=window, sinks=sinks, decode_budget=decode_budget, query=query, reserve=reserve,
-                    record=record, merge=merge)
+                    record=record, merge=merge, decode_interval=decode_interval)
     if config is None:
         config = CompressionConfig(**settings)
     else:

@@ -67,6 +67,12 @@ class CompressionConfig:
     decode_budget: float | int | Budget | None = None
     """Keep the cache at this size while generating (ratio of the prompt or a count); None = grow. Stored as a
     :class:`Budget`."""
+    decode_interval: int = 1
+    """With ``decode_budget``: evict once every this many decode steps. Each (row, head) grows up to
+    ``decode_budget + decode_interval - 1`` slots, then one eviction, scored by that step's attention, takes it back to
+    ``decode_budget`` (the new tokens take the evicted slots in place). 1 = every step past the budget. Larger
+    values spread the per-eviction scoring and allocation over that many tokens (kvpress's DecodingPress
+    ``compression_interval``); scorers that accumulate over steps (H2O) see only the evicting steps."""
     query: torch.Tensor | None = field(default=None, compare=False)
     """Token ids (q,) or (B, q): query-aware scoring with these tokens as the observation window (they are not
     kept); None = the prompt's own last tokens observe."""
@@ -101,6 +107,10 @@ class CompressionConfig:
             self.decode_budget = resolve_budget(self.decode_budget, "decode_budget")
             if not self.decode_budget.is_ratio and self.decode_budget.value < protected:
                 raise ValueError(f"decode_budget {self.decode_budget.value} is smaller than sinks + window = {protected}")
+        if isinstance(self.decode_interval, bool) or not isinstance(self.decode_interval, int) or self.decode_interval < 1:
+            raise ValueError(f"decode_interval must be an int >= 1, got {self.decode_interval!r}")
+        if self.decode_interval > 1 and self.decode_budget is None:
+            raise ValueError(f"decode_interval {self.decode_interval} needs decode_budget (it spaces the decode evictions)")
         if self.query is not None:
             query = torch.as_tensor(self.query)
             if query.dtype not in (torch.int32, torch.int64) or query.dim() not in (1, 2) or query.shape[-1] == 0:

@@ -308,3 +308,94 @@ def test_realtext_too_long_for_the_model(tmp_path, model, tokenizer):
     config = _config(tmp_path, lengths=[4090], tasks=["lm"], num_samples=1)
     with pytest.raises(ValueError, match="exceed the model's max_position_embeddings 4096"):
         run_eval(config, model=model, tokenizer=tokenizer, progress=False)
+
+
+# -- oracle -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task,mode", [("lm", "query_agnostic"), ("recall", "query_agnostic"), ("recall", "query_aware")])
+def test_oracle_keeps_the_top_of_the_targets_own_label(model, tokenizer, documents, task, mode):
+    """The oracle's kept tokens per head = sinks + recent window + the top of the CIS label from the queries after the
+    prefix (which equals the column maximum of a plain q.k over those rows and the GQA group)."""
+    from gatekv.compress import compress
+    from gatekv.eval.oracle import OracleScorer, oracle_labels
+
+    sample = _samples(task, tokenizer, documents, num_samples=1)[0]
+    prefix, rest = sample.prefix_ids(mode), sample.rest_ids(mode)
+    labels = oracle_labels(model, sample, mode)
+    assert len(labels) == model.config.num_hidden_layers and labels[0].shape == (1, 2, len(prefix))
+    # layer 0's label from a plain forward: the queries/keys of the first attention layer, RoPE applied by hand
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    captured = {}
+    attention = model.model.layers[0].self_attn
+    handle = attention.register_forward_hook(lambda mod, args, kwargs, out: captured.update(kwargs=kwargs, args=args),
+                                             with_kwargs=True)
+    ids = prefix + rest[:-1]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]), use_cache=False)
+        handle.remove()
+        hidden = captured["kwargs"].get("hidden_states", captured["args"][0] if captured["args"] else None)
+        cos, sin = captured["kwargs"]["position_embeddings"]
+        shape = (1, len(ids), -1, attention.head_dim)
+        q = attention.q_proj(hidden).view(shape).transpose(1, 2)
+        k = attention.k_proj(hidden).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        logits = q[:, :, len(prefix):] @ k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2)
+        logits = logits * attention.scaling
+        causal = torch.arange(len(ids))[None, :] > torch.arange(len(prefix), len(ids))[:, None]
+        logits = logits.masked_fill(causal, float("-inf"))[..., : len(prefix)]
+        naive = logits.view(1, k.shape[1], -1, logits.shape[2], len(prefix)).amax(dim=(2, 3))
+    torch.testing.assert_close(labels[0], naive, atol=1e-4, rtol=1e-4)
+
+    with torch.no_grad(), compress(model, OracleScorer().set_labels(labels), budget=0.3, window=WINDOW, sinks=2,
+                                   record=True) as session:
+        model(input_ids=torch.tensor([prefix]), use_cache=True, cache=session.new_cache())
+    event = session.stats.events[-1]
+    budget = int(session.stats.budget_tokens[0])
+    for layer, kept in enumerate(event.kept_positions):
+        for head in range(kept.shape[1]):
+            got = set(kept[0, head][kept[0, head] >= 0].tolist())
+            protected = set(range(2)) | set(range(len(prefix) - WINDOW, len(prefix)))
+            middle = torch.arange(2, len(prefix) - WINDOW)
+            order = labels[layer][0, head, middle].argsort(descending=True)
+            expected = protected | set(middle[order[: budget - len(protected)]].tolist())
+            assert got == expected, (layer, head)
+
+
+def test_oracle_cells_in_the_runner(tmp_path, model, tokenizer, documents):
+    """An ``oracle`` method runs on the real-text tasks only (its cells for an accuracy task are not in the grid); its
+    NLL equals the masked reference of the oracle's own evictions."""
+    from gatekv.compress import compress
+    from gatekv.eval.oracle import OracleScorer, oracle_labels
+
+    methods = [{"name": "full", "scorer": "full"}, {"name": "oracle", "scorer": "oracle", "allocators": ["uniform", "adakv"]},
+               {"name": "snapkv", "scorer": "snapkv"}]
+    config = _config(tmp_path, methods=methods, budgets=[0.3], modes=["query_agnostic"], num_samples=2)
+    results = run_eval(config, model=model, tokenizer=tokenizer, progress=False)
+    assert len(results.cells) == 2 * (1 + 3)
+    for task in ("lm", "recall"):
+        cell = results.cells[f"oracle|uniform|0.3|query_agnostic|{task}|{LENGTH}"]
+        for sample, record in zip(_samples(task, tokenizer, documents, num_samples=2), cell["samples"]):
+            prefix, rest = sample.prefix_ids("query_agnostic"), sample.rest_ids("query_agnostic")
+            scorer = OracleScorer().set_labels(oracle_labels(model, sample, "query_agnostic"))
+            with torch.no_grad(), compress(model, scorer, budget=0.3, window=WINDOW, sinks=2, record=True) as session:
+                cache = session.new_cache()
+                model(input_ids=torch.tensor([prefix]), use_cache=True, cache=cache)
+            manual = _manual_nll(model, prefix + rest, len(sample.target_ids), session.stats.events)
+            assert record["nll"] == pytest.approx(manual, abs=1e-4)
+    assert "| oracle | uniform | 30% | " in (config.output_dir / "results.md").read_text()
+    mixed = _config(tmp_path, methods=methods, budgets=[0.3], tasks=["niah_single", "lm"], lengths=[600],
+                    modes=["query_agnostic"], num_samples=1, max_new_tokens=2, output=str(tmp_path / "mixed"))
+    keys = run_eval(mixed, model=model, tokenizer=tokenizer, progress=False).cells.keys()
+    assert not any(k.startswith("oracle|") and "|niah_single|" in k for k in keys)
+    assert any(k.startswith("oracle|") and "|lm|" in k for k in keys)
+
+
+def test_oracle_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="the oracle scores the real-text tasks"):
+        _config(tmp_path, tasks=["niah_single"], methods=[{"name": "o", "scorer": "oracle"}])
+    with pytest.raises(ValueError, match="the oracle takes no options"):
+        _config(tmp_path, methods=[{"name": "o", "scorer": "oracle", "options": {"kernel_size": 3}}])
+    with pytest.raises(ValueError, match="valid: full, oracle, "):
+        _config(tmp_path, methods=[{"name": "o", "scorer": "oracel"}])

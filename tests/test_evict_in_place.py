@@ -127,3 +127,43 @@ def test_decode_budget_room_is_the_growth_up_to_the_budget_not_max_new_tokens():
     # room for the 6 tokens before the budget is reached, not for all 39 generated ones (the rest refill in place)
     assert int(layer.caps.max()) <= 36 + 1
     assert int(layer.lengths.max()) <= 36
+
+
+@pytest.mark.parametrize("interval", [1, 4])
+def test_decode_interval_evicts_every_k_steps_back_to_the_budget(interval):
+    """decode_interval k: each segment grows to decode_budget + k - 1 slots, the k-th step past it evicts back to
+    decode_budget in place (same buffers); the logits equal the masked reference of the recorded evictions."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from masked_reference import reference_logits
+
+    model = tiny_model("llama")
+    ids, mask = random_batch(2, 60, pad=[0, 5], seed=5)
+    new, budget = 17, 34
+    with compress(model, "tova", "adakv", budget=30, decode_budget=budget, window=4, record=True,
+                  decode_interval=interval) as session:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+        caps = int(session.cache.layers[0].caps.max())
+    decode = [e for e in session.stats.events if e.kind == "decode"]
+    # the prompt keeps 30 per head: 4 tokens to the budget, then one eviction every `interval` steps
+    steps_past = new - 1 - (budget - 30)  # decode forwards (the first token comes from the prefill) past the budget
+    assert len(decode) == steps_past // interval
+    for event in decode:
+        assert event.kv_bytes_after == event.kv_bytes_before
+        assert int(event.kept_tokens.sum(-1).max()) == budget * event.kept_tokens.shape[-1]  # back to the budget
+    assert caps <= budget + interval  # the room is the growth past the prompt's budget + the interval
+    full_mask = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], 1)
+    ref = reference_logits(model, out.sequences[:, :-1], full_mask[:, :-1], session.stats.events, None)
+    torch.testing.assert_close(torch.stack(out.logits, 1), ref[:, ids.shape[1] - 1:].float(), atol=1e-5, rtol=0)
+
+
+def test_decode_interval_bad_input():
+    from gatekv import CompressionConfig
+
+    with pytest.raises(ValueError, match="decode_interval must be an int >= 1, got 0"):
+        CompressionConfig(decode_budget=64, decode_interval=0)
+    with pytest.raises(ValueError, match="decode_interval 8 needs decode_budget"):
+        CompressionConfig(decode_interval=8)

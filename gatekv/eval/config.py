@@ -20,7 +20,8 @@ class MethodConfig:
     name: str
     """Label in the tables and the plot."""
     scorer: str | None = None
-    """Training-free scorer name (``gatekv.available_scorers()``), or ``full`` for the uncompressed cache."""
+    """Training-free scorer name (``gatekv.available_scorers()``), ``full`` for the uncompressed cache, or ``oracle``
+    (real-text tasks only: the CIS label of the target itself, a bound for trained heads; ``gatekv.eval.oracle``)."""
     adapter: str | None = None
     """Trained adapter: a directory or a Hub id (instead of ``scorer``)."""
     allocators: list[str] = field(default_factory=lambda: ["uniform"])
@@ -41,11 +42,14 @@ class MethodConfig:
             raise ValueError(f"method {self.name!r}: set exactly one of scorer or adapter")
         if not self.allocators:
             raise ValueError(f"method {self.name!r}: allocators must not be empty")
-        if self.scorer is not None and self.scorer != "full":
+        if self.scorer == "oracle" and self.options:
+            raise ValueError(f"method {self.name!r}: the oracle takes no options, got {sorted(self.options)}")
+        if self.scorer is not None and self.scorer not in ("full", "oracle"):
             from gatekv.scorers import available_scorers
 
             if self.scorer not in available_scorers():
-                raise ValueError(f"method {self.name!r}: unknown scorer {self.scorer!r}; valid: full, {', '.join(available_scorers())}")
+                raise ValueError(f"method {self.name!r}: unknown scorer {self.scorer!r}; valid: full, oracle, "
+                                 f"{', '.join(available_scorers())}")
             if self.options:  # built once here so a misspelt option fails at load time, naming the method
                 from gatekv.scorers import get_scorer
 
@@ -70,6 +74,10 @@ class MethodConfig:
     @property
     def is_full(self) -> bool:
         return self.scorer == "full"
+
+    @property
+    def is_oracle(self) -> bool:
+        return self.scorer == "oracle"
 
 
 @dataclass
@@ -178,6 +186,10 @@ class EvalConfig:
                               stacklevel=2)
         if not self.tasks and not self.suites:
             raise ValueError("tasks and suites are both empty: nothing to evaluate")
+        oracles = [m.name for m in self.methods if m.is_oracle]
+        if oracles and not self.realtext_tasks:
+            raise ValueError(f"methods {oracles}: the oracle scores the real-text tasks' targets (lm, recall), and "
+                             f"tasks has none")
         for budget in self.budgets:
             if not 0 < budget <= 1:
                 raise ValueError(f"budgets: {budget} is not a fraction in (0, 1]")

@@ -55,6 +55,8 @@ def grid(config: EvalConfig, task_lengths: list[tuple[str, int]]) -> list[Cell]:
             if method.is_full:
                 cells.append(Cell(method.name, "-", 1.0, "-", task, length))
                 continue
+            if method.is_oracle and task not in REALTEXT_TASKS:  # it needs a known target
+                continue
             for mode in config.modes:
                 for allocator in method.allocators:
                     for budget in config.budgets:
@@ -132,7 +134,11 @@ def _wrappers(model, tokenizer, config: EvalConfig) -> dict[str, object]:
             out[method.name] = GateKV(model, tokenizer)
             continue
         scorer = method.scorer
-        if method.adapter is None and method.options:
+        if method.is_oracle:
+            from gatekv.eval.oracle import OracleScorer
+
+            scorer = OracleScorer()  # its labels are set per sample (_run_realtext)
+        elif method.adapter is None and method.options:
             from gatekv.scorers import get_scorer
 
             scorer = get_scorer(method.scorer, **method.options)
@@ -281,6 +287,13 @@ def _run_realtext(config, model, group, task_samples, wrappers, methods, results
                 else:
                     todo.append(cell)
             prefix_t = torch.tensor([prefix], dtype=torch.long, device=device)
+            oracles = {c.method for c in todo if methods[c.method].is_oracle}
+            if oracles:
+                from gatekv.eval.oracle import oracle_labels
+
+                labels = oracle_labels(model, sample, mode)
+                for name in oracles:
+                    wrappers[name].scorer.set_labels(labels)
             together = [c for c in todo if _shares_realtext_prefill(config, methods[c.method], c, wrappers[c.method])]
             alone = [c for c in todo if c not in together]
             if together:
