@@ -380,6 +380,11 @@ class TrainConfig:
     """Run directory and resume."""
     seed: int = 0
     """Seed of the data order, the head initialisation and the per-step reseed."""
+    init_from: Optional[str] = None
+    """An adapter directory whose heads' weights start this run (fine-tuning a trained adapter, e.g. on your own
+    documents) instead of a random initialisation; its head type, hyper-parameters and base-model fingerprint must
+    be this run's. Resuming from a checkpoint restores the checkpoint's weights as usual. LoRA weights are not
+    carried over."""
 
     def __post_init__(self):
         _check_finite(self)
@@ -425,6 +430,8 @@ def check_files(config: TrainConfig) -> None:
     resume = config.output.resume
     if resume not in ("auto", "never") and not Path(resume).exists():
         raise ValueError(f"output.resume: checkpoint {resume} does not exist")
+    if config.init_from is not None and not (Path(config.init_from) / "gatekv_config.json").is_file():
+        raise ValueError(f"init_from: {config.init_from} is not an adapter directory (no gatekv_config.json)")
 
 
 def _check_data_path(path: Path) -> None:

@@ -269,6 +269,25 @@ def _wrap_lora(model, config: TrainConfig):
     return wrapped
 
 
+def initialise_from_adapter(heads, model, path: str) -> None:
+    """Copy the weights of the adapter at ``path`` into ``heads`` (``init_from``). ``ValueError`` naming what differs
+    when its heads are not of this run's type, hyper-parameters or base model."""
+    from gatekv.heads.adapter import Adapter
+
+    try:
+        source = Adapter.from_pretrained(path).heads_for(model)
+    except ValueError as error:
+        raise ValueError(f"init_from: {path}: {error}") from None
+    mine, theirs = heads.config.to_dict(), source.config.to_dict()
+    differing = sorted(k for k in set(mine) | set(theirs) if k != "extra" and mine.get(k) != theirs.get(k))
+    if differing:
+        details = "; ".join(f"{k}: {theirs.get(k)!r} (adapter) vs {mine.get(k)!r} (heads:)" for k in differing)
+        raise ValueError(f"init_from: {path} holds other heads ({details})")
+    state = {k: v.detach().clone() for k, v in source.state_dict().items()}
+    heads.load_state_dict(state)
+    log.info("heads initialised from the adapter %s", path)
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Train heads as configured; resumable; exports the adapter. See the module docstring for what is written."""
     import lightning as L
@@ -310,6 +329,8 @@ def train(config: TrainConfig) -> TrainResult:
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         heads = build_heads(config.heads.type, model, **config.heads.options())
+    if config.init_from is not None:
+        initialise_from_adapter(heads, model, config.init_from)
     head_config: HeadConfig = heads.config
     meta = {
         "head_type": head_config.type,
@@ -440,6 +461,7 @@ def train(config: TrainConfig) -> TrainResult:
         "final_val": next((r for r in reversed(curve) if r["stage"] == "val"), None),
         "feature_cache": None if feature_cache is None else {"hits": feature_cache.hits, "misses": feature_cache.misses},
         "data_mix": _data_mix(config.data.path),
+        "init_from": config.init_from,
     }
     adapter_dir = None
     if trainer.is_global_zero:
@@ -499,7 +521,7 @@ def _export(module, heads, adapter_dir: Path, config: TrainConfig, summary: dict
             base_revision=config.model.revision,
             target=config.target.kind,
             training={k: summary[k] for k in ("steps", "train_samples", "objective", "final_val", "wall_seconds",
-                                              "data_mix") if summary.get(k) is not None},
+                                              "data_mix", "init_from") if summary.get(k) is not None},
             lora=lora_from_peft(module.objective.backbone) if config.target.lora.enabled else None,
         )
         adapter.save_pretrained(adapter_dir)

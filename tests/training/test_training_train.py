@@ -258,3 +258,33 @@ def test_unsupported_base_model_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"model.name: .*gpt2.* is a 'gpt2' model; gatekv heads support"):
         train(config)
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_init_from_starts_from_an_adapters_weights(trained, tmp_path):
+    """``init_from``: the heads start from the adapter's weights (a 2-step run at a negligible learning rate ends
+    where it started); other heads or a missing adapter are named errors."""
+    from gatekv.heads import Adapter
+    from gatekv.training.config import check_files
+    from gatekv.training.runner import initialise_from_adapter
+
+    _, result = trained
+    source = Adapter.from_pretrained(result.adapter_dir).heads.state_dict()
+    fresh = build_heads("retaining_head", tiny_model("llama"), hidden=16)
+    initialise_from_adapter(fresh, tiny_model("llama"), str(result.adapter_dir))
+    for name, tensor in source.items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name
+    config = tiny_config(tmp_path / "tuned", init_from=str(result.adapter_dir), optim={"lr": 1e-12, "warmup_steps": 0},
+                         trainer={"max_steps": 2, "val_every_n_steps": 2, "checkpoint_every_n_steps": 2})
+    threads = torch.get_num_threads()
+    try:
+        tuned = train(config)
+    finally:
+        torch.set_num_threads(threads)
+    for name, tensor in source.items():
+        torch.testing.assert_close(tuned.heads.state_dict()[name], tensor, atol=1e-8, rtol=0)
+    assert Adapter.from_pretrained(tuned.adapter_dir).training["init_from"] == str(result.adapter_dir)  # on the card
+    with pytest.raises(ValueError, match=r"init_from: .* holds other heads \(hidden: 16 \(adapter\) vs 8 \(heads:\)\)"):
+        initialise_from_adapter(build_heads("retaining_head", tiny_model("llama"), hidden=8), tiny_model("llama"),
+                                str(result.adapter_dir))
+    with pytest.raises(ValueError, match="init_from: .*nowhere is not an adapter directory"):
+        check_files(tiny_config(tmp_path / "x", init_from=str(tmp_path / "nowhere")))
