@@ -542,6 +542,9 @@ class CompressionSession:
         inputs = AllocationInput(scores=scores, protected=protected, budget=budget.to(scores[0].device), window=self.config.window)
         plan = allocator.allocate(inputs)
         before = cache.kv_bytes()
+        reserve = self.config.reserve
+        if reserve is None and kind == "chunk":  # room for exactly the next chunk: peak KV = budget + one chunk
+            reserve = self.config.chunk_size
         for l in layers:
             merge = None
             if merger is not None:
@@ -549,7 +552,7 @@ class CompressionSession:
             if kind == "decode" and merge is None:  # fixed-size decode: the new tokens take the evicted slots, O(d)
                 cache.layers[l].evict_in_place(plan.indices[l], plan.counts[l])
             else:
-                cache.layers[l].compact(plan.indices[l], plan.counts[l], self.config.reserve, merge)  # None: the cache's room
+                cache.layers[l].compact(plan.indices[l], plan.counts[l], reserve, merge)  # None: the cache's room
         cache.compressions += 1
         seconds = time.perf_counter() - start
         kept_positions = None

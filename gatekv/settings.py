@@ -59,7 +59,8 @@ class CompressionConfig:
     prefill: str = "one_shot"
     """``one_shot`` (full prefill, then compact) or ``chunked`` (evict after each ``chunk_size`` tokens)."""
     chunk_size: int = DEFAULT_CHUNK_SIZE
-    """Tokens per chunk of the chunked prefill (peak KV per head <= budget + chunk_size)."""
+    """Tokens per chunk of the chunked prefill (peak KV per head <= budget + chunk_size with ``reserve`` None: each
+    chunk's compaction leaves room for exactly the next chunk; an int ``reserve`` adds its room)."""
     window: int = DEFAULT_WINDOW
     """Recent tokens that are always kept; also the observation window of the scorers."""
     sinks: int = DEFAULT_SINKS

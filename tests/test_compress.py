@@ -215,6 +215,18 @@ def test_chunked_prefill_peak_is_bounded(models):
     assert len(session.stats.events) == length // chunk
     one_shot_peak = per_slot * length
     assert session.stats.peak_kv_bytes < one_shot_peak / 4
+    # the room sized automatically (reserve None): each chunk's compaction leaves room for exactly the next chunk, so
+    # the peak is the budget + one chunk per (row, KV head), not + the decode room as well
+    for allocator in ("uniform", "adakv"):
+        with compress(model, "h2o", allocator, budget=budget, prefill="chunked", chunk_size=chunk, window=8) as auto:
+            out = generate(model, ids, mask)
+        chunks = [e for e in auto.stats.events if e.kind == "chunk"]
+        assert len(chunks) == length // chunk - 1
+        assert auto.stats.peak_kv_bytes == per_slot * (budget + chunk), allocator
+        assert chunks[-1].kv_bytes_before == per_slot * (budget + chunk)  # a full chunk appended, nothing more
+        with compress(model, "h2o", allocator, budget=budget, prefill="chunked", chunk_size=chunk, window=8,
+                      reserve=reserve) as fixed:
+            assert torch.equal(generate(model, ids, mask)[0], out[0])  # the room changes no token
 
 
 def test_model_unchanged_after_exit(models):
