@@ -225,7 +225,7 @@ def test_chunked_prefill_peak_is_bounded(models):
         assert auto.stats.peak_kv_bytes == per_slot * (budget + chunk), allocator
         assert chunks[-1].kv_bytes_before == per_slot * (budget + chunk)  # a full chunk appended, nothing more
         with compress(model, "h2o", allocator, budget=budget, prefill="chunked", chunk_size=chunk, window=8,
-                      reserve=reserve) as fixed:
+                      reserve=reserve):
             assert torch.equal(generate(model, ids, mask)[0], out[0])  # the room changes no token
 
 

@@ -283,8 +283,7 @@ def initialise_from_adapter(heads, model, path: str) -> None:
     if differing:
         details = "; ".join(f"{k}: {theirs.get(k)!r} (adapter) vs {mine.get(k)!r} (heads:)" for k in differing)
         raise ValueError(f"init_from: {path} holds other heads ({details})")
-    state = {k: v.detach().clone() for k, v in source.state_dict().items()}
-    heads.load_state_dict(state)
+    heads.load_state_dict(source.state_dict())  # copies into this run's parameters
     log.info("heads initialised from the adapter %s", path)
 
 
