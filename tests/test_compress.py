@@ -99,13 +99,17 @@ def test_matches_masked_reference_families(models, family, prefill):
         check_against_reference(model, ids, mask, sequences, logits, session)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])
-def test_decode_budget_matches_masked_reference(models, family):
+@pytest.mark.parametrize("interval", [1, 2])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_budget_matches_masked_reference(models, family, interval):
+    """A fixed-size decode on every family, evicting every step or every ``interval`` steps (decode_interval)."""
     model = models[family]
     ids, mask = random_batch(2, 40, pad=[0, 6], seed=3)
-    with compress(model, "tova", "uniform", budget=20, decode_budget=20, window=4, sinks=2, record=True) as session:
+    with compress(model, "tova", "uniform", budget=20, decode_budget=20, window=4, sinks=2, record=True,
+                  decode_interval=interval) as session:
         sequences, logits = generate(model, ids, mask)
-    assert [e.kind for e in session.stats.events].count("decode") >= NEW_TOKENS - 1
+    # the prompt is cut to 20 = decode_budget: each of the NEW_TOKENS - 1 decode forwards is past the budget
+    assert [e.kind for e in session.stats.events].count("decode") == (NEW_TOKENS - 1) // interval
     assert int(session.stats.kept_tokens.max()) <= 20
     check_against_reference(model, ids, mask, sequences, logits, session)
 

@@ -311,3 +311,43 @@ def test_razor_session(llama):
             carrier = int(ctx.kept_indices[b, h, 2])  # after the 2 sinks
             expected = (ctx.keys[b, h, carrier] + ctx.keys[b, h][dropped].sum(0)) / (1 + int(dropped.sum()))
             torch.testing.assert_close(keys[b, h, 2], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_decode_interval_with_a_merger_merges_back_to_the_budget(llama, interval):
+    """decode_budget + decode_interval + a merger: an eviction every ``interval`` decode forwards past the budget,
+    each one a compaction (merging moves values: not the in-place path) back to decode_budget, whose kept keys and
+    values equal a naive merge of the recorded context."""
+    ids, mask = random_batch(2, 60, pad=[0, 9], seed=6)
+    recording = _Recording(get_merger("ems"))
+    layers = llama.config.num_hidden_layers
+    budget, steps = 24, 9
+    with compress(llama, "tova", "adakv", budget=20, decode_budget=budget, decode_interval=interval, window=4, sinks=2,
+                  merge=recording, record=True) as session:
+        cache = session.new_cache()
+        kwarg = cache_kwarg(llama)
+        with torch.no_grad():
+            out = llama(input_ids=ids, attention_mask=mask, **{kwarg: cache})
+            evictions = 0
+            for _ in range(steps):
+                mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
+                seen = len(recording.records)
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                out = llama(input_ids=token, attention_mask=mask, **{kwarg: cache})
+                if len(recording.records) == seen:
+                    assert int(cache.kept_tokens().max()) <= budget + interval - 1
+                    continue
+                evictions += 1
+                assert len(recording.records) == seen + layers  # one merge per layer
+                for layer, (ctx, spec) in enumerate(recording.records[seen:]):
+                    keys, values, positions, _ = cache.layers[layer].dense_view()
+                    for (b, h), (k, v) in _naive_compacted(ctx, spec).items():
+                        n = k.shape[0]
+                        assert n == int(cache.layers[layer].lengths.view(2, -1)[b, h]) <= budget
+                        torch.testing.assert_close(keys[b, h, :n].double(), k, atol=1e-5, rtol=1e-5)
+                        torch.testing.assert_close(values[b, h, :n].double(), v, atol=1e-5, rtol=1e-5)
+    decode = [e for e in session.stats.events if e.kind == "decode"]
+    assert evictions == len(decode) > 0
+    # the prompt keeps 20 per head: 4 forwards grow it to the budget, then one eviction every `interval` forwards
+    assert evictions == (steps - (budget - 20)) // interval
+    assert sum(int(spec.counts.sum()) for _, spec in recording.records[layers:]) > 0, "decode steps merged something"
