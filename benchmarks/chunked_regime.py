@@ -64,7 +64,7 @@ def run_needle(kv_for, model, tokenizer, setting, samples) -> dict:
         if answer.stats is not None:
             peaks.append(answer.stats.peak_kv_bytes)
         held.append(answer.kv_bytes)
-    return {"accuracy": sum(scores) / len(scores), "n": len(scores),
+    return {"accuracy": sum(scores) / len(scores), "n": len(scores), "scores": scores,
             "peak_kv_bytes": max(peaks) if peaks else None, "held_kv_bytes": max(held)}
 
 
@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096])
     parser.add_argument("--settings", nargs="+", default=["one_shot:512", "chunked:512:512"])
     parser.add_argument("--needle", type=int, default=10, help="needle samples per length (0 = skip)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="needle seeds first-seed .. first-seed + needle - 1 (runs over disjoint seeds combine)")
     parser.add_argument("--lm", type=int, default=0, help="lm samples per length (0 = skip)")
     parser.add_argument("--continuation", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -127,7 +129,8 @@ def main(argv=None) -> int:
     rows = []
     head_tokens = prompt_ids(tokenizer, "", "")[0].shape[1]
     for length in args.lengths:
-        needle = make_task_samples("niah_single", tokenizer, length, args.needle, 0, None, head_tokens) if args.needle else []
+        needle = make_task_samples("niah_single", tokenizer, length, args.needle, args.first_seed, None,
+                                   head_tokens) if args.needle else []
         lm = make_realtext_samples("lm", tokenizer, load_corpus("gnu-info"), length, args.lm, 0,
                                    args.continuation) if args.lm else []
         fulls = [full_logprobs(model, s) for s in lm]
@@ -137,7 +140,8 @@ def main(argv=None) -> int:
             row = {"length": length, "setting": "full cache" if setting is None else label(setting)}
             if needle:
                 result = run_needle(kv_for, model, tokenizer, setting, needle)
-                row.update(needle=result["accuracy"], needle_n=result["n"], peak_kv_bytes=result["peak_kv_bytes"])
+                row.update(needle=result["accuracy"], needle_n=result["n"], needle_scores=result["scores"],
+                           peak_kv_bytes=result["peak_kv_bytes"])
             if lm and setting is not None:
                 result = run_lm(model, tokenizer, heads, setting, lm, fulls, args.allocator)
                 row.update(lm_nll=result["nll"], lm_delta=result["delta_nll"], lm_kl=result["kl"], lm_n=result["n"])
@@ -158,7 +162,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"Adapter {args.adapter}, allocator {args.allocator}, query-agnostic; needle: niah_single (held-out "
-             f"haystack, seeds 0..{args.needle - 1}); lm: gnu-info (held out), next {args.continuation} tokens. Peak KV: "
+             f"haystack, seeds {args.first_seed}..{args.first_seed + args.needle - 1}); lm: gnu-info (held out), next "
+             f"{args.continuation} tokens. Peak KV: "
              "largest allocation of the prefill (MiB); bound = (budget + chunk) tokens per head (one-shot: the prompt).",
              "", "| context | setting | needle | lm NLL | Δ NLL | KL | peak KV MiB | peak / bound | peak / full |",
              "|---|---|---|---|---|---|---|---|---|"]
