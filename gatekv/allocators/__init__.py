@@ -1,6 +1,17 @@
 """Allocators: one file per method; ``get_allocator(name)`` builds one by name."""
 
-from gatekv.allocators import adakv, cake, d2o, fairkv, global_topk, pyramid, razor, threshold, uniform  # noqa: F401
+from gatekv.allocators import (  # noqa: F401
+    adakv,
+    cake,
+    d2o,
+    defensive_budget,
+    fairkv,
+    global_topk,
+    pyramid,
+    razor,
+    threshold,
+    uniform,
+)
 from gatekv.allocators.base import (
     AllocationInput,
     Allocator,

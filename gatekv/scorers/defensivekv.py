@@ -3,7 +3,7 @@
 import torch
 
 from gatekv.scorers.base import LayerContext, Scorer, register_scorer
-from gatekv.scorers.snapkv import check_pooling, pool_scores
+from gatekv.window_scores import check_pooling, defensive_scores
 
 
 def value_output_norms(values: torch.Tensor, module: torch.nn.Module, group_size: int) -> torch.Tensor:
@@ -57,16 +57,8 @@ class DefensiveKVScorer(Scorer):
         self.critical = critical
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        attention = ctx.window_attention(self.window)  # (B, H_q, w, T)
-        batch, num_q, w, t = attention.shape
-        rows = attention.reshape(batch, num_q * w, t)
-        pooled = pool_scores(rows, self.kernel_size, self.pooling)
-        mass = rows.sum(-1, keepdim=True)
-        pooled = pooled * (mass / pooled.sum(-1, keepdim=True).clamp(min=1e-30))
-        heaviest = pooled.reshape(batch, ctx.num_kv_heads, ctx.group_size * w, t).amax(dim=2)  # (B, H_kv, T)
+        scores = defensive_scores(ctx.window_attention(self.window), ctx.candidates, self.kernel_size, self.pooling)
         candidates = ctx.candidates.float()
-        floor = (heaviest * candidates).sum(-1, keepdim=True) / candidates.sum(-1, keepdim=True).clamp(min=1.0)
-        scores = torch.maximum(heaviest, floor)
         if self.critical:
             norms = value_output_norms(ctx.values, ctx.module, ctx.group_size)
             mean_norm = (norms * candidates).sum(-1, keepdim=True) / candidates.sum(-1, keepdim=True).clamp(min=1.0)

@@ -1,33 +1,9 @@
 """SnapKV: observation-window attention, averaged over the window and the GQA group, then pooled."""
 
 import torch
-import torch.nn.functional as F
 
 from gatekv.scorers.base import LayerContext, Scorer, register_scorer
-
-
-def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
-    """1-D pooling along slots with stride 1 and padding ``kernel_size // 2``.
-
-    scores: (B, H, T) ; returns (B, H, T). An even kernel is trimmed back to ``T`` on the right.
-    """
-    if kernel_size <= 1:
-        return scores
-    batch, heads, t = scores.shape
-    flat = scores.reshape(batch * heads, 1, t)
-    if pooling == "max":
-        pooled = F.max_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
-    else:
-        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=False)
-    return pooled[..., :t].reshape(batch, heads, t)
-
-
-def check_pooling(kernel_size: int, pooling: str, owner: str) -> None:
-    """Validate pooling hyper-parameters (ValueError naming the bad one)."""
-    if not isinstance(kernel_size, int) or kernel_size < 1:
-        raise ValueError(f"{owner}: kernel_size must be a positive int, got {kernel_size!r}")
-    if pooling not in ("avg", "max"):
-        raise ValueError(f"{owner}: pooling must be 'avg' or 'max', got {pooling!r}")
+from gatekv.window_scores import check_pooling, pool_scores  # noqa: F401  (re-exported: other scorers import them here)
 
 
 @register_scorer("snapkv")

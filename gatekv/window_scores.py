@@ -1,0 +1,55 @@
+"""Statistics of the observation window's attention shared by scorers and allocators, which never import each other:
+1-D pooling along slots and DefensiveKV's defensive aggregation (``scorers/defensivekv.py`` scores with it,
+``allocators/defensive_budget.py`` takes its per-head budgets from it)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["check_pooling", "defensive_scores", "pool_scores"]
+
+
+def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
+    """1-D pooling along slots with stride 1 and padding ``kernel_size // 2``.
+
+    scores: (B, H, T) ; returns (B, H, T). An even kernel is trimmed back to ``T`` on the right.
+    """
+    if kernel_size <= 1:
+        return scores
+    batch, heads, t = scores.shape
+    flat = scores.reshape(batch * heads, 1, t)
+    if pooling == "max":
+        pooled = F.max_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
+    else:
+        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=False)
+    return pooled[..., :t].reshape(batch, heads, t)
+
+
+def check_pooling(kernel_size: int, pooling: str, owner: str) -> None:
+    """Validate pooling hyper-parameters (ValueError naming the bad one)."""
+    if not isinstance(kernel_size, int) or kernel_size < 1:
+        raise ValueError(f"{owner}: kernel_size must be a positive int, got {kernel_size!r}")
+    if pooling not in ("avg", "max"):
+        raise ValueError(f"{owner}: pooling must be 'avg' or 'max', got {pooling!r}")
+
+
+def defensive_scores(attention: torch.Tensor, candidates: torch.Tensor, kernel_size: int = 5,
+                     pooling: str = "avg") -> torch.Tensor:
+    """DefensiveKV's scores (without the CriticalKV factor) from the window attention.
+
+    attention: (B, H_q, w, T) softmax weights of the window queries; candidates: (B, H_kv, T) bool.
+    Each row is pooled over slots and rescaled to keep its mass; per KV head the max over window queries and the
+    group's query heads; floored at the head's mean over candidates. Returns (B, H_kv, T) float32: attention
+    probabilities, on the same scale in every layer.
+    """
+    batch, num_q, w, t = attention.shape
+    kv_heads = candidates.shape[1]
+    rows = attention.reshape(batch, num_q * w, t)
+    pooled = pool_scores(rows, kernel_size, pooling)
+    mass = rows.sum(-1, keepdim=True)
+    pooled = pooled * (mass / pooled.sum(-1, keepdim=True).clamp(min=1e-30))
+    heaviest = pooled.reshape(batch, kv_heads, (num_q // kv_heads) * w, t).amax(dim=2)  # (B, H_kv, T)
+    weight = candidates.float()
+    floor = (heaviest * weight).sum(-1, keepdim=True) / weight.sum(-1, keepdim=True).clamp(min=1.0)
+    return torch.maximum(heaviest, floor)

@@ -1,0 +1,88 @@
+"""defensive_budget: Layer-DefensiveKV's per-head counts, filled by the session's scorer. With DefensiveKV's own scores
+it is Layer-DefensiveKV (the global allocator); with another scorer it keeps exactly Layer-DefensiveKV's counts and
+that scorer's top slots; generation equals the masked reference; bad options name the option."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gatekv import compress, get_allocator
+from gatekv.allocators import Allocator, available_allocators
+from gatekv.allocators.global_topk import plan_exact_counts
+from gatekv.models import cache_kwarg
+from test_compress import check_against_reference, generate
+from tiny_models import random_batch, tiny_model
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+class _FixedCounts(Allocator):
+    """Keeps exactly the given per-layer (B, H_kv) counts, ranked by the session's scores."""
+
+    def __init__(self, counts):
+        self.counts = counts
+
+    def allocate(self, inputs):
+        return plan_exact_counts(inputs, self.counts)
+
+
+def _prefill(model, scorer, allocator, ids, mask, **options):
+    with torch.no_grad(), compress(model, scorer, allocator, budget=0.3, window=4, sinks=2, record=True,
+                                   **options) as session:
+        cache = session.new_cache()
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kwarg(model): cache})
+    return cache, session.stats.events
+
+
+def _kept(events):
+    return [[p.clone() for p in e.kept_positions] for e in events]
+
+
+@pytest.mark.parametrize("prefill", ["one_shot", "chunked"])
+def test_with_defensivekv_scores_it_is_layer_defensivekv(llama, prefill):
+    ids, mask = random_batch(2, 70, pad=[0, 9], seed=4)
+    options = dict(prefill=prefill, chunk_size=24)
+    _, reference = _prefill(llama, "defensivekv", get_allocator("global"), ids, mask, **options)
+    _, events = _prefill(llama, "defensivekv", "defensive_budget", ids, mask, **options)
+    assert len(events) == len(reference) >= 1
+    for got, expected in zip(_kept(events), _kept(reference)):
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+
+
+def test_other_scorer_keeps_layer_defensivekv_counts_and_its_own_top(llama):
+    ids, mask = random_batch(2, 70, pad=[0, 9], seed=5)
+    guide_cache, _ = _prefill(llama, "defensivekv", get_allocator("global"), ids, mask)
+    counts = list(guide_cache.kept_tokens())
+    assert len({int(c) for layer in counts for c in layer.flatten()}) > 1, "the global allocation is uneven"
+    expected_cache, expected = _prefill(llama, "knorm", _FixedCounts(counts), ids, mask)
+    cache, events = _prefill(llama, "knorm", "defensive_budget", ids, mask)
+    assert torch.equal(cache.kept_tokens(), guide_cache.kept_tokens())
+    for a, b in zip(events[0].kept_positions, expected[0].kept_positions):
+        assert torch.equal(a, b)
+    # and it is not simply the guide's choice of slots
+    _, guide_events = _prefill(llama, "defensivekv", get_allocator("global"), ids, mask)
+    assert any(not torch.equal(a, b) for a, b in zip(events[0].kept_positions, guide_events[0].kept_positions))
+
+
+@pytest.mark.parametrize("options", [dict(prefill="one_shot"), dict(prefill="chunked", chunk_size=32),
+                                     dict(prefill="one_shot", decode_budget=30)])
+def test_generation_matches_masked_reference(llama, options):
+    ids, mask = random_batch(3, 90, pad=[0, 7, 19], seed=7)
+    with compress(llama, "tova", "defensive_budget", budget=0.25, window=6, sinks=2, record=True, **options) as session:
+        sequences, logits = generate(llama, ids, mask)
+    if "decode_budget" in options:
+        assert [e.kind for e in session.stats.events].count("decode") >= 1
+    check_against_reference(llama, ids, mask, sequences, logits, session)
+
+
+@pytest.mark.parametrize("options, field", [({"floor": 1.5}, "floor"), ({"kernel_size": 0}, "kernel_size"),
+                                            ({"pooling": "median"}, "pooling")])
+def test_bad_options_name_the_option(options, field):
+    assert "defensive_budget" in available_allocators()
+    with pytest.raises(ValueError, match=f"defensive_budget: {field}"):
+        get_allocator("defensive_budget", **options)
