@@ -164,7 +164,7 @@ class HeadsScorer(nn.Module, Scorer):
         scores = ctx.new_token_scores(new_scores.to(ctx.keys.device), self.state_names[0])
         if self.pool_kernel > 1:
             # keep spans whole (a number's last digit next to a kept one): max over +-k//2 neighbouring slots
-            from gatekv.scorers.snapkv import pool_scores
+            from gatekv.window_scores import pool_scores
 
             finite = torch.isfinite(scores)
             pooled = pool_scores(torch.where(finite, scores, float("-inf")), self.pool_kernel, "max")

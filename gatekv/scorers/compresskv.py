@@ -9,7 +9,7 @@ import torch
 
 from gatekv.scorers.base import LayerContext, Scorer, register_scorer
 from gatekv.scorers.retrieval_heads import RetrievalHeads
-from gatekv.scorers.snapkv import check_pooling, pool_scores
+from gatekv.window_scores import check_pooling, pool_scores
 
 
 @register_scorer("compresskv")

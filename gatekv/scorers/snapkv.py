@@ -3,7 +3,7 @@
 import torch
 
 from gatekv.scorers.base import LayerContext, Scorer, register_scorer
-from gatekv.window_scores import check_pooling, pool_scores  # noqa: F401  (re-exported: other scorers import them here)
+from gatekv.window_scores import check_pooling, pool_scores
 
 
 @register_scorer("snapkv")

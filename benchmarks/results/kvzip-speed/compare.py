@@ -1,6 +1,16 @@
-import sys, time, torch
-sys.path.insert(0, "/tmp/exp")
-import kvzip_old
+"""KVzip prefill before / after commit 004d1db, alternated in one process:
+    python benchmarks/results/kvzip-speed/compare.py 2048
+The pre-change scorer is read from git (004d1db^) into a temporary module, without its registration."""
+import importlib.util, subprocess, sys, tempfile, time
+from pathlib import Path
+import torch
+_source = subprocess.run(["git", "show", "004d1db^:gatekv/scorers/kvzip.py"], check=True, capture_output=True,
+                         text=True).stdout.replace('@register_scorer("kvzip")', "")
+_path = Path(tempfile.mkdtemp()) / "kvzip_old.py"
+_path.write_text(_source)
+_spec = importlib.util.spec_from_file_location("kvzip_old", _path)
+kvzip_old = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kvzip_old)
 from gatekv import compress
 from gatekv.scorers import get_scorer
 from gatekv.smollm2 import load_smollm2
