@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from gatekv import compress, get_allocator
+from gatekv.compress import shared_prefill
 from gatekv.allocators import Allocator, available_allocators
 from gatekv.allocators.global_topk import plan_exact_counts
 from gatekv.models import cache_kwarg
 from test_compress import check_against_reference, generate
-from tiny_models import random_batch, tiny_model
+from tiny_models import FAMILIES, random_batch, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,33 @@ def test_generation_matches_masked_reference(llama, options):
     if "decode_budget" in options:
         assert [e.kind for e in session.stats.events].count("decode") >= 1
     check_against_reference(llama, ids, mask, sequences, logits, session)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
+def test_other_families_match_masked_reference(family):
+    """Qwen2 (biases), Qwen3 (q/k norms), Mistral and Phi-3 (fused qkv): counts from each layer's window attention,
+    one-shot and chunked, left padding."""
+    model = tiny_model(family)
+    ids, mask = random_batch(2, 80, pad=[0, 11], seed=8)
+    uneven = []
+    for options in (dict(prefill="one_shot"), dict(prefill="chunked", chunk_size=30)):
+        with compress(model, "knorm", "defensive_budget", budget=0.3, window=5, sinks=2, record=True,
+                      **options) as session:
+            sequences, logits = generate(model, ids, mask)
+        last = [e for e in session.stats.events if e.kind != "decode"][-1]
+        uneven.append(len(set(last.kept_tokens[:, 1].flatten().tolist())) > 1)  # unpadded row, whole prompt
+        check_against_reference(model, ids, mask, sequences, logits, session)
+    assert any(uneven), f"{family}: every (layer, head) kept the same count"
+
+
+def test_refused_on_a_shared_prefill(llama):
+    ids, _ = random_batch(1, 60, seed=9)
+    with torch.no_grad(), shared_prefill(llama, {"knorm": "knorm"}, window=4, sinks=2) as shared:
+        shared.prefill(ids)
+        with pytest.raises(ValueError, match="observes the prefill itself"):
+            shared.fork("knorm", "defensive_budget", 0.3)
+        cache, _ = shared.fork("knorm", "adakv", 0.3)  # the refusal left the shared prefill usable
+        assert int(cache.kept_tokens().sum()) > 0
 
 
 @pytest.mark.parametrize("options, field", [({"floor": 1.5}, "floor"), ({"kernel_size": 0}, "kernel_size"),

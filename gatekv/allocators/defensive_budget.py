@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from gatekv.allocators.base import AllocationInput, Allocator, KeepPlan, register_allocator
-from gatekv.allocators.global_topk import GlobalAllocator, plan_exact_counts
+from gatekv.allocators.global_topk import GlobalAllocator, check_floor, plan_exact_counts
 from gatekv.window_scores import check_pooling, defensive_scores
 
 
@@ -33,10 +33,7 @@ class DefensiveBudgetAllocator(Allocator):
 
     def __init__(self, floor: float = 0.1, kernel_size: int = 5, pooling: str = "avg"):
         check_pooling(kernel_size, pooling, "defensive_budget")
-        try:
-            self._global = GlobalAllocator(floor)
-        except ValueError as error:
-            raise ValueError(str(error).replace("global:", "defensive_budget:", 1)) from None
+        self._global = GlobalAllocator(check_floor(floor, "defensive_budget"))
         self.floor, self.kernel_size, self.pooling = self._global.floor, kernel_size, pooling
         self._guide: dict[int, torch.Tensor] = {}
 

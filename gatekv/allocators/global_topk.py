@@ -35,6 +35,14 @@ def plan_exact_counts(inputs: AllocationInput, counts: list[torch.Tensor]) -> Ke
     return KeepPlan(indices, kept)
 
 
+def check_floor(floor, name: str) -> float:
+    """The per-head floor of a global allocation, a fraction of the per-head budget in [0, 1]; the error names
+    ``name``."""
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 <= floor <= 1.0:
+        raise ValueError(f"{name}: floor must be a fraction of the per-head budget in [0, 1], got {floor!r}")
+    return float(floor)
+
+
 @register_allocator("global")
 class GlobalAllocator(Allocator):
     """Per batch row: every head of every layer first keeps its top ``f_h = clamp(round(floor * B), prot_h, cand_h)``
@@ -47,9 +55,7 @@ class GlobalAllocator(Allocator):
     """
 
     def __init__(self, floor: float = 0.1):
-        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 <= floor <= 1.0:
-            raise ValueError(f"global: floor must be a fraction of the per-head budget in [0, 1], got {floor!r}")
-        self.floor = float(floor)
+        self.floor = check_floor(floor, "global")
 
     def allocate(self, inputs: AllocationInput) -> KeepPlan:
         return plan_exact_counts(inputs, self.layer_counts(inputs))
