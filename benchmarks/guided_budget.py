@@ -11,6 +11,15 @@ heads (KL 0.207 vs 0.242). DefensiveKV's edge is its allocation across layers (w
     python benchmarks/guided_budget.py --task lm --num-samples 32 --out benchmarks/results/smollm2-guided-budget
     python benchmarks/guided_budget.py --task recall --num-samples 32 --out benchmarks/results/smollm2-guided-budget
 
+``--decompose`` adds the oracle (the target's own CIS label, :mod:`gatekv.eval.oracle`; it sees the future) as a third
+scorer of the same prefill, and splits the gap between the combination and the oracle into its two parts:
+the oracle's ranking inside Layer-DefensiveKV's counts, and the heads' ranking inside the oracle's Ada-KV counts.
+``--floors`` adds the combination at other floors of the global allocator, ``--mix W`` per-head counts
+``W * Layer-DefensiveKV's + (1 - W) * the heads' Ada-KV counts`` (same total, largest remainders), ranked by the heads.
+
+    python benchmarks/guided_budget.py --task lm --num-samples 32 --decompose --floors 0 0.2 --mix 0.5 \
+        --out benchmarks/results/smollm2-guided-budget/decompose
+
 Writes ``results-<task>.json`` in the ``cells`` layout of ``gatekv eval`` (``benchmarks/paired.py`` reads it) and
 prints the means.
 """
@@ -33,6 +42,14 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--floor", type=float, default=0.1, help="the global allocator's per-head floor")
+    parser.add_argument("--decompose", action="store_true", help="add the oracle and the two half-oracle settings")
+    parser.add_argument("--floors", type=float, nargs="*", default=[], help="more floors for the combination")
+    parser.add_argument("--mix", type=float, nargs="*", default=[], help="weights W of mixed per-head counts")
+    parser.add_argument("--rank-mix", type=float, nargs="*", default=[],
+                        help="weights W of the heads in a rank_mix with DefensiveKV, ranked inside "
+                             "Layer-DefensiveKV's counts")
+    parser.add_argument("--seed-base", type=int, default=0,
+                        help="first sample seed (0: the evaluation samples; e.g. 1000 for a disjoint tuning split)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -45,6 +62,7 @@ def main(argv=None) -> int:
     from gatekv.eval.realtext import full_logprobs, make_realtext_samples, score_target, target_logits
     from gatekv.heads.adapter import Adapter
     from gatekv.models import cache_kwarg
+    from gatekv.scorers.rank_mix import RankMixScorer
     from gatekv.smollm2 import load_smollm2
 
     class FixedCounts(Allocator):
@@ -58,26 +76,52 @@ def main(argv=None) -> int:
 
     model, tokenizer = load_smollm2()
     heads = Adapter.from_pretrained(args.adapter).heads_for(model)
-    samples = make_realtext_samples(args.task, tokenizer, load_corpus("gnu-info"), args.length, args.num_samples, 0)
+    samples = make_realtext_samples(args.task, tokenizer, load_corpus("gnu-info"), args.length, args.num_samples,
+                                    args.seed_base)
     kwarg = cache_kwarg(model)
+    # name -> (ranking scorer, where the counts come from): an allocator, or the name of an earlier fork whose
+    # per-head counts are kept, or ("mix", W) of Layer-DefensiveKV's and the heads' Ada-KV counts
     settings = {"heads|adakv": ("heads", get_allocator("adakv")),
                 "layer-defensivekv|global": ("dkv", get_allocator("global", floor=args.floor)),
-                "heads-ranked|defensivekv-budgets": ("heads", None)}
+                "heads-ranked|defensivekv-budgets": ("heads", "layer-defensivekv|global")}
+    for floor in args.floors:
+        settings[f"layer-defensivekv-floor{floor:g}|global"] = ("dkv", get_allocator("global", floor=floor))
+        settings[f"heads-ranked|defensivekv-budgets-floor{floor:g}"] = ("heads", f"layer-defensivekv-floor{floor:g}|global")
+    for weight in args.mix:
+        settings[f"heads-ranked|mixed-budgets-{weight:g}"] = ("heads", ("mix", weight))
+    scorers = {"heads": heads, "dkv": "defensivekv"}
+    for weight in args.rank_mix:
+        scorers[f"mix{weight:g}"] = RankMixScorer({"heads": heads, "dkv": "defensivekv"},
+                                                  {"heads": weight, "dkv": 1 - weight})
+        settings[f"rank-mix-{weight:g}|defensivekv-budgets"] = (f"mix{weight:g}", "layer-defensivekv|global")
+    if args.decompose:
+        from gatekv.eval.oracle import OracleScorer, oracle_labels
+
+        scorers["oracle"] = OracleScorer()
+        settings.update({"oracle|adakv": ("oracle", get_allocator("adakv")),
+                         "oracle-ranked|defensivekv-budgets": ("oracle", "layer-defensivekv|global"),
+                         "heads-ranked|oracle-budgets": ("heads", "oracle|adakv")})
     records: dict[str, list[dict]] = {name: [] for name in settings}
     start = time.time()
     for index, sample in enumerate(samples):
         full = full_logprobs(model, sample)
         prefix = torch.tensor([sample.prefix_ids("query_agnostic")])
         rest = sample.rest_ids("query_agnostic")
-        with torch.no_grad(), shared_prefill(model, {"heads": heads, "dkv": "defensivekv"}) as shared:
+        if args.decompose:
+            scorers["oracle"].set_labels(oracle_labels(model, sample, "query_agnostic"))
+        with torch.no_grad(), shared_prefill(model, scorers) as shared:
             last = shared.prefill(prefix)[0]
-            counts = None
-            for name, (scorer, allocator) in settings.items():
-                if allocator is None:  # Layer-DefensiveKV's per-head counts, the heads' ranking
-                    allocator = FixedCounts(counts)
+            counts: dict[str, list[torch.Tensor]] = {}
+            for name, (scorer, source) in settings.items():
+                if isinstance(source, str):
+                    allocator = FixedCounts(counts[source])
+                elif isinstance(source, tuple):
+                    allocator = FixedCounts(mixed_counts(counts["layer-defensivekv|global"], counts["heads|adakv"],
+                                                         source[1]))
+                else:
+                    allocator = source
                 cache, _ = shared.fork(scorer, allocator, args.budget)
-                if name.startswith("layer-defensivekv"):
-                    counts = list(cache.kept_tokens())
+                counts[name] = list(cache.kept_tokens())
                 logits = target_logits(model, cache, kwarg, last, rest, len(sample.target_ids))
                 record = score_target(logits, sample.target_ids, full, args.task)
                 record.update(seed=sample.seed, document=sample.document, kept=int(cache.kept_tokens().sum()))
@@ -102,6 +146,23 @@ def main(argv=None) -> int:
         print(f"  {name:36s} Δ NLL {mean('delta_nll'):+.3f}  KL {mean('kl'):.3f}  kept {mean('kept'):.0f}")
     print(f"wrote {path}")
     return 0
+
+
+def mixed_counts(a: list[torch.Tensor], b: list[torch.Tensor], weight: float) -> list[torch.Tensor]:
+    """Per-head counts ``weight * a + (1 - weight) * b`` over every layer and head, rounded by largest remainders
+    so that each batch row keeps the same total as ``a``."""
+    stacked = weight * torch.stack(a).double() + (1 - weight) * torch.stack(b).double()  # (L, B, H)
+    whole = stacked.floor()
+    total = torch.stack(a).sum(dim=(0, 2))  # (B,)
+    out = whole.clone()
+    for row in range(stacked.shape[1]):
+        missing = int(total[row] - whole[:, row].sum())
+        if missing > 0:
+            remainder = (stacked[:, row] - whole[:, row]).flatten()
+            flat = out[:, row].flatten()
+            flat[remainder.topk(missing).indices] += 1
+            out[:, row] = flat.reshape(out[:, row].shape)
+    return [layer.long() for layer in out]
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from gatekv import kernels
 from gatekv.allocators import Allocator
 from gatekv.cache import CompressedCache
 from gatekv.models import ModelSpec
-from gatekv.scorers import LayerContext, Scorer
+from gatekv.scorers import LayerContext, Scorer, ScorerGroup
 from gatekv.stats import CompressionStats
 
 __all__ = ["ATTENTION_NAME", "ScorerGroup", "SessionAttention", "attach", "detach"]
@@ -65,18 +65,6 @@ def detach(modules) -> None:
     """Undo :func:`attach` for ``modules``."""
     for module in modules:
         _SESSIONS.pop(module, None)
-
-
-class ScorerGroup(Scorer):
-    """Several scorers scored on one forward (a shared prefill). The session trims their stored scores with
-    :meth:`trim` when a replay's slots are dropped; ``members`` are checked like single scorers (trained heads)."""
-
-    members: dict[str, Scorer]
-    """label -> scorer."""
-
-    def trim(self, layer_idx: int, width: int) -> None:
-        """Drop stored scores of layer ``layer_idx`` past slot ``width``."""
-        raise NotImplementedError
 
 
 class SessionAttention:

@@ -17,7 +17,7 @@ import torch
 from gatekv.registry import Registry
 from gatekv.kernels import window_attention as _window_attention
 
-__all__ = ["LayerContext", "ReplayChunk", "Scorer", "available_scorers", "get_scorer", "register_scorer"]
+__all__ = ["LayerContext", "ReplayChunk", "Scorer", "ScorerGroup", "available_scorers", "get_scorer", "register_scorer"]
 
 
 @dataclass
@@ -169,6 +169,18 @@ class Scorer:
     def __repr__(self) -> str:
         fields = {k: v for k, v in vars(self).items() if not k.startswith("_")}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+
+class ScorerGroup(Scorer):
+    """Several scorers scored on one forward (a shared prefill). The session trims their stored scores with
+    :meth:`trim` when a replay's slots are dropped; ``members`` are checked like single scorers (trained heads)."""
+
+    members: dict[str, Scorer]
+    """label -> scorer."""
+
+    def trim(self, layer_idx: int, width: int) -> None:
+        """Drop stored scores of layer ``layer_idx`` past slot ``width``."""
+        raise NotImplementedError
 
 
 SCORERS: Registry[Scorer] = Registry("scorer", Scorer)

@@ -1,0 +1,122 @@
+"""rank_mix: a weighted blend of several scorers' within-head rankings. The ranks equal a naive per-head sort; a mix
+with one non-zero weight keeps exactly that scorer's slots; a real blend keeps what a per-slot naive blend ranks
+highest; the trained heads mix with a training-free scorer; generation equals the masked reference; bad options are
+named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gatekv import compress, get_scorer
+from gatekv.heads.retaining_head import RetainingHead
+from gatekv.models import cache_kwarg
+from gatekv.scorers import Scorer
+from gatekv.scorers.rank_mix import RankMixScorer, within_head_ranks
+from test_compress import check_against_reference, generate
+from tiny_models import random_batch, tiny_model
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+def _naive_ranks(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(scores, dtype=torch.float32)
+    for b in range(scores.shape[0]):
+        for h in range(scores.shape[1]):
+            slots = [t for t in range(scores.shape[2]) if candidates[b, h, t]]
+            ordered = sorted(slots, key=lambda t: (float(scores[b, h, t]), t))  # ascending, ties by slot
+            for rank, t in enumerate(ordered):
+                out[b, h, t] = rank / max(len(slots) - 1, 1)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_within_head_ranks_equal_a_naive_sort(seed):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 6, (2, 3, 17), generator=generator).float()  # many ties
+    candidates = torch.rand(2, 3, 17, generator=generator) > 0.3
+    candidates[0, 0] = False  # a head with no candidate
+    candidates[1, 2] = False
+    candidates[1, 2, 5] = True  # a head with one candidate
+    scores[~candidates] = torch.randn(int((~candidates).sum()), generator=generator) * 100  # junk off-candidates
+    assert torch.equal(within_head_ranks(scores, candidates), _naive_ranks(scores, candidates))
+
+
+def _kept_positions(model, scorer, ids, mask):
+    with torch.no_grad(), compress(model, scorer, "uniform", budget=0.3, window=4, sinks=2, record=True) as session:
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kwarg(model): session.new_cache()})
+    return session.stats.events[0].kept_positions
+
+
+def test_one_weight_keeps_that_scorers_slots(llama):
+    ids, mask = random_batch(2, 70, pad=[0, 9], seed=3)
+    expected = _kept_positions(llama, "knorm", ids, mask)
+    got = _kept_positions(llama, get_scorer("rank_mix", scorers={"a": "knorm", "b": "snapkv"},
+                                            weights={"a": 1.0, "b": 0.0}), ids, mask)
+    other = _kept_positions(llama, "snapkv", ids, mask)
+    assert any(not torch.equal(a, b) for a, b in zip(expected, other)), "the two scorers must disagree"
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+class _Recording(Scorer):
+    """A scorer that keeps the scores and candidates of every layer it scored."""
+
+    def __init__(self, scorer):
+        self.inner, self.seen = get_scorer(scorer), {}
+
+    def score(self, ctx):
+        scores = self.inner.score(ctx)
+        self.seen[ctx.layer_idx] = (scores.clone(), ctx.candidates.clone())
+        return scores
+
+
+class _RecordingMix(RankMixScorer):
+    """The mix, keeping what it returned per layer."""
+
+    def score(self, ctx):
+        self.returned = getattr(self, "returned", {})
+        self.returned[ctx.layer_idx] = super().score(ctx)
+        return self.returned[ctx.layer_idx]
+
+
+def test_blend_equals_a_naive_blend_of_ranks(llama):
+    ids, _ = random_batch(1, 64, seed=6)
+    knorm, tova = _Recording("knorm"), _Recording("tova")
+    mix = _RecordingMix({"k": knorm, "t": tova}, {"k": 0.3, "t": 0.7})
+    _kept_positions(llama, mix, ids, torch.ones_like(ids))
+    assert set(mix.returned) == set(range(llama.config.num_hidden_layers))
+    for layer, mixed in mix.returned.items():
+        (k_scores, candidates), (t_scores, _) = knorm.seen[layer], tova.seen[layer]
+        expected = 0.3 * _naive_ranks(k_scores, candidates) + 0.7 * _naive_ranks(t_scores, candidates)
+        torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-6)
+
+
+def test_trained_heads_mix_with_a_training_free_scorer_and_match_the_reference(llama):
+    torch.manual_seed(0)
+    heads = RetainingHead.from_model(llama, hidden=8, recency_buckets=4)
+    mix = get_scorer("rank_mix", scorers={"heads": heads, "dkv": "defensivekv"}, weights={"heads": 0.75, "dkv": 0.25})
+    assert mix.needs == heads.needs and mix.state_names == heads.state_names
+    ids, mask = random_batch(3, 90, pad=[0, 7, 19], seed=7)
+    for options in (dict(prefill="one_shot"), dict(prefill="chunked", chunk_size=32)):
+        with compress(llama, mix, "defensive_budget", budget=0.25, window=6, sinks=2, record=True,
+                      **options) as session:
+            sequences, logits = generate(llama, ids, mask)
+        check_against_reference(llama, ids, mask, sequences, logits, session)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(scorers={"a": "knorm"}), "at least two"),
+    (dict(scorers=["knorm", "snapkv"]), "at least two"),
+    (dict(scorers={"a": "knorm", "b": "kvzip"}), "may not replay"),
+    (dict(scorers={"a": "knorm", "b": "snapkv"}, weights={"a": 1.0}), "weights must name exactly"),
+    (dict(scorers={"a": "knorm", "b": "snapkv"}, weights={"a": 1.0, "b": -1}), r"weights\['b'\]"),
+    (dict(scorers={"a": "knorm", "b": "snapkv"}, weights={"a": 0, "b": 0}), "not all be 0"),
+    (dict(scorers={"a": "knorm", "b": "no-such"}), "no-such"),
+])
+def test_bad_options_are_named(options, match):
+    with pytest.raises(ValueError, match=match):
+        get_scorer("rank_mix", **options)
