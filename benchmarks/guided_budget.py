@@ -76,8 +76,8 @@ def main(argv=None) -> int:
 
     model, tokenizer = load_smollm2()
     heads = Adapter.from_pretrained(args.adapter).heads_for(model)
-    samples = make_realtext_samples(args.task, tokenizer, load_corpus("gnu-info"), args.length, args.num_samples,
-                                    args.seed_base)
+    documents = load_corpus("gnu-info")  # the samples depend on which GNU manuals are installed: recorded below
+    samples = make_realtext_samples(args.task, tokenizer, documents, args.length, args.num_samples, args.seed_base)
     kwarg = cache_kwarg(model)
     # name -> (ranking scorer, where the counts come from): an allocator, or the name of an earlier fork whose
     # per-head counts are kept, or ("mix", W) of Layer-DefensiveKV's and the heads' Ada-KV counts
@@ -139,7 +139,8 @@ def main(argv=None) -> int:
             "cell": cell, "metrics": metrics, "n": len(rs), "samples": rs}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"results-{args.task}.json"
-    path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "cells": cells}, indent=1) + "\n")
+    path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                "corpus_documents": [d.name for d in documents], "cells": cells}, indent=1) + "\n")
     print(f"{args.task}, n = {len(samples)}, {args.budget:.0%} kept, corpus gnu-info (held out):")
     for name, rs in records.items():
         mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731

@@ -256,6 +256,21 @@ def test_realtext_eval_resumes_to_identical_cells(tmp_path, finished, model, tok
         run_eval(changed, model=model, tokenizer=tokenizer, progress=False)
 
 
+def test_results_record_the_corpus_documents_and_refuse_another_set(tmp_path, finished, documents, model, tokenizer):
+    """The samples are windows of the documents installed here: results.json names them, and a resume on a machine
+    with another set of documents (e.g. a Debian doc package missing) is refused, naming the documents."""
+    config, results = finished
+    assert results.config["corpus_documents"] == [d.name for d in documents]
+    resumed = _config(tmp_path, output=str(tmp_path / "other-machine"))
+    path = resumed.output_dir / "results.json"
+    path.parent.mkdir(parents=True)
+    document = json.loads((config.output_dir / "results.json").read_text())
+    document["config"]["corpus_documents"] = document["config"]["corpus_documents"] + ["gnu-info:bash"]
+    path.write_text(json.dumps(document))
+    with pytest.raises(ValueError, match=r"missing here: gnu-info:bash; new here: none"):
+        run_eval(resumed, model=model, tokenizer=tokenizer, progress=False)
+
+
 def test_markdown_plot_and_card_show_the_realtext_metrics(tmp_path, finished, model):
     from gatekv.eval.report import add_to_model_card
     from gatekv.heads import Adapter, build_heads

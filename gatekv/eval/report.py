@@ -87,6 +87,8 @@ def format_realtext_markdown(results: EvalResults) -> str:
     if not cells:
         return ""
     corpus = results.config.get("corpus")
+    if results.config.get("corpus_documents"):
+        corpus = f"{corpus}, {len(results.config['corpus_documents'])} documents"
     n = {results.cells[c.key]["n"] for c in cells}
     lines = [f"Real text (corpus {corpus}; n = {', '.join(map(str, sorted(n)))} samples per cell; lower is better for "
              "NLL, Δ NLL and KL, in nats per token, teacher-forced). lm: the next "

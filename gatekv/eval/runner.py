@@ -71,18 +71,24 @@ def _check_resume(existing: EvalResults, config: dict, path: Path) -> None:
     if differing:
         details = "; ".join(f"{k}: {existing.config.get(k)!r} (file) vs {config.get(k)!r} (config)" for k in differing)
         raise ValueError(f"{path} was made with other settings ({details}); use another output or resume: false")
+    old, new = existing.config.get("corpus_documents"), config.get("corpus_documents")
+    if old is not None and new is not None and old != new:  # the samples are drawn from what is installed
+        missing, extra = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+        raise ValueError(f"{path} was made from other corpus documents (missing here: {', '.join(missing) or 'none'}; "
+                         f"new here: {', '.join(extra) or 'none'}), so its real-text samples differ; install the "
+                         "same documents (see gatekv.corpus.CORPORA), or use another output")
 
 
-def _samples(config: EvalConfig, tokenizer, head_tokens: int) -> dict[tuple[str, int], list[EvalSample]]:
+def _samples(config: EvalConfig, tokenizer, head_tokens: int, documents=None) -> dict[tuple[str, int], list[EvalSample]]:
+    """Every task's samples; ``documents``: the real-text corpus (``gatekv.corpus.Document`` list) if there are
+    real-text tasks."""
     from gatekv.eval.loaders import load_suite
 
     haystack = Haystack.from_files(config.haystack_files) if config.haystack_files else None
     out = {}
     if config.realtext_tasks:
-        from gatekv.corpus import load_corpus
         from gatekv.eval.realtext import make_realtext_samples
 
-        documents = load_corpus(config.corpus)
         for task in config.realtext_tasks:
             for length in config.lengths:
                 out[(task, length)] = make_realtext_samples(
@@ -366,6 +372,13 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, progress: bool = Tr
     out = config.output_dir
     json_path = out / "results.json"
     plain = to_dict(config)
+    documents = None
+    if config.realtext_tasks:
+        from gatekv.corpus import load_corpus
+
+        documents = load_corpus(config.corpus)
+        # real-text samples are windows of whatever documents this machine has: record which, check them on resume
+        plain["corpus_documents"] = [document.name for document in documents]
     results = EvalResults(plain)
     if json_path.exists():
         if not config.resume:
@@ -380,7 +393,7 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, progress: bool = Tr
     if tokenizer is None:
         raise ValueError("a tokenizer is needed with an explicitly passed model")
     head_ids, tail_ids = prompt_ids(tokenizer, "", "")
-    samples = _samples(config, tokenizer, head_ids.shape[1])
+    samples = _samples(config, tokenizer, head_ids.shape[1], documents)
     _check_lengths(model, config, samples, question_room=64)
     wrappers = _wrappers(model, tokenizer, config)
     methods = {m.name: m for m in config.methods}
