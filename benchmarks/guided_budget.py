@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rank-mix", type=float, nargs="*", default=[],
                         help="weights W of the heads in a rank_mix with DefensiveKV, ranked inside "
                              "Layer-DefensiveKV's counts")
+    parser.add_argument("--combine", choices=["sum", "max"], default="sum", help="how --rank-mix blends the ranks")
     parser.add_argument("--seed-base", type=int, default=0,
                         help="first sample seed (0: the evaluation samples; e.g. 1000 for a disjoint tuning split)")
     parser.add_argument("--threads", type=int, default=2)
@@ -92,8 +93,8 @@ def main(argv=None) -> int:
     scorers = {"heads": heads, "dkv": "defensivekv"}
     for weight in args.rank_mix:
         scorers[f"mix{weight:g}"] = RankMixScorer({"heads": heads, "dkv": "defensivekv"},
-                                                  {"heads": weight, "dkv": 1 - weight})
-        settings[f"rank-mix-{weight:g}|defensivekv-budgets"] = (f"mix{weight:g}", "layer-defensivekv|global")
+                                                  {"heads": weight, "dkv": 1 - weight}, args.combine)
+        settings[f"rank-mix-{args.combine}-{weight:g}|defensivekv-budgets"] = (f"mix{weight:g}", "layer-defensivekv|global")
     if args.decompose:
         from gatekv.eval.oracle import OracleScorer, oracle_labels
 

@@ -753,10 +753,13 @@ def _check_trained_scorers(model, scorer: Scorer) -> None:
     fingerprint than ``model``; ``Adapter.heads_for(model, allow_mismatch=True)`` is the explicit override."""
     from gatekv.heads.config import ModelFingerprint
 
-    for one in scorer.members.values() if isinstance(scorer, ScorerGroup) else [scorer]:
-        fingerprint = getattr(getattr(one, "config", None), "fingerprint", None)
-        if not isinstance(fingerprint, ModelFingerprint):
-            continue
-        model_print = ModelFingerprint.from_model(model)
-        if getattr(one, "accepted_fingerprint", None) != model_print:
-            fingerprint.check_matches(model_print, what=f"scorer ({type(one).__name__} heads)")
+    if isinstance(scorer, ScorerGroup):  # a shared prefill's set, a rank mix (possibly inside the set)
+        for member in scorer.members.values():
+            _check_trained_scorers(model, member)
+        return
+    fingerprint = getattr(getattr(scorer, "config", None), "fingerprint", None)
+    if not isinstance(fingerprint, ModelFingerprint):
+        return
+    model_print = ModelFingerprint.from_model(model)
+    if getattr(scorer, "accepted_fingerprint", None) != model_print:
+        fingerprint.check_matches(model_print, what=f"scorer ({type(scorer).__name__} heads)")

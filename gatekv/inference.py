@@ -66,6 +66,24 @@ class Answer:
         )
 
 
+def _rank_mix(weights, heads, scorer):
+    """The :class:`~gatekv.scorers.rank_mix.RankMixScorer` of ``weights`` (label -> weight): ``"adapter"`` is
+    ``heads`` (the adapter's, None without one), other labels are training-free scorer names. ``scorer``: what the
+    caller passed besides (refused without an adapter: the mix replaces it)."""
+    from gatekv.scorers.rank_mix import RankMixScorer
+
+    if not isinstance(weights, dict):
+        raise ValueError(f"GateKV: rank_mix must map labels to weights, got {weights!r}")
+    if heads is None and scorer is not None:
+        raise ValueError("GateKV: give either scorer or rank_mix (the mix is the scorer)")
+    if heads is not None and "adapter" not in weights:
+        raise ValueError(f"GateKV: rank_mix must weigh the adapter's heads (label 'adapter'), got {sorted(weights)}")
+    if heads is None and "adapter" in weights:
+        raise ValueError("GateKV: rank_mix names 'adapter' but no adapter was given")
+    members = {label: heads if label == "adapter" else label for label in weights}
+    return RankMixScorer(members, weights)
+
+
 class GateKV:
     """A causal LM with a compressed KV cache.
 
@@ -77,6 +95,9 @@ class GateKV:
     budget:     tokens kept per KV head: a ratio of the prompt (0.1) or a count (512)
     prefill:    ``one_shot`` or ``chunked``
     allow_mismatch: accept an adapter made for a model with a different fingerprint (expert use)
+    rank_mix:   blend rankings within each head (:class:`~gatekv.scorers.rank_mix.RankMixScorer`): label -> weight,
+                where ``"adapter"`` is the adapter's heads and any other label a training-free scorer name, e.g.
+                ``{"adapter": 0.75, "defensivekv": 0.25}``; replaces ``scorer``
     config:     all the settings as one :class:`~gatekv.settings.CompressionConfig` (instead of allocator, budget,
                 prefill and ``compress_options``; its scorer is used unless ``scorer`` or ``adapter`` is given)
     compress_options: further :func:`gatekv.compress` arguments (window, sinks, chunk_size, decode_budget, reserve)
@@ -97,6 +118,7 @@ class GateKV:
         prefill: str = CompressionConfig.prefill,
         allow_mismatch: bool = False,
         config: CompressionConfig | None = None,
+        rank_mix: dict[str, float] | None = None,
         **compress_options,
     ):
         from gatekv.heads.adapter import Adapter
@@ -111,6 +133,8 @@ class GateKV:
             scorer = self.adapter.heads_for(model, allow_mismatch=allow_mismatch)
             if self.adapter.lora is not None:
                 self.adapter.lora.check_model(model)
+        if rank_mix is not None:
+            scorer = _rank_mix(rank_mix, scorer if self.adapter is not None else None, scorer)
         if config is None:  # validated now, not at the first call
             config = CompressionConfig(scorer if scorer is not None else CompressionConfig.scorer, allocator, budget,
                                        prefill, **compress_options)
@@ -150,6 +174,7 @@ class GateKV:
         dtype: torch.dtype | None = None,
         device=None,
         allow_mismatch: bool = False,
+        rank_mix: dict[str, float] | None = None,
         **compress_options,
     ) -> "GateKV":
         """Build from a loaded model or a model name (``"smollm2"``, Hub id, path) and an adapter or a scorer name.
@@ -176,7 +201,7 @@ class GateKV:
             model, loaded_tokenizer = load_base_model(name, revision=revision, dtype=dtype, device=device)
             tokenizer = tokenizer or loaded_tokenizer
         return cls(model, tokenizer, scorer=scorer, adapter=adapter, allocator=allocator, budget=budget, prefill=prefill,
-                   allow_mismatch=allow_mismatch, config=config, **compress_options)
+                   allow_mismatch=allow_mismatch, config=config, rank_mix=rank_mix, **compress_options)
 
     # -- the settings ---------------------------------------------------------------------------------------------------
     @property

@@ -327,6 +327,43 @@ def test_eval_methods_with_allocator_options_and_a_merger(tmp_path, model, token
         _config(tmp_path, methods=[{"name": "x", "scorer": "snapkv", "merge": "blend"}])
 
 
+def test_eval_adapter_in_a_rank_mix(tmp_path, model, tokenizer):
+    """``options: {rank_mix: {adapter: w, scorer: w'}}`` runs the adapter's heads blended with the scorer: the same
+    answers as GateKV with that mix; its options are checked at load time, naming the method."""
+    from gatekv import GateKV
+    from gatekv.heads import Adapter, build_heads
+
+    torch.manual_seed(2)
+    Adapter(build_heads("retaining_head", model, hidden=8), base_model="tiny:llama", target="cis").save_pretrained(
+        tmp_path / "a")
+    mix = {"adapter": 0.7, "defensivekv": 0.3}
+    config = _config(tmp_path, tasks=["niah_single"], budgets=[0.3], num_samples=2, methods=[
+        {"name": "full", "scorer": "full"},
+        {"name": "mixed", "adapter": str(tmp_path / "a"), "allocators": ["defensive_budget"],
+         "options": {"rank_mix": mix, "pool_kernel": 3}}])
+    results = run_eval(config, model=model, tokenizer=tokenizer, progress=False)
+    entry = results.cells["mixed|defensive_budget|0.3|query_agnostic|niah_single|600"]
+    from gatekv.eval.tasks import make_task_samples
+    from gatekv.inference import prompt_ids
+
+    head_tokens = prompt_ids(tokenizer, "", "")[0].shape[1]
+    samples = make_task_samples("niah_single", tokenizer, 600, 2, config.seed_base, None, head_tokens)
+    assert [r["seed"] for r in entry["samples"]] == [s.seed for s in samples]
+    adapter = Adapter.from_pretrained(tmp_path / "a")
+    adapter.heads.set_pooling(3)
+    kv = GateKV(model, tokenizer, adapter=adapter, rank_mix=mix, allocator="defensive_budget", budget=0.3, window=8,
+                sinks=2)
+    for sample, record in zip(samples, entry["samples"]):
+        answer = kv.answer(sample.context, sample.question, query_aware=False, max_new_tokens=3)
+        assert answer.text == record["prediction"]
+    for options, message in [({"rank_mix": {"snapkv": 1.0, "knorm": 1.0}}, "must weigh 'adapter'"),
+                             ({"rank_mix": {"adapter": 1.0, "snapkvv": 1.0}}, "unknown scorer 'snapkvv'"),
+                             ({"rank_mix": {"adapter": 1.0, "knorm": -1}}, r"rank_mix\['knorm'\] must be a number"),
+                             ({"kernel_size": 3}, r"options \['kernel_size'\] do not apply to an adapter")]:
+        with pytest.raises(ValueError, match=f"method 'm': .*{message}"):
+            _config(tmp_path, methods=[{"name": "m", "adapter": str(tmp_path / "a"), "options": options}])
+
+
 def test_a_cell_added_on_resume_gets_every_sample_in_order(tmp_path, model, tokenizer):
     base = dict(tasks=["niah_single"], budgets=[0.3], num_samples=3)
     first = _config(tmp_path, methods=[{"name": "snapkv", "scorer": "snapkv"}], **base)

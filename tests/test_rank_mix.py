@@ -83,15 +83,17 @@ class _RecordingMix(RankMixScorer):
         return self.returned[ctx.layer_idx]
 
 
-def test_blend_equals_a_naive_blend_of_ranks(llama):
+@pytest.mark.parametrize("combine", ["sum", "max"])
+def test_blend_equals_a_naive_blend_of_ranks(llama, combine):
     ids, _ = random_batch(1, 64, seed=6)
     knorm, tova = _Recording("knorm"), _Recording("tova")
-    mix = _RecordingMix({"k": knorm, "t": tova}, {"k": 0.3, "t": 0.7})
+    mix = _RecordingMix({"k": knorm, "t": tova}, {"k": 0.3, "t": 0.7}, combine)
     _kept_positions(llama, mix, ids, torch.ones_like(ids))
     assert set(mix.returned) == set(range(llama.config.num_hidden_layers))
     for layer, mixed in mix.returned.items():
         (k_scores, candidates), (t_scores, _) = knorm.seen[layer], tova.seen[layer]
-        expected = 0.3 * _naive_ranks(k_scores, candidates) + 0.7 * _naive_ranks(t_scores, candidates)
+        k_ranks, t_ranks = 0.3 * _naive_ranks(k_scores, candidates), 0.7 * _naive_ranks(t_scores, candidates)
+        expected = k_ranks + t_ranks if combine == "sum" else torch.maximum(k_ranks, t_ranks)
         torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-6)
 
 
@@ -116,7 +118,36 @@ def test_trained_heads_mix_with_a_training_free_scorer_and_match_the_reference(l
     (dict(scorers={"a": "knorm", "b": "snapkv"}, weights={"a": 1.0, "b": -1}), r"weights\['b'\]"),
     (dict(scorers={"a": "knorm", "b": "snapkv"}, weights={"a": 0, "b": 0}), "not all be 0"),
     (dict(scorers={"a": "knorm", "b": "no-such"}), "no-such"),
+    (dict(scorers={"a": "knorm", "b": "snapkv"}, combine="mean"), "combine must be"),
 ])
 def test_bad_options_are_named(options, match):
     with pytest.raises(ValueError, match=match):
         get_scorer("rank_mix", **options)
+
+
+def test_gatekv_mixes_an_adapter_with_scorers(llama):
+    from gatekv import GateKV
+    from gatekv.heads import Adapter, build_heads
+
+    torch.manual_seed(1)
+    adapter = Adapter(build_heads("retaining_head", llama, hidden=8))
+    kv = GateKV(llama, adapter=adapter, rank_mix={"adapter": 0.6, "defensivekv": 0.4}, budget=0.3, window=4, sinks=2)
+    assert isinstance(kv.scorer, RankMixScorer) and kv.config.scorer is kv.scorer
+    assert kv.scorer.members["adapter"] is adapter.heads and kv.scorer.weights == {"adapter": 0.6, "defensivekv": 0.4}
+    ids, mask = random_batch(2, 70, pad=[0, 9], seed=3)
+    expected = _kept_positions(llama, RankMixScorer({"adapter": adapter.heads, "defensivekv": "defensivekv"},
+                                                    {"adapter": 0.6, "defensivekv": 0.4}), ids, mask)
+    with torch.no_grad(), kv.session(record=True, allocator="uniform") as session:
+        llama(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kwarg(llama): session.new_cache()})
+    for a, b in zip(session.stats.events[0].kept_positions, expected):
+        assert torch.equal(a, b)
+    scorers_only = GateKV(llama, rank_mix={"knorm": 1.0, "snapkv": 1.0})
+    assert set(scorers_only.scorer.members) == {"knorm", "snapkv"}
+    with pytest.raises(ValueError, match="must weigh the adapter's heads"):
+        GateKV(llama, adapter=adapter, rank_mix={"knorm": 1.0, "snapkv": 1.0})
+    with pytest.raises(ValueError, match="no adapter was given"):
+        GateKV(llama, rank_mix={"adapter": 1.0, "snapkv": 1.0})
+    with pytest.raises(ValueError, match="either scorer or rank_mix"):
+        GateKV(llama, scorer="knorm", rank_mix={"knorm": 1.0, "snapkv": 1.0})
+    with pytest.raises(ValueError, match="heads were made for|different base model"):
+        GateKV(tiny_model("qwen3"), adapter=adapter, rank_mix={"adapter": 1.0, "snapkv": 1.0})

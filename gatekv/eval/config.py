@@ -13,6 +13,10 @@ from gatekv.settings import DEFAULT_CHUNK_SIZE, DEFAULT_SINKS, DEFAULT_WINDOW, C
 __all__ = ["EvalConfig", "MethodConfig", "SuiteConfig", "load_eval_config"]
 
 
+ADAPTER_OPTIONS = ("pool_kernel", "rank_mix")
+"""The ``options`` a method with an ``adapter`` takes."""
+
+
 @dataclass
 class MethodConfig:
     """One scorer to evaluate: a training-free scorer, a trained adapter, or the full cache."""
@@ -27,7 +31,10 @@ class MethodConfig:
     allocators: list[str] = field(default_factory=lambda: ["uniform"])
     """Allocators to run this scorer with (ignored for the full cache)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of the scorer (e.g. ``kernel_size: 7``); for an adapter: ``pool_kernel``."""
+    """Keyword arguments of the scorer (e.g. ``kernel_size: 7``); for an adapter (:data:`ADAPTER_OPTIONS`):
+    ``pool_kernel``, and ``rank_mix`` (label -> weight, ``adapter`` for its heads and training-free scorer names
+    for the others: the heads' ranking within each head blended with those scorers', e.g.
+    ``{adapter: 0.75, defensivekv: 0.25}``)."""
     allocator_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Keyword arguments per allocator name, e.g. ``{global: {floor: 0.2}, fairkv: {tp: 3}}``."""
     merge: str | None = None
@@ -57,6 +64,8 @@ class MethodConfig:
                     get_scorer(self.scorer, **self.options)
                 except ValueError as error:
                     raise ValueError(f"method {self.name!r}: options: {error}") from None
+        if self.adapter is not None:
+            self._check_adapter_options()
         from gatekv.allocators import available_allocators
 
         for allocator in self.allocators:
@@ -70,6 +79,26 @@ class MethodConfig:
 
             if self.merge not in available_mergers():
                 raise ValueError(f"method {self.name!r}: unknown merge {self.merge!r}; valid: {available_mergers()}")
+
+    def _check_adapter_options(self) -> None:
+        unknown = sorted(set(self.options) - set(ADAPTER_OPTIONS))
+        if unknown:
+            raise ValueError(f"method {self.name!r}: options {unknown} do not apply to an adapter (valid: "
+                             f"{', '.join(ADAPTER_OPTIONS)})")
+        mix = self.options.get("rank_mix")
+        if mix is None:
+            return
+        from gatekv.scorers import available_scorers
+
+        if not isinstance(mix, dict) or "adapter" not in mix or len(mix) < 2:
+            raise ValueError(f"method {self.name!r}: options.rank_mix must weigh 'adapter' and at least one scorer, "
+                             f"got {mix!r}")
+        for label, weight in mix.items():
+            if label != "adapter" and label not in available_scorers():
+                raise ValueError(f"method {self.name!r}: options.rank_mix: unknown scorer {label!r}; valid: adapter, "
+                                 f"{', '.join(available_scorers())}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+                raise ValueError(f"method {self.name!r}: options.rank_mix[{label!r}] must be a number >= 0, got {weight!r}")
 
     @property
     def is_full(self) -> bool:

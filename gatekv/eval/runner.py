@@ -150,13 +150,12 @@ def _wrappers(model, tokenizer, config: EvalConfig) -> dict[str, object]:
             scorer = get_scorer(method.scorer, **method.options)
         settings = config.compression(scorer if method.adapter is None else "snapkv",
                                       _allocator(method, method.allocators[0]), config.budgets[0], merge)
-        if method.adapter is not None:  # its trained heads replace the scorer
-            kv = GateKV(model, tokenizer, adapter=method.adapter, config=settings)
-            unknown = sorted(set(method.options) - {"pool_kernel"})
-            if unknown:
-                raise ValueError(f"method {method.name!r}: options {unknown} do not apply to an adapter (valid: pool_kernel)")
+        if method.adapter is not None:  # its trained heads replace the scorer (or join a rank mix)
+            kv = GateKV(model, tokenizer, adapter=method.adapter, config=settings,
+                        rank_mix=method.options.get("rank_mix"))
             if "pool_kernel" in method.options:
-                kv.scorer.set_pooling(method.options["pool_kernel"])
+                heads = kv.scorer.members["adapter"] if "rank_mix" in method.options else kv.scorer
+                heads.set_pooling(method.options["pool_kernel"])
             out[method.name] = kv
         else:
             out[method.name] = GateKV(model, tokenizer, config=settings)

@@ -27,8 +27,10 @@ def within_head_ranks(scores: torch.Tensor, candidates: torch.Tensor) -> torch.T
 
 @register_scorer("rank_mix")
 class RankMixScorer(ScorerGroup):
-    """Blend of several scorers' rankings: ``s_h[j] = sum_i w_i * rank_i,h[j]``, with ``rank_i,h`` scorer i's
-    normalised rank of slot j among the candidate slots of head h (1 = its top token, 0 = its last).
+    """Blend of several scorers' rankings: ``s_h[j] = sum_i w_i * rank_i,h[j]`` (``combine="sum"``) or
+    ``max_i w_i * rank_i,h[j]`` (``combine="max"``: a slot stays if any member ranks it high enough, so each member's
+    very top survives), with ``rank_i,h`` scorer i's normalised rank of slot j among the candidate slots of head h
+    (1 = its top token, 0 = its last).
 
     Ranks, not raw scores, because the members' scores live on unrelated scales (attention probabilities, trained
     logits). Use it where two scorers rank different things well: e.g. trained retaining heads (long-range content)
@@ -37,9 +39,14 @@ class RankMixScorer(ScorerGroup):
 
     scorers: label -> scorer name or instance (at least two; none may replay the prompt)
     weights: label -> weight (>= 0, not all 0); default equal weights
+    combine: ``sum`` or ``max``
     """
 
-    def __init__(self, scorers: dict[str, str | Scorer], weights: dict[str, float] | None = None):
+    def __init__(self, scorers: dict[str, str | Scorer], weights: dict[str, float] | None = None,
+                 combine: str = "sum"):
+        if combine not in ("sum", "max"):
+            raise ValueError(f"rank_mix: combine must be 'sum' or 'max', got {combine!r}")
+        self.combine = combine
         if not isinstance(scorers, dict) or len(scorers) < 2:
             raise ValueError(f"rank_mix: scorers must be a dict of at least two label -> scorer, got {scorers!r}")
         self.members = {label: get_scorer(scorer) for label, scorer in scorers.items()}
@@ -70,5 +77,6 @@ class RankMixScorer(ScorerGroup):
             if scores.shape != ctx.positions.shape:
                 raise ValueError(f"rank_mix: scorer {label!r} returned shape {tuple(scores.shape)}, "
                                  f"expected {tuple(ctx.positions.shape)}")
-            mixed += self.weights[label] * within_head_ranks(scores.to(mixed.device), ctx.candidates)
+            ranks = self.weights[label] * within_head_ranks(scores.to(mixed.device), ctx.candidates)
+            mixed = mixed + ranks if self.combine == "sum" else torch.maximum(mixed, ranks)
         return mixed
