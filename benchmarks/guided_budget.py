@@ -49,6 +49,8 @@ def main(argv=None) -> int:
                         help="weights W of the heads in a rank_mix with DefensiveKV, ranked inside "
                              "Layer-DefensiveKV's counts")
     parser.add_argument("--combine", choices=["sum", "max"], default="sum", help="how --rank-mix blends the ranks")
+    parser.add_argument("--guarantee", type=float, default=0.0,
+                        help="--rank-mix: fraction of each head's candidates the heads' top keeps first")
     parser.add_argument("--seed-base", type=int, default=0,
                         help="first sample seed (0: the evaluation samples; e.g. 1000 for a disjoint tuning split)")
     parser.add_argument("--threads", type=int, default=2)
@@ -93,8 +95,10 @@ def main(argv=None) -> int:
     scorers = {"heads": heads, "dkv": "defensivekv"}
     for weight in args.rank_mix:
         scorers[f"mix{weight:g}"] = RankMixScorer({"heads": heads, "dkv": "defensivekv"},
-                                                  {"heads": weight, "dkv": 1 - weight}, args.combine)
-        settings[f"rank-mix-{args.combine}-{weight:g}|defensivekv-budgets"] = (f"mix{weight:g}", "layer-defensivekv|global")
+                                                  {"heads": weight, "dkv": 1 - weight}, args.combine,
+                                                  {"heads": args.guarantee})
+        name = f"rank-mix-{args.combine}-{weight:g}-g{args.guarantee:g}|defensivekv-budgets"
+        settings[name] = (f"mix{weight:g}", "layer-defensivekv|global")
     if args.decompose:
         from gatekv.eval.oracle import OracleScorer, oracle_labels
 

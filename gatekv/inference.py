@@ -74,6 +74,15 @@ def _rank_mix(weights, heads, scorer):
 
     if not isinstance(weights, dict):
         raise ValueError(f"GateKV: rank_mix must map labels to weights, got {weights!r}")
+    options = {}
+    if "weights" in weights:  # the long form
+        options = {k: v for k, v in weights.items() if k != "weights"}
+        unknown = sorted(set(options) - {"guarantee", "combine"})
+        if unknown:
+            raise ValueError(f"GateKV: rank_mix takes weights, guarantee and combine, got {unknown}")
+        weights = weights["weights"]
+        if not isinstance(weights, dict):
+            raise ValueError(f"GateKV: rank_mix weights must map labels to weights, got {weights!r}")
     if heads is None and scorer is not None:
         raise ValueError("GateKV: give either scorer or rank_mix (the mix is the scorer)")
     if heads is not None and "adapter" not in weights:
@@ -81,7 +90,7 @@ def _rank_mix(weights, heads, scorer):
     if heads is None and "adapter" in weights:
         raise ValueError("GateKV: rank_mix names 'adapter' but no adapter was given")
     members = {label: heads if label == "adapter" else label for label in weights}
-    return RankMixScorer(members, weights)
+    return RankMixScorer(members, weights, **options)
 
 
 class GateKV:
@@ -97,7 +106,8 @@ class GateKV:
     allow_mismatch: accept an adapter made for a model with a different fingerprint (expert use)
     rank_mix:   blend rankings within each head (:class:`~gatekv.scorers.rank_mix.RankMixScorer`): label -> weight,
                 where ``"adapter"`` is the adapter's heads and any other label a training-free scorer name, e.g.
-                ``{"adapter": 0.75, "defensivekv": 0.25}``; replaces ``scorer``
+                ``{"adapter": 0.75, "defensivekv": 0.25}``, or ``{"weights": {...}, "guarantee": {label: fraction},
+                "combine": "sum" | "max"}``; replaces ``scorer``
     config:     all the settings as one :class:`~gatekv.settings.CompressionConfig` (instead of allocator, budget,
                 prefill and ``compress_options``; its scorer is used unless ``scorer`` or ``adapter`` is given)
     compress_options: further :func:`gatekv.compress` arguments (window, sinks, chunk_size, decode_budget, reserve)

@@ -5,6 +5,8 @@ named."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -83,17 +85,37 @@ class _RecordingMix(RankMixScorer):
         return self.returned[ctx.layer_idx]
 
 
-@pytest.mark.parametrize("combine", ["sum", "max"])
-def test_blend_equals_a_naive_blend_of_ranks(llama, combine):
+def _naive_top(scores: torch.Tensor, candidates: torch.Tensor, fraction: float) -> torch.Tensor:
+    out = torch.zeros_like(candidates)
+    for b in range(scores.shape[0]):
+        for h in range(scores.shape[1]):
+            slots = [t for t in range(scores.shape[2]) if candidates[b, h, t]]
+            ordered = sorted(slots, key=lambda t: (float(scores[b, h, t]), t), reverse=True)
+            for t in ordered[: math.ceil(fraction * len(slots))]:
+                out[b, h, t] = True
+    return out
+
+
+@pytest.mark.parametrize("combine, weights, guarantee", [("sum", (0.3, 0.7), {}), ("max", (0.3, 0.7), {}),
+                                                         ("sum", (0.0, 1.0), {"k": 0.1}),
+                                                         ("max", (0.5, 0.5), {"k": 0.05, "t": 0.2})])
+def test_blend_equals_a_naive_blend_of_ranks(llama, combine, weights, guarantee):
     ids, _ = random_batch(1, 64, seed=6)
     knorm, tova = _Recording("knorm"), _Recording("tova")
-    mix = _RecordingMix({"k": knorm, "t": tova}, {"k": 0.3, "t": 0.7}, combine)
+    mix = _RecordingMix({"k": knorm, "t": tova}, {"k": weights[0], "t": weights[1]}, combine, guarantee)
     _kept_positions(llama, mix, ids, torch.ones_like(ids))
     assert set(mix.returned) == set(range(llama.config.num_hidden_layers))
     for layer, mixed in mix.returned.items():
         (k_scores, candidates), (t_scores, _) = knorm.seen[layer], tova.seen[layer]
-        k_ranks, t_ranks = 0.3 * _naive_ranks(k_scores, candidates), 0.7 * _naive_ranks(t_scores, candidates)
+        k_ranks = weights[0] * _naive_ranks(k_scores, candidates)
+        t_ranks = weights[1] * _naive_ranks(t_scores, candidates)
         expected = k_ranks + t_ranks if combine == "sum" else torch.maximum(k_ranks, t_ranks)
+        top = torch.zeros_like(candidates)
+        for label, scores in (("k", k_scores), ("t", t_scores)):
+            if label in guarantee:
+                top |= _naive_top(scores, candidates, guarantee[label])
+        assert top.any() == bool(guarantee)
+        expected = expected + top * (sum(weights) + 1.0)
         torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-6)
 
 
@@ -119,6 +141,8 @@ def test_trained_heads_mix_with_a_training_free_scorer_and_match_the_reference(l
     (dict(scorers={"a": "knorm", "b": "snapkv"}, weights={"a": 0, "b": 0}), "not all be 0"),
     (dict(scorers={"a": "knorm", "b": "no-such"}), "no-such"),
     (dict(scorers={"a": "knorm", "b": "snapkv"}, combine="mean"), "combine must be"),
+    (dict(scorers={"a": "knorm", "b": "snapkv"}, guarantee={"c": 0.1}), "guarantee must map"),
+    (dict(scorers={"a": "knorm", "b": "snapkv"}, guarantee={"a": 1.5}), r"guarantee\['a'\] must be a fraction"),
 ])
 def test_bad_options_are_named(options, match):
     with pytest.raises(ValueError, match=match):
@@ -141,6 +165,11 @@ def test_gatekv_mixes_an_adapter_with_scorers(llama):
         llama(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kwarg(llama): session.new_cache()})
     for a, b in zip(session.stats.events[0].kept_positions, expected):
         assert torch.equal(a, b)
+    long_form = GateKV(llama, adapter=adapter, rank_mix={"weights": {"adapter": 0.6, "defensivekv": 0.4},
+                                                         "guarantee": {"adapter": 0.05}, "combine": "max"})
+    assert long_form.scorer.guarantee == {"adapter": 0.05} and long_form.scorer.combine == "max"
+    with pytest.raises(ValueError, match="takes weights, guarantee and combine"):
+        GateKV(llama, adapter=adapter, rank_mix={"weights": {"adapter": 1.0, "knorm": 1.0}, "floor": 0.1})
     scorers_only = GateKV(llama, rank_mix={"knorm": 1.0, "snapkv": 1.0})
     assert set(scorers_only.scorer.members) == {"knorm", "snapkv"}
     with pytest.raises(ValueError, match="must weigh the adapter's heads"):

@@ -90,6 +90,19 @@ class MethodConfig:
             return
         from gatekv.scorers import available_scorers
 
+        if isinstance(mix, dict) and "weights" in mix:  # long form: {weights, guarantee, combine}
+            unknown = sorted(set(mix) - {"weights", "guarantee", "combine"})
+            if unknown:
+                raise ValueError(f"method {self.name!r}: options.rank_mix takes weights, guarantee and combine, "
+                                 f"got {unknown}")
+            from gatekv.scorers.rank_mix import check_mix_options
+
+            labels = list(mix["weights"]) if isinstance(mix["weights"], dict) else []
+            try:
+                check_mix_options(labels, mix.get("combine", "sum"), mix.get("guarantee") or {})
+            except ValueError as error:
+                raise ValueError(f"method {self.name!r}: options.{error}") from None
+            mix = mix["weights"]
         if not isinstance(mix, dict) or "adapter" not in mix or len(mix) < 2:
             raise ValueError(f"method {self.name!r}: options.rank_mix must weigh 'adapter' and at least one scorer, "
                              f"got {mix!r}")

@@ -25,6 +25,19 @@ def within_head_ranks(scores: torch.Tensor, candidates: torch.Tensor) -> torch.T
     return normalised.clamp(min=0.0).masked_fill(~candidates, 0.0)
 
 
+def check_mix_options(labels: list[str], combine: str, guarantee: dict[str, float]) -> None:
+    """``ValueError`` naming the option unless ``combine`` is ``sum``/``max`` and ``guarantee`` maps some of
+    ``labels`` to fractions in [0, 1]."""
+    if combine not in ("sum", "max"):
+        raise ValueError(f"rank_mix: combine must be 'sum' or 'max', got {combine!r}")
+    if not isinstance(guarantee, dict) or not set(guarantee) <= set(labels):
+        raise ValueError(f"rank_mix: guarantee must map some of the scorers {sorted(labels)} to fractions, "
+                         f"got {guarantee!r}")
+    for label, fraction in guarantee.items():
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            raise ValueError(f"rank_mix: guarantee[{label!r}] must be a fraction in [0, 1], got {fraction!r}")
+
+
 @register_scorer("rank_mix")
 class RankMixScorer(ScorerGroup):
     """Blend of several scorers' rankings: ``s_h[j] = sum_i w_i * rank_i,h[j]`` (``combine="sum"``) or
@@ -37,15 +50,18 @@ class RankMixScorer(ScorerGroup):
     with DefensiveKV's window attention (what the latest queries read). Scores are within-head ranks, so pair it with
     an allocator that does not compare scores across heads or layers (``uniform``, ``defensive_budget``).
 
-    scorers: label -> scorer name or instance (at least two; none may replay the prompt)
-    weights: label -> weight (>= 0, not all 0); default equal weights
-    combine: ``sum`` or ``max``
+    A blend can bury what only one member finds: a needle the heads rank first but the window attention never looked
+    at. ``guarantee={label: f}`` puts that member's top ``ceil(f * n)`` of a head's ``n`` candidate slots above every
+    other slot (ordered among themselves by the blend), so each kept count starts with them.
+
+    scorers:   label -> scorer name or instance (at least two; none may replay the prompt)
+    weights:   label -> weight (>= 0, not all 0); default equal weights
+    combine:   ``sum`` or ``max``
+    guarantee: label -> fraction in [0, 1] of that member's top slots ranked first (default none)
     """
 
     def __init__(self, scorers: dict[str, str | Scorer], weights: dict[str, float] | None = None,
-                 combine: str = "sum"):
-        if combine not in ("sum", "max"):
-            raise ValueError(f"rank_mix: combine must be 'sum' or 'max', got {combine!r}")
+                 combine: str = "sum", guarantee: dict[str, float] | None = None):
         self.combine = combine
         if not isinstance(scorers, dict) or len(scorers) < 2:
             raise ValueError(f"rank_mix: scorers must be a dict of at least two label -> scorer, got {scorers!r}")
@@ -62,6 +78,9 @@ class RankMixScorer(ScorerGroup):
         if sum(weights.values()) <= 0:
             raise ValueError(f"rank_mix: the weights must not all be 0, got {weights!r}")
         self.weights = {label: float(weight) for label, weight in weights.items()}
+        guarantee = {} if guarantee is None else guarantee
+        check_mix_options(list(scorers), combine, guarantee)
+        self.guarantee = {label: float(fraction) for label, fraction in guarantee.items() if fraction > 0}
         self.needs = frozenset().union(*(s.needs for s in self.members.values()))
         self.state_names = tuple(dict.fromkeys(n for s in self.members.values() for n in s.state_names))
 
@@ -70,13 +89,21 @@ class RankMixScorer(ScorerGroup):
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         mixed = torch.zeros(ctx.positions.shape, device=ctx.keys.device)
+        guaranteed = torch.zeros(ctx.positions.shape, dtype=torch.bool, device=mixed.device)
+        count = ctx.candidates.sum(-1, keepdim=True).to(mixed.device)  # (B, H_kv, 1) candidates per head
         for label, scorer in self.members.items():
-            if self.weights[label] == 0:
+            if self.weights[label] == 0 and label not in self.guarantee:
                 continue
             scores = scorer.score(ctx)
             if scores.shape != ctx.positions.shape:
                 raise ValueError(f"rank_mix: scorer {label!r} returned shape {tuple(scores.shape)}, "
                                  f"expected {tuple(ctx.positions.shape)}")
-            ranks = self.weights[label] * within_head_ranks(scores.to(mixed.device), ctx.candidates)
-            mixed = mixed + ranks if self.combine == "sum" else torch.maximum(mixed, ranks)
-        return mixed
+            ranks = within_head_ranks(scores.to(mixed.device), ctx.candidates)
+            if label in self.guarantee:
+                # ascending index among the candidates is rank * (n - 1); the top ceil(f * n) have index >= n - that
+                index = torch.round(ranks * (count - 1).clamp(min=0))
+                top = torch.ceil(self.guarantee[label] * count)
+                guaranteed |= ctx.candidates.to(mixed.device) & (index >= count - top)
+            weighted = self.weights[label] * ranks
+            mixed = mixed + weighted if self.combine == "sum" else torch.maximum(mixed, weighted)
+        return mixed + guaranteed * (sum(self.weights.values()) + 1.0)
