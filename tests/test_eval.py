@@ -358,7 +358,7 @@ def test_eval_adapter_in_a_rank_mix(tmp_path, model, tokenizer):
         assert answer.text == record["prediction"]
     for options, message in [({"rank_mix": {"snapkv": 1.0, "knorm": 1.0}}, "must weigh 'adapter'"),
                              ({"rank_mix": {"adapter": 1.0, "snapkvv": 1.0}}, "unknown scorer 'snapkvv'"),
-                             ({"rank_mix": {"adapter": 1.0, "knorm": -1}}, r"rank_mix\['knorm'\] must be a number"),
+                             ({"rank_mix": {"adapter": 1.0, "knorm": -1}}, r"weights\['knorm'\] must be a number"),
                              ({"rank_mix": {"weights": {"adapter": 1, "knorm": 1}, "guarantee": {"tova": 0.1}}},
                               "rank_mix: guarantee must map"),
                              ({"rank_mix": {"weights": {"adapter": 1, "knorm": 1}, "combine": "mean"}},

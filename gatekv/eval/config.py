@@ -89,29 +89,27 @@ class MethodConfig:
         if mix is None:
             return
         from gatekv.scorers import available_scorers
+        from gatekv.scorers.rank_mix import check_mix_options
 
+        options = {}
         if isinstance(mix, dict) and "weights" in mix:  # long form: {weights, guarantee, combine}
-            unknown = sorted(set(mix) - {"weights", "guarantee", "combine"})
+            options = {k: v for k, v in mix.items() if k != "weights"}
+            unknown = sorted(set(options) - {"guarantee", "combine"})
             if unknown:
                 raise ValueError(f"method {self.name!r}: options.rank_mix takes weights, guarantee and combine, "
                                  f"got {unknown}")
-            from gatekv.scorers.rank_mix import check_mix_options
-
-            labels = list(mix["weights"]) if isinstance(mix["weights"], dict) else []
-            try:
-                check_mix_options(labels, mix.get("combine", "sum"), mix.get("guarantee") or {})
-            except ValueError as error:
-                raise ValueError(f"method {self.name!r}: options.{error}") from None
             mix = mix["weights"]
         if not isinstance(mix, dict) or "adapter" not in mix or len(mix) < 2:
             raise ValueError(f"method {self.name!r}: options.rank_mix must weigh 'adapter' and at least one scorer, "
                              f"got {mix!r}")
-        for label, weight in mix.items():
+        for label in mix:
             if label != "adapter" and label not in available_scorers():
                 raise ValueError(f"method {self.name!r}: options.rank_mix: unknown scorer {label!r}; valid: adapter, "
                                  f"{', '.join(available_scorers())}")
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-                raise ValueError(f"method {self.name!r}: options.rank_mix[{label!r}] must be a number >= 0, got {weight!r}")
+        try:
+            check_mix_options(mix, **options)
+        except ValueError as error:
+            raise ValueError(f"method {self.name!r}: options.{error}") from None
 
     @property
     def is_full(self) -> bool:

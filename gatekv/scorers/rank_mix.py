@@ -25,13 +25,21 @@ def within_head_ranks(scores: torch.Tensor, candidates: torch.Tensor) -> torch.T
     return normalised.clamp(min=0.0).masked_fill(~candidates, 0.0)
 
 
-def check_mix_options(labels: list[str], combine: str, guarantee: dict[str, float]) -> None:
-    """``ValueError`` naming the option unless ``combine`` is ``sum``/``max`` and ``guarantee`` maps some of
-    ``labels`` to fractions in [0, 1]."""
+def check_mix_options(weights: dict[str, float], combine: str = "sum", guarantee: dict[str, float] | None = None) -> None:
+    """``ValueError`` naming the option unless ``weights`` maps labels to numbers >= 0 (not all 0), ``combine`` is
+    ``sum``/``max`` and ``guarantee`` maps some of those labels to fractions in [0, 1]."""
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError(f"rank_mix: weights must map labels to numbers, got {weights!r}")
+    for label, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ValueError(f"rank_mix: weights[{label!r}] must be a number >= 0, got {weight!r}")
+    if sum(weights.values()) <= 0:
+        raise ValueError(f"rank_mix: the weights must not all be 0, got {weights!r}")
     if combine not in ("sum", "max"):
         raise ValueError(f"rank_mix: combine must be 'sum' or 'max', got {combine!r}")
-    if not isinstance(guarantee, dict) or not set(guarantee) <= set(labels):
-        raise ValueError(f"rank_mix: guarantee must map some of the scorers {sorted(labels)} to fractions, "
+    guarantee = {} if guarantee is None else guarantee
+    if not isinstance(guarantee, dict) or not set(guarantee) <= set(weights):
+        raise ValueError(f"rank_mix: guarantee must map some of the scorers {sorted(weights)} to fractions, "
                          f"got {guarantee!r}")
     for label, fraction in guarantee.items():
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
@@ -72,14 +80,9 @@ class RankMixScorer(ScorerGroup):
         weights = {label: 1.0 for label in scorers} if weights is None else weights
         if not isinstance(weights, dict) or set(weights) != set(scorers):
             raise ValueError(f"rank_mix: weights must name exactly the scorers {sorted(scorers)}, got {weights!r}")
-        for label, weight in weights.items():
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-                raise ValueError(f"rank_mix: weights[{label!r}] must be a number >= 0, got {weight!r}")
-        if sum(weights.values()) <= 0:
-            raise ValueError(f"rank_mix: the weights must not all be 0, got {weights!r}")
-        self.weights = {label: float(weight) for label, weight in weights.items()}
         guarantee = {} if guarantee is None else guarantee
-        check_mix_options(list(scorers), combine, guarantee)
+        check_mix_options(weights, combine, guarantee)
+        self.weights = {label: float(weight) for label, weight in weights.items()}
         self.guarantee = {label: float(fraction) for label, fraction in guarantee.items() if fraction > 0}
         self.needs = frozenset().union(*(s.needs for s in self.members.values()))
         self.state_names = tuple(dict.fromkeys(n for s in self.members.values() for n in s.state_names))
