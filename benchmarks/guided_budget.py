@@ -49,8 +49,8 @@ def main(argv=None) -> int:
                         help="weights W of the heads in a rank_mix with DefensiveKV, ranked inside "
                              "Layer-DefensiveKV's counts")
     parser.add_argument("--combine", choices=["sum", "max"], default="sum", help="how --rank-mix blends the ranks")
-    parser.add_argument("--guarantee", type=float, nargs="+", default=[0.0],
-                        help="--rank-mix: fractions of each head's candidates the heads' top keeps first (one setting each)")
+    parser.add_argument("--quota", type=float, nargs="+", default=[0.0],
+                        help="--rank-mix: shares of every kept count that go to the heads' own top (one setting each)")
     parser.add_argument("--seed-base", type=int, default=0,
                         help="first sample seed (0: the evaluation samples; e.g. 1000 for a disjoint tuning split)")
     parser.add_argument("--threads", type=int, default=2)
@@ -94,11 +94,11 @@ def main(argv=None) -> int:
         settings[f"heads-ranked|mixed-budgets-{weight:g}"] = ("heads", ("mix", weight))
     scorers = {"heads": heads, "dkv": "defensivekv"}
     for weight in args.rank_mix:
-        for fraction in args.guarantee:
-            label = f"mix{weight:g}-g{fraction:g}"
+        for share in args.quota:
+            label = f"mix{weight:g}-q{share:g}"
             scorers[label] = RankMixScorer({"heads": heads, "dkv": "defensivekv"}, {"heads": weight, "dkv": 1 - weight},
-                                           args.combine, {"heads": fraction})
-            settings[f"rank-mix-{args.combine}-{weight:g}-g{fraction:g}|defensivekv-budgets"] = (
+                                           args.combine, {"heads": share} if share > 0 else None)
+            settings[f"rank-mix-{args.combine}-{weight:g}-q{share:g}|defensivekv-budgets"] = (
                 label, "layer-defensivekv|global")
     if args.decompose:
         from gatekv.eval.oracle import OracleScorer, oracle_labels

@@ -77,9 +77,9 @@ def _rank_mix(weights, heads, scorer):
     options = {}
     if "weights" in weights:  # the long form
         options = {k: v for k, v in weights.items() if k != "weights"}
-        unknown = sorted(set(options) - {"guarantee", "combine"})
+        unknown = sorted(set(options) - {"quota", "combine"})
         if unknown:
-            raise ValueError(f"GateKV: rank_mix takes weights, guarantee and combine, got {unknown}")
+            raise ValueError(f"GateKV: rank_mix takes weights, quota and combine, got {unknown}")
         weights = weights["weights"]
         if not isinstance(weights, dict):
             raise ValueError(f"GateKV: rank_mix weights must map labels to weights, got {weights!r}")
@@ -106,7 +106,7 @@ class GateKV:
     allow_mismatch: accept an adapter made for a model with a different fingerprint (expert use)
     rank_mix:   blend rankings within each head (:class:`~gatekv.scorers.rank_mix.RankMixScorer`): label -> weight,
                 where ``"adapter"`` is the adapter's heads and any other label a training-free scorer name, e.g.
-                ``{"adapter": 0.75, "defensivekv": 0.25}``, or ``{"weights": {...}, "guarantee": {label: fraction},
+                ``{"adapter": 0.75, "defensivekv": 0.25}``, or ``{"weights": {...}, "quota": {label: share},
                 "combine": "sum" | "max"}``; replaces ``scorer``
     config:     all the settings as one :class:`~gatekv.settings.CompressionConfig` (instead of allocator, budget,
                 prefill and ``compress_options``; its scorer is used unless ``scorer`` or ``adapter`` is given)

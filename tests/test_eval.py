@@ -336,7 +336,7 @@ def test_eval_adapter_in_a_rank_mix(tmp_path, model, tokenizer):
     torch.manual_seed(2)
     Adapter(build_heads("retaining_head", model, hidden=8), base_model="tiny:llama", target="cis").save_pretrained(
         tmp_path / "a")
-    mix = {"weights": {"adapter": 0.7, "defensivekv": 0.3}, "guarantee": {"adapter": 0.02}}
+    mix = {"weights": {"adapter": 0.7, "defensivekv": 0.3}, "quota": {"adapter": 0.5}}
     config = _config(tmp_path, tasks=["niah_single"], budgets=[0.3], num_samples=2, methods=[
         {"name": "full", "scorer": "full"},
         {"name": "mixed", "adapter": str(tmp_path / "a"), "allocators": ["defensive_budget"],
@@ -359,8 +359,8 @@ def test_eval_adapter_in_a_rank_mix(tmp_path, model, tokenizer):
     for options, message in [({"rank_mix": {"snapkv": 1.0, "knorm": 1.0}}, "must weigh 'adapter'"),
                              ({"rank_mix": {"adapter": 1.0, "snapkvv": 1.0}}, "unknown scorer 'snapkvv'"),
                              ({"rank_mix": {"adapter": 1.0, "knorm": -1}}, r"weights\['knorm'\] must be a number"),
-                             ({"rank_mix": {"weights": {"adapter": 1, "knorm": 1}, "guarantee": {"tova": 0.1}}},
-                              "rank_mix: guarantee must map"),
+                             ({"rank_mix": {"weights": {"adapter": 1, "knorm": 1}, "quota": {"tova": 0.1}}},
+                              "rank_mix: quota must map"),
                              ({"rank_mix": {"weights": {"adapter": 1, "knorm": 1}, "combine": "mean"}},
                               "combine must be"),
                              ({"rank_mix": {"weights": {"adapter": 1, "knorm": 1}, "top": 1}}, r"got \['top'\]"),

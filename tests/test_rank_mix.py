@@ -85,38 +85,58 @@ class _RecordingMix(RankMixScorer):
         return self.returned[ctx.layer_idx]
 
 
-def _naive_top(scores: torch.Tensor, candidates: torch.Tensor, fraction: float) -> torch.Tensor:
-    out = torch.zeros_like(candidates)
-    for b in range(scores.shape[0]):
-        for h in range(scores.shape[1]):
-            slots = [t for t in range(scores.shape[2]) if candidates[b, h, t]]
-            ordered = sorted(slots, key=lambda t: (float(scores[b, h, t]), t), reverse=True)
-            for t in ordered[: math.ceil(fraction * len(slots))]:
-                out[b, h, t] = True
-    return out
-
-
-@pytest.mark.parametrize("combine, weights, guarantee", [("sum", (0.3, 0.7), {}), ("max", (0.3, 0.7), {}),
-                                                         ("sum", (0.0, 1.0), {"k": 0.1}),
-                                                         ("max", (0.5, 0.5), {"k": 0.05, "t": 0.2})])
-def test_blend_equals_a_naive_blend_of_ranks(llama, combine, weights, guarantee):
+@pytest.mark.parametrize("combine, weights, quota", [("sum", (0.3, 0.7), {}), ("max", (0.3, 0.7), {}),
+                                                     ("sum", (0.5, 0.5), {"k": 0.5}), ("sum", (0.0, 1.0), {"k": 1.0}),
+                                                     ("max", (0.5, 0.5), {"k": 0.2, "t": 0.3})])
+def test_blend_equals_a_naive_blend_of_ranks(llama, combine, weights, quota):
     ids, _ = random_batch(1, 64, seed=6)
     knorm, tova = _Recording("knorm"), _Recording("tova")
-    mix = _RecordingMix({"k": knorm, "t": tova}, {"k": weights[0], "t": weights[1]}, combine, guarantee)
+    mix = _RecordingMix({"k": knorm, "t": tova}, {"k": weights[0], "t": weights[1]}, combine, quota)
     _kept_positions(llama, mix, ids, torch.ones_like(ids))
     assert set(mix.returned) == set(range(llama.config.num_hidden_layers))
     for layer, mixed in mix.returned.items():
         (k_scores, candidates), (t_scores, _) = knorm.seen[layer], tova.seen[layer]
-        k_ranks = weights[0] * _naive_ranks(k_scores, candidates)
-        t_ranks = weights[1] * _naive_ranks(t_scores, candidates)
+        ranks = {"k": _naive_ranks(k_scores, candidates), "t": _naive_ranks(t_scores, candidates)}
+        k_ranks, t_ranks = weights[0] * ranks["k"], weights[1] * ranks["t"]
         expected = k_ranks + t_ranks if combine == "sum" else torch.maximum(k_ranks, t_ranks)
-        top = torch.zeros_like(candidates)
-        for label, scores in (("k", k_scores), ("t", t_scores)):
-            if label in guarantee:
-                top |= _naive_top(scores, candidates, guarantee[label])
-        assert top.any() == bool(guarantee)
-        expected = expected + top * (sum(weights) + 1.0)
-        torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-6)
+        if quota:
+            rest = 1 - sum(quota.values())
+            blend = (_naive_ranks(expected, candidates) - 1) / rest if rest > 0 else torch.full_like(expected, -math.inf)
+            for label, share in quota.items():
+                blend = torch.maximum(blend, (ranks[label] - 1) / share)
+            expected = blend
+        torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5, 0.8])
+def test_a_quota_keeps_the_members_top_share_of_every_count(share):
+    """Whatever count k an allocator keeps, its top k by the mix's scores hold the member's own top ~share * k."""
+    generator = torch.Generator().manual_seed(int(share * 100))
+    member, other = torch.rand(2, 3, 300, generator=generator), torch.rand(2, 3, 300, generator=generator)
+    candidates = torch.rand(2, 3, 300, generator=generator) > 0.1
+
+    class _Fixed(Scorer):
+        def __init__(self, scores):
+            self.scores = scores
+
+        def score(self, ctx):
+            return self.scores
+
+    class _Context:  # the fields score() reads
+        positions, keys = member, member
+
+    _Context.candidates = candidates
+    out = RankMixScorer({"m": _Fixed(member), "o": _Fixed(other)}, {"m": 0.0, "o": 1.0}, quota={"m": share}).score(
+        _Context())
+    for k in (4, 10, 30, 100, 250):
+        kept = out.masked_fill(~candidates, -math.inf).topk(k, dim=-1).indices
+        own = member.masked_fill(~candidates, -math.inf).topk(int(share * (k - 2)), dim=-1).indices
+        for b in range(2):
+            for h in range(3):
+                assert set(own[b, h].tolist()) <= set(kept[b, h].tolist()), (k, b, h)
+        # and the other member gets the rest: its top (1 - share) * (k - 2) too
+        rest = other.masked_fill(~candidates, -math.inf).topk(int((1 - share) * (k - 2)), dim=-1).indices
+        assert all(set(rest[b, h].tolist()) <= set(kept[b, h].tolist()) for b in range(2) for h in range(3))
 
 
 def test_trained_heads_mix_with_a_training_free_scorer_and_match_the_reference(llama):
@@ -141,8 +161,9 @@ def test_trained_heads_mix_with_a_training_free_scorer_and_match_the_reference(l
     (dict(scorers={"a": "knorm", "b": "snapkv"}, weights={"a": 0, "b": 0}), "not all be 0"),
     (dict(scorers={"a": "knorm", "b": "no-such"}), "no-such"),
     (dict(scorers={"a": "knorm", "b": "snapkv"}, combine="mean"), "combine must be"),
-    (dict(scorers={"a": "knorm", "b": "snapkv"}, guarantee={"c": 0.1}), "guarantee must map"),
-    (dict(scorers={"a": "knorm", "b": "snapkv"}, guarantee={"a": 1.5}), r"guarantee\['a'\] must be a fraction"),
+    (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"c": 0.1}), "quota must map"),
+    (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.0}), r"quota\['a'\] must be a share"),
+    (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.6, "b": 0.6}), "sum to at most 1"),
 ])
 def test_bad_options_are_named(options, match):
     with pytest.raises(ValueError, match=match):
@@ -166,9 +187,9 @@ def test_gatekv_mixes_an_adapter_with_scorers(llama):
     for a, b in zip(session.stats.events[0].kept_positions, expected):
         assert torch.equal(a, b)
     long_form = GateKV(llama, adapter=adapter, rank_mix={"weights": {"adapter": 0.6, "defensivekv": 0.4},
-                                                         "guarantee": {"adapter": 0.05}, "combine": "max"})
-    assert long_form.scorer.guarantee == {"adapter": 0.05} and long_form.scorer.combine == "max"
-    with pytest.raises(ValueError, match="takes weights, guarantee and combine"):
+                                                         "quota": {"adapter": 0.5}, "combine": "max"})
+    assert long_form.scorer.quota == {"adapter": 0.5} and long_form.scorer.combine == "max"
+    with pytest.raises(ValueError, match="takes weights, quota and combine"):
         GateKV(llama, adapter=adapter, rank_mix={"weights": {"adapter": 1.0, "knorm": 1.0}, "floor": 0.1})
     scorers_only = GateKV(llama, rank_mix={"knorm": 1.0, "snapkv": 1.0})
     assert set(scorers_only.scorer.members) == {"knorm", "snapkv"}

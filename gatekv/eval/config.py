@@ -92,11 +92,11 @@ class MethodConfig:
         from gatekv.scorers.rank_mix import check_mix_options
 
         options = {}
-        if isinstance(mix, dict) and "weights" in mix:  # long form: {weights, guarantee, combine}
+        if isinstance(mix, dict) and "weights" in mix:  # long form: {weights, quota, combine}
             options = {k: v for k, v in mix.items() if k != "weights"}
-            unknown = sorted(set(options) - {"guarantee", "combine"})
+            unknown = sorted(set(options) - {"quota", "combine"})
             if unknown:
-                raise ValueError(f"method {self.name!r}: options.rank_mix takes weights, guarantee and combine, "
+                raise ValueError(f"method {self.name!r}: options.rank_mix takes weights, quota and combine, "
                                  f"got {unknown}")
             mix = mix["weights"]
         if not isinstance(mix, dict) or "adapter" not in mix or len(mix) < 2:

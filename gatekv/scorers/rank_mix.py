@@ -25,9 +25,9 @@ def within_head_ranks(scores: torch.Tensor, candidates: torch.Tensor) -> torch.T
     return normalised.clamp(min=0.0).masked_fill(~candidates, 0.0)
 
 
-def check_mix_options(weights: dict[str, float], combine: str = "sum", guarantee: dict[str, float] | None = None) -> None:
+def check_mix_options(weights: dict[str, float], combine: str = "sum", quota: dict[str, float] | None = None) -> None:
     """``ValueError`` naming the option unless ``weights`` maps labels to numbers >= 0 (not all 0), ``combine`` is
-    ``sum``/``max`` and ``guarantee`` maps some of those labels to fractions in [0, 1]."""
+    ``sum``/``max`` and ``quota`` maps some of those labels to shares in (0, 1] that sum to at most 1."""
     if not isinstance(weights, dict) or not weights:
         raise ValueError(f"rank_mix: weights must map labels to numbers, got {weights!r}")
     for label, weight in weights.items():
@@ -37,13 +37,14 @@ def check_mix_options(weights: dict[str, float], combine: str = "sum", guarantee
         raise ValueError(f"rank_mix: the weights must not all be 0, got {weights!r}")
     if combine not in ("sum", "max"):
         raise ValueError(f"rank_mix: combine must be 'sum' or 'max', got {combine!r}")
-    guarantee = {} if guarantee is None else guarantee
-    if not isinstance(guarantee, dict) or not set(guarantee) <= set(weights):
-        raise ValueError(f"rank_mix: guarantee must map some of the scorers {sorted(weights)} to fractions, "
-                         f"got {guarantee!r}")
-    for label, fraction in guarantee.items():
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
-            raise ValueError(f"rank_mix: guarantee[{label!r}] must be a fraction in [0, 1], got {fraction!r}")
+    quota = {} if quota is None else quota
+    if not isinstance(quota, dict) or not set(quota) <= set(weights):
+        raise ValueError(f"rank_mix: quota must map some of the scorers {sorted(weights)} to shares, got {quota!r}")
+    for label, share in quota.items():
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ValueError(f"rank_mix: quota[{label!r}] must be a share in (0, 1], got {share!r}")
+    if sum(quota.values()) > 1 + 1e-9:
+        raise ValueError(f"rank_mix: the quota shares must sum to at most 1, got {quota!r}")
 
 
 @register_scorer("rank_mix")
@@ -59,17 +60,17 @@ class RankMixScorer(ScorerGroup):
     an allocator that does not compare scores across heads or layers (``uniform``, ``defensive_budget``).
 
     A blend can bury what only one member finds: a needle the heads rank first but the window attention never looked
-    at. ``guarantee={label: f}`` puts that member's top ``ceil(f * n)`` of a head's ``n`` candidate slots above every
-    other slot (ordered among themselves by the blend), so each kept count starts with them.
+    at. ``quota={label: p}`` gives that member's own top ``p * k`` of every head's kept count ``k``, whatever the
+    allocator makes ``k``; the blend fills the rest.
 
     scorers:   label -> scorer name or instance (at least two; none may replay the prompt)
     weights:   label -> weight (>= 0, not all 0); default equal weights
     combine:   ``sum`` or ``max``
-    guarantee: label -> fraction in [0, 1] of that member's top slots ranked first (default none)
+    quota:     label -> share in (0, 1] of every kept count that goes to that member's own top (shares sum to <= 1)
     """
 
     def __init__(self, scorers: dict[str, str | Scorer], weights: dict[str, float] | None = None,
-                 combine: str = "sum", guarantee: dict[str, float] | None = None):
+                 combine: str = "sum", quota: dict[str, float] | None = None):
         self.combine = combine
         if not isinstance(scorers, dict) or len(scorers) < 2:
             raise ValueError(f"rank_mix: scorers must be a dict of at least two label -> scorer, got {scorers!r}")
@@ -80,10 +81,10 @@ class RankMixScorer(ScorerGroup):
         weights = {label: 1.0 for label in scorers} if weights is None else weights
         if not isinstance(weights, dict) or set(weights) != set(scorers):
             raise ValueError(f"rank_mix: weights must name exactly the scorers {sorted(scorers)}, got {weights!r}")
-        guarantee = {} if guarantee is None else guarantee
-        check_mix_options(weights, combine, guarantee)
+        quota = {} if quota is None else quota
+        check_mix_options(weights, combine, quota)
         self.weights = {label: float(weight) for label, weight in weights.items()}
-        self.guarantee = {label: float(fraction) for label, fraction in guarantee.items() if fraction > 0}
+        self.quota = {label: float(share) for label, share in quota.items()}
         self.needs = frozenset().union(*(s.needs for s in self.members.values()))
         self.state_names = tuple(dict.fromkeys(n for s in self.members.values() for n in s.state_names))
 
@@ -91,22 +92,30 @@ class RankMixScorer(ScorerGroup):
         """Nothing is stored between forwards."""
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
+        candidates = ctx.candidates.to(ctx.keys.device)
         mixed = torch.zeros(ctx.positions.shape, device=ctx.keys.device)
-        guaranteed = torch.zeros(ctx.positions.shape, dtype=torch.bool, device=mixed.device)
-        count = ctx.candidates.sum(-1, keepdim=True).to(mixed.device)  # (B, H_kv, 1) candidates per head
+        own_ranks = {}
         for label, scorer in self.members.items():
-            if self.weights[label] == 0 and label not in self.guarantee:
+            if self.weights[label] == 0 and label not in self.quota:
                 continue
             scores = scorer.score(ctx)
             if scores.shape != ctx.positions.shape:
                 raise ValueError(f"rank_mix: scorer {label!r} returned shape {tuple(scores.shape)}, "
                                  f"expected {tuple(ctx.positions.shape)}")
-            ranks = within_head_ranks(scores.to(mixed.device), ctx.candidates)
-            if label in self.guarantee:
-                # ascending index among the candidates is rank * (n - 1); the top ceil(f * n) have index >= n - that
-                index = torch.round(ranks * (count - 1).clamp(min=0))
-                top = torch.ceil(self.guarantee[label] * count)
-                guaranteed |= ctx.candidates.to(mixed.device) & (index >= count - top)
+            ranks = within_head_ranks(scores.to(mixed.device), candidates)
+            if label in self.quota:
+                own_ranks[label] = ranks
             weighted = self.weights[label] * ranks
             mixed = mixed + weighted if self.combine == "sum" else torch.maximum(mixed, weighted)
-        return mixed + guaranteed * (sum(self.weights.values()) + 1.0)
+        if not self.quota:
+            return mixed
+        # a slot is in the top fraction q of a ranking iff its normalised rank r >= 1 - q; so the top k slots by
+        # max_i (r_i - 1) / p_i (members with a quota) and (r_blend - 1) / (1 - sum p_i) are each such member's top
+        # p_i * k and the blend's top (1 - sum p_i) * k (slots in both count once), for every count k
+        blend_share = 1.0 - sum(self.quota.values())
+        out = torch.full_like(mixed, float("-inf"))
+        if blend_share > 1e-9:
+            out = (within_head_ranks(mixed, candidates) - 1) / blend_share
+        for label, share in self.quota.items():
+            out = torch.maximum(out, (own_ranks[label] - 1) / share)
+        return out
