@@ -70,19 +70,12 @@ def _rank_mix(weights, heads, scorer):
     """The :class:`~gatekv.scorers.rank_mix.RankMixScorer` of ``weights`` (label -> weight): ``"adapter"`` is
     ``heads`` (the adapter's, None without one), other labels are training-free scorer names. ``scorer``: what the
     caller passed besides (refused without an adapter: the mix replaces it)."""
-    from gatekv.scorers.rank_mix import RankMixScorer
+    from gatekv.scorers.rank_mix import RankMixScorer, split_mix_spec
 
-    if not isinstance(weights, dict):
-        raise ValueError(f"GateKV: rank_mix must map labels to weights, got {weights!r}")
-    options = {}
-    if "weights" in weights:  # the long form
-        options = {k: v for k, v in weights.items() if k != "weights"}
-        unknown = sorted(set(options) - {"quota", "combine"})
-        if unknown:
-            raise ValueError(f"GateKV: rank_mix takes weights, quota and combine, got {unknown}")
-        weights = weights["weights"]
-        if not isinstance(weights, dict):
-            raise ValueError(f"GateKV: rank_mix weights must map labels to weights, got {weights!r}")
+    try:
+        weights, options = split_mix_spec(weights)
+    except ValueError as error:
+        raise ValueError(f"GateKV: {error}") from None
     if heads is None and scorer is not None:
         raise ValueError("GateKV: give either scorer or rank_mix (the mix is the scorer)")
     if heads is not None and "adapter" not in weights:

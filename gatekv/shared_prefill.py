@@ -31,11 +31,9 @@ class _ScoreSet(ScorerGroup):
         replaying = [name for name, s in scorers.items() if s.replays]
         if len(replaying) > 1:
             raise ValueError(f"a shared prefill takes at most one replaying scorer (each replays its own inputs), got {replaying}")
-        self.members = scorers
+        self._take_members(scorers)
         self.replays = bool(replaying)
         self._replaying = scorers[replaying[0]] if replaying else None
-        self.needs = frozenset().union(*(s.needs for s in scorers.values()))
-        self.state_names = tuple(dict.fromkeys(n for s in scorers.values() for n in s.state_names))
         self.results: dict[str, dict[int, torch.Tensor]] = {name: {} for name in scorers}
 
     def replay_inputs(self, token_ids, token_positions, start, end):

@@ -89,17 +89,13 @@ class MethodConfig:
         if mix is None:
             return
         from gatekv.scorers import available_scorers
-        from gatekv.scorers.rank_mix import check_mix_options
+        from gatekv.scorers.rank_mix import check_mix_options, split_mix_spec
 
-        options = {}
-        if isinstance(mix, dict) and "weights" in mix:  # long form: {weights, quota, combine}
-            options = {k: v for k, v in mix.items() if k != "weights"}
-            unknown = sorted(set(options) - {"quota", "combine"})
-            if unknown:
-                raise ValueError(f"method {self.name!r}: options.rank_mix takes weights, quota and combine, "
-                                 f"got {unknown}")
-            mix = mix["weights"]
-        if not isinstance(mix, dict) or "adapter" not in mix or len(mix) < 2:
+        try:
+            mix, options = split_mix_spec(mix)
+        except ValueError as error:
+            raise ValueError(f"method {self.name!r}: options.{error}") from None
+        if "adapter" not in mix or len(mix) < 2:
             raise ValueError(f"method {self.name!r}: options.rank_mix must weigh 'adapter' and at least one scorer, "
                              f"got {mix!r}")
         for label in mix:

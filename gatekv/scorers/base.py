@@ -182,6 +182,12 @@ class ScorerGroup(Scorer):
         """Drop stored scores of layer ``layer_idx`` past slot ``width``."""
         raise NotImplementedError
 
+    def _take_members(self, members: dict[str, Scorer]) -> None:
+        """Set ``members`` and the union of their ``needs`` and ``state_names``."""
+        self.members = members
+        self.needs = frozenset().union(*(s.needs for s in members.values()))
+        self.state_names = tuple(dict.fromkeys(n for s in members.values() for n in s.state_names))
+
 
 SCORERS: Registry[Scorer] = Registry("scorer", Scorer)
 """The registered scorers: ``register_*`` (class decorator), ``available_*`` (sorted names), ``get_*`` (an instance from a

@@ -47,6 +47,22 @@ def check_mix_options(weights: dict[str, float], combine: str = "sum", quota: di
         raise ValueError(f"rank_mix: the quota shares must sum to at most 1, got {quota!r}")
 
 
+def split_mix_spec(spec) -> tuple[dict, dict]:
+    """``(weights, options)`` of a mix given as ``{label: weight}`` or as the long form ``{"weights": {...},
+    "quota": {...}, "combine": ...}``; ``ValueError`` naming what is off."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"rank_mix must map labels to weights, got {spec!r}")
+    if "weights" not in spec:
+        return spec, {}
+    options = {k: v for k, v in spec.items() if k != "weights"}
+    unknown = sorted(set(options) - {"quota", "combine"})
+    if unknown:
+        raise ValueError(f"rank_mix takes weights, quota and combine, got {unknown}")
+    if not isinstance(spec["weights"], dict):
+        raise ValueError(f"rank_mix weights must map labels to weights, got {spec['weights']!r}")
+    return spec["weights"], options
+
+
 @register_scorer("rank_mix")
 class RankMixScorer(ScorerGroup):
     """Blend of several scorers' rankings: ``s_h[j] = sum_i w_i * rank_i,h[j]`` (``combine="sum"``) or
@@ -74,7 +90,7 @@ class RankMixScorer(ScorerGroup):
         self.combine = combine
         if not isinstance(scorers, dict) or len(scorers) < 2:
             raise ValueError(f"rank_mix: scorers must be a dict of at least two label -> scorer, got {scorers!r}")
-        self.members = {label: get_scorer(scorer) for label, scorer in scorers.items()}
+        self._take_members({label: get_scorer(scorer) for label, scorer in scorers.items()})
         replaying = [label for label, scorer in self.members.items() if scorer.replays]
         if replaying:
             raise ValueError(f"rank_mix: members may not replay the prompt, got {replaying}")
@@ -85,8 +101,6 @@ class RankMixScorer(ScorerGroup):
         check_mix_options(weights, combine, quota)
         self.weights = {label: float(weight) for label, weight in weights.items()}
         self.quota = {label: float(share) for label, share in quota.items()}
-        self.needs = frozenset().union(*(s.needs for s in self.members.values()))
-        self.state_names = tuple(dict.fromkeys(n for s in self.members.values() for n in s.state_names))
 
     def trim(self, layer_idx: int, width: int) -> None:
         """Nothing is stored between forwards."""
