@@ -14,8 +14,9 @@ heads (KL 0.207 vs 0.242). DefensiveKV's edge is its allocation across layers (w
 ``--decompose`` adds the oracle (the target's own CIS label, :mod:`gatekv.eval.oracle`; it sees the future) as a third
 scorer of the same prefill, and splits the gap between the combination and the oracle into its two parts:
 the oracle's ranking inside Layer-DefensiveKV's counts, and the heads' ranking inside the oracle's Ada-KV counts.
-``--floors`` adds the combination at other floors of the global allocator, ``--mix W`` per-head counts
-``W * Layer-DefensiveKV's + (1 - W) * the heads' Ada-KV counts`` (same total, largest remainders), ranked by the heads.
+``--floors`` adds the combination (and each ``--rank-mix`` setting) at other floors of the global allocator,
+``--mix W`` per-head counts ``W * Layer-DefensiveKV's + (1 - W) * the heads' Ada-KV counts`` (same total, largest
+remainders), ranked by the heads.
 
     python benchmarks/guided_budget.py --task lm --num-samples 32 --decompose --floors 0 0.2 --mix 0.5 \
         --out benchmarks/results/smollm2-guided-budget/decompose
@@ -100,6 +101,9 @@ def main(argv=None) -> int:
                                            args.combine, {"heads": share} if share > 0 else None)
             settings[f"rank-mix-{args.combine}-{weight:g}-q{share:g}|defensivekv-budgets"] = (
                 label, "layer-defensivekv|global")
+            for floor in args.floors:
+                settings[f"rank-mix-{args.combine}-{weight:g}-q{share:g}|defensivekv-budgets-floor{floor:g}"] = (
+                    label, f"layer-defensivekv-floor{floor:g}|global")
     if args.decompose:
         from gatekv.eval.oracle import OracleScorer, oracle_labels
 

@@ -16,7 +16,7 @@ from gatekv.models import cache_kwarg
 from gatekv.scorers import Scorer
 from gatekv.scorers.rank_mix import RankMixScorer, within_head_ranks
 from test_compress import check_against_reference, generate
-from tiny_models import random_batch, tiny_model
+from tiny_models import FAMILIES, random_batch, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +150,25 @@ def test_trained_heads_mix_with_a_training_free_scorer_and_match_the_reference(l
                       **options) as session:
             sequences, logits = generate(llama, ids, mask)
         check_against_reference(llama, ids, mask, sequences, logits, session)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_heads_quota_mix_matches_the_reference_in_every_family(family):
+    """The shipped setting (heads + DefensiveKV, quota, defensive_budget) on each family, one-shot and with a fixed
+    decode budget (each decode eviction re-ranks with both members); the logits equal the masked reference."""
+    model = tiny_model(family)
+    torch.manual_seed(1)
+    heads = RetainingHead.from_model(model, hidden=8, recency_buckets=4)
+    mix = get_scorer("rank_mix", scorers={"heads": heads, "dkv": "defensivekv"},
+                     weights={"heads": 0.5, "dkv": 0.5}, quota={"heads": 0.5})
+    ids, mask = random_batch(2, 72, pad=[0, 9], seed=11)
+    for options in (dict(), dict(decode_budget=24)):
+        with compress(model, mix, "defensive_budget", budget=20, window=4, sinks=2, record=True,
+                      **options) as session:
+            sequences, logits = generate(model, ids, mask)
+        if options:
+            assert any(e.kind == "decode" for e in session.stats.events)
+        check_against_reference(model, ids, mask, sequences, logits, session)
 
 
 @pytest.mark.parametrize("options, match", [
