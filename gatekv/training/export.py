@@ -124,6 +124,10 @@ def adapter_from_checkpoint(checkpoint: str | Path) -> Adapter:
     )
 
 
+SUMMARY_CARD_FIELDS = ("train_samples", "objective", "final_val", "wall_seconds", "data_mix", "init_from")
+"""What a run's ``summary.json`` puts into the adapter card (besides ``steps``), at the end of a run or on export."""
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, summary: str | Path | None = None) -> Path:
     """Write the adapter of ``checkpoint`` (file, DeepSpeed directory or run directory) to ``out_dir``.
 
@@ -135,6 +139,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, summary: str 
     if summary_path is not None and summary_path.is_file():
         data = json.loads(summary_path.read_text(encoding="utf-8"))
         if data.get("steps") == adapter.training.get("steps"):  # the summary describes this very checkpoint
-            adapter.training.update({k: data[k] for k in ("train_samples", "objective", "final_val") if k in data})
+            adapter.training.update({k: data[k] for k in SUMMARY_CARD_FIELDS if data.get(k) is not None})
     adapter.save_pretrained(out_dir)
     return Path(out_dir)

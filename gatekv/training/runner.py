@@ -505,7 +505,7 @@ def _export(module, heads, adapter_dir: Path, config: TrainConfig, summary: dict
     import contextlib
 
     from gatekv.heads import Adapter
-    from gatekv.training.export import lora_from_peft
+    from gatekv.training.export import SUMMARY_CARD_FIELDS, lora_from_peft
 
     gathered = contextlib.nullcontext()
     if deepspeed:  # ZeRO-3 partitions every parameter: gather the heads before reading them
@@ -519,8 +519,7 @@ def _export(module, heads, adapter_dir: Path, config: TrainConfig, summary: dict
             base_model=config.model.name,
             base_revision=config.model.revision,
             target=config.target.kind,
-            training={k: summary[k] for k in ("steps", "train_samples", "objective", "final_val", "wall_seconds",
-                                              "data_mix", "init_from") if summary.get(k) is not None},
+            training={k: summary[k] for k in ("steps", *SUMMARY_CARD_FIELDS) if summary.get(k) is not None},
             lora=lora_from_peft(module.objective.backbone) if config.target.lora.enabled else None,
         )
         adapter.save_pretrained(adapter_dir)

@@ -105,6 +105,8 @@ def test_export_from_a_checkpoint_equals_the_run_adapter(trained, tmp_path):
     assert exported.base_model == final.base_model == "tiny:llama"
     assert exported.training["steps"] == 30 and exported.training["final_val"] == final.training["final_val"]
     assert exported.training["objective"] == final.training["objective"] == config.target.summary()
+    assert exported.training["wall_seconds"] == final.training["wall_seconds"] > 0  # the whole card, not a part
+    assert {k: v for k, v in exported.training.items() if k != "checkpoint"} == final.training
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
 
