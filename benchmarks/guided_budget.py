@@ -52,6 +52,12 @@ def main(argv=None) -> int:
     parser.add_argument("--combine", choices=["sum", "max"], default="sum", help="how --rank-mix blends the ranks")
     parser.add_argument("--quota", type=float, nargs="+", default=[0.0],
                         help="--rank-mix: shares of every kept count that go to the heads' own top (one setting each)")
+    parser.add_argument("--gate", default=None,
+                        help="a second adapter (label 'gate'), scored on the same prefill, for --mix-spec")
+    parser.add_argument("--mix-spec", action="append", default=[], metavar="JSON",
+                        help='a rank_mix over the labels heads, dkv (DefensiveKV) and gate, ranked inside '
+                             'Layer-DefensiveKV\'s counts, e.g. \'{"weights": {"heads": 0.5, "gate": 0.5}}\' '
+                             '(long form of rank_mix: weights, quota, combine); repeatable')
     parser.add_argument("--seed-base", type=int, default=0,
                         help="first sample seed (0: the evaluation samples; e.g. 1000 for a disjoint tuning split)")
     parser.add_argument("--threads", type=int, default=2)
@@ -66,7 +72,7 @@ def main(argv=None) -> int:
     from gatekv.eval.realtext import full_logprobs, make_realtext_samples, score_target, target_logits
     from gatekv.heads.adapter import Adapter
     from gatekv.models import cache_kwarg
-    from gatekv.scorers.rank_mix import RankMixScorer
+    from gatekv.scorers.rank_mix import RankMixScorer, split_mix_spec
     from gatekv.smollm2 import load_smollm2
 
     class FixedCounts(Allocator):
@@ -104,6 +110,17 @@ def main(argv=None) -> int:
             for floor in args.floors:
                 settings[f"rank-mix-{args.combine}-{weight:g}-q{share:g}|defensivekv-budgets-floor{floor:g}"] = (
                     label, f"layer-defensivekv-floor{floor:g}|global")
+    if args.gate:
+        scorers["gate"] = Adapter.from_pretrained(args.gate).heads_for(model)
+    members = {"heads": heads, "dkv": "defensivekv", **({"gate": scorers["gate"]} if args.gate else {})}
+    for spec_text in args.mix_spec:
+        spec = json.loads(spec_text)
+        weights, options = split_mix_spec(spec)
+        label = "mix-" + "-".join(f"{k}{v:g}" for k, v in weights.items()) + "".join(
+            f"-q{k}{v:g}" for k, v in options.get("quota", {}).items())
+        scorers[label] = RankMixScorer({k: members[k] for k in weights}, weights, options.get("combine", "sum"),
+                                       options.get("quota"))
+        settings[f"{label}|defensivekv-budgets"] = (label, "layer-defensivekv|global")
     if args.decompose:
         from gatekv.eval.oracle import OracleScorer, oracle_labels
 
