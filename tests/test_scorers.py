@@ -77,6 +77,25 @@ def test_snapkv(pooling, kernel_size):
             torch.testing.assert_close(scores[b, h], expected, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+@pytest.mark.parametrize("kernel_size, length", [(2, 9), (4, 9), (5, 9), (7, 3), (5, 1), (6, 2)])
+def test_pool_scores_equals_a_naive_window(pooling, kernel_size, length):
+    """pool_scores = the mean / max over slots [j - k // 2, j - k // 2 + k) inside the row (even kernels, rows shorter
+    than the kernel included); -inf slots stay out of a max unless the window has nothing else."""
+    from gatekv.window_scores import pool_scores
+
+    scores = torch.randn(2, 3, length, generator=torch.Generator().manual_seed(kernel_size * 10 + length))
+    if pooling == "max":
+        scores[0, 0, 0] = -math.inf
+    pooled = pool_scores(scores, kernel_size, pooling)
+    for b in range(2):
+        for h in range(3):
+            for j in range(length):
+                window = scores[b, h, max(0, j - kernel_size // 2) : min(length, j - kernel_size // 2 + kernel_size)]
+                expected = window.max() if pooling == "max" else window.mean()
+                torch.testing.assert_close(pooled[b, h, j], expected, atol=1e-6, rtol=1e-6)
+
+
 def test_h2o_accumulates_over_every_query_and_forwards():
     ctx = make_ctx()
     scorer = get_scorer("h2o", query_block=2)
