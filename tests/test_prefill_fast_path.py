@@ -70,10 +70,13 @@ def test_bench_decode_rows_and_columns(models):
         float(body[label][x_floor]), float(body[label][prefill_ratio])  # measured ratios, whatever their value
     score = header_cells.index("scoring x full prefill")
     end_vs_floor = header_cells.index("KV end x floor")
-    assert body["full"][score] == "-" and body["full"][end_vs_floor] == "-"
+    own = header_cells.index("scoring / own prefill")
+    assert body["full"][score] == "-" and body["full"][end_vs_floor] == "-" and body["full"][own] == "-"
     for label, r in zip(labels[2:], results[2:]):
         assert r.score_seconds is not None and r.score_seconds <= r.prefill_seconds
         float(body[label][score]), float(body[label][end_vs_floor])
+        assert 0.0 <= float(body[label][own]) <= 1.0 and float(body[label][own]) == round(
+            r.score_seconds / r.prefill_seconds, 3)
 
 
 def test_bench_decode_rounds_interleave_without_changing_the_decode(models):
