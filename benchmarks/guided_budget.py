@@ -100,27 +100,29 @@ def main(argv=None) -> int:
     for weight in args.mix:
         settings[f"heads-ranked|mixed-budgets-{weight:g}"] = ("heads", ("mix", weight))
     scorers = {"heads": heads, "dkv": "defensivekv"}
-    for weight in args.rank_mix:
-        for share in args.quota:
-            label = f"mix{weight:g}-q{share:g}"
-            scorers[label] = RankMixScorer({"heads": heads, "dkv": "defensivekv"}, {"heads": weight, "dkv": 1 - weight},
-                                           args.combine, {"heads": share} if share > 0 else None)
-            settings[f"rank-mix-{args.combine}-{weight:g}-q{share:g}|defensivekv-budgets"] = (
-                label, "layer-defensivekv|global")
-            for floor in args.floors:
-                settings[f"rank-mix-{args.combine}-{weight:g}-q{share:g}|defensivekv-budgets-floor{floor:g}"] = (
-                    label, f"layer-defensivekv-floor{floor:g}|global")
     if args.gate:
         scorers["gate"] = Adapter.from_pretrained(args.gate).heads_for(model)
-    members = {"heads": heads, "dkv": "defensivekv", **({"gate": scorers["gate"]} if args.gate else {})}
+    members = dict(scorers)  # the labels a rank mix can weigh
+
+    def add_rank_mix(label: str, name: str, weights: dict, combine: str, quota: dict | None, floors=()) -> None:
+        """Score the prefill with a rank_mix of ``members`` (as ``label``) and rank inside Layer-DefensiveKV's
+        counts, also at each of ``floors``; the settings are ``name|defensivekv-budgets[-floorF]``."""
+        scorers[label] = RankMixScorer({k: members[k] for k in weights}, weights, combine, quota)
+        settings[f"{name}|defensivekv-budgets"] = (label, "layer-defensivekv|global")
+        for floor in floors:
+            settings[f"{name}|defensivekv-budgets-floor{floor:g}"] = (label, f"layer-defensivekv-floor{floor:g}|global")
+
+    for weight in args.rank_mix:
+        for share in args.quota:
+            add_rank_mix(f"mix{weight:g}-q{share:g}", f"rank-mix-{args.combine}-{weight:g}-q{share:g}",
+                         {"heads": weight, "dkv": 1 - weight}, args.combine, {"heads": share} if share > 0 else None,
+                         args.floors)
     for spec_text in args.mix_spec:
-        spec = json.loads(spec_text)
-        weights, options = split_mix_spec(spec)
+        weights, options = split_mix_spec(json.loads(spec_text))
+        combine = options.get("combine", "sum")
         label = "mix-" + "-".join(f"{k}{v:g}" for k, v in weights.items()) + "".join(
-            f"-q{k}{v:g}" for k, v in options.get("quota", {}).items())
-        scorers[label] = RankMixScorer({k: members[k] for k in weights}, weights, options.get("combine", "sum"),
-                                       options.get("quota"))
-        settings[f"{label}|defensivekv-budgets"] = (label, "layer-defensivekv|global")
+            f"-q{k}{v:g}" for k, v in options.get("quota", {}).items()) + ("-max" if combine == "max" else "")
+        add_rank_mix(label, label, weights, combine, options.get("quota"))
     if args.decompose:
         from gatekv.eval.oracle import OracleScorer, oracle_labels
 
