@@ -38,6 +38,9 @@ class HeadsConfig:
     """Attention gate: number of heads of its reduced attention."""
     gate_head_dim: int = 16
     """Attention gate: width of each gate head."""
+    gate_window: int = 0
+    """Attention gate: 0 = full causal attention over the forward's tokens; W > 0 = each token attends to itself
+    and the W - 1 tokens before it (O(T W) cost)."""
     init_keep_logit: float = 3.0
     """Gates: initial output bias (keep probability sigmoid(3) = 0.95 at the start)."""
     recency_buckets: int = 0
@@ -52,7 +55,8 @@ class HeadsConfig:
             raise ValueError(f"act must be a string, got {self.act!r}")
         if isinstance(self.init_keep_logit, bool) or not isinstance(self.init_keep_logit, (int, float)):
             raise ValueError(f"init_keep_logit must be a number, got {self.init_keep_logit!r}")
-        for name, low in (("hidden", 0), ("gate_heads", 1), ("gate_head_dim", 1), ("recency_buckets", 0)):
+        for name, low in (("hidden", 0), ("gate_heads", 1), ("gate_head_dim", 1), ("gate_window", 0),
+                          ("recency_buckets", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")

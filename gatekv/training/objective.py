@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -67,17 +68,20 @@ def _slice_tokens(name: str, tensor: torch.Tensor, start: int, end: int) -> torc
 class FeatureCache:
     """Per-sample cache of the frozen model's head inputs and labels (CIS labels, or a teacher's raw scores).
 
-    One safetensors file per sample under ``directory/<model+heads(+labels) key>/``, named by a hash of the sample's
+    One safetensors file per sample under ``directory/<model+features(+labels) key>/``, named by a hash of the sample's
     tokens and prompt length; written atomically (temp file + rename), so a killed run never leaves a torn entry.
     Features are stored in ``dtype`` (labels in float32) and always used after that round trip, so a cache hit
     and a miss give the same loss. :meth:`use_labels` keys the labels (a teacher and its options): entries of other
-    labels are never read.
+    labels are never read. The key names the cached features (``feature_names``), not the head type: heads that
+    read the same features (the attention and the linear gate both read ``hidden_states``) share one cache.
     """
 
     def __init__(self, directory: str | os.PathLike, fingerprint: ModelFingerprint, model_name: str,
-                 head_type: str, dtype: torch.dtype):
+                 feature_names: Iterable[str], dtype: torch.dtype):
+        if isinstance(feature_names, str):
+            raise TypeError(f"feature_names must be a collection of feature names, got the string {feature_names!r}")
         self._root = Path(directory)
-        self._key = [model_name, fingerprint.__dict__, head_type, str(dtype)]
+        self._key = [model_name, fingerprint.__dict__, sorted(feature_names), str(dtype)]
         self.labels_key: dict | None = None
         self.directory = self._directory()
         self.dtype = dtype

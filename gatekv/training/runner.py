@@ -356,7 +356,8 @@ def train(config: TrainConfig) -> TrainResult:
     feature_cache = None
     if config.data.feature_cache is not None:
         dtype = getattr(torch, config.data.feature_cache_dtype)
-        feature_cache = FeatureCache(config.data.feature_cache, head_config.fingerprint, model_id, head_config.type, dtype)
+        feature_cache = FeatureCache(config.data.feature_cache, head_config.fingerprint, model_id, heads.feature_names,
+                                     dtype)
     objective = HeadObjective(backbone, heads, config.target, feature_cache, lora=config.target.lora.enabled,
                               tokenizer=tokenizer)
 

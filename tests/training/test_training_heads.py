@@ -93,6 +93,55 @@ def test_attention_gate_is_causal_and_ignores_padding(models):
     torch.testing.assert_close(gate.layer_scores(0, {"hidden_states": padded}, mask)[..., :6], prefix, rtol=1e-5, atol=1e-6)
 
 
+def _band_reference(q, k, v, window, key_valid):
+    """Plain masked SDPA over the whole T x T band (what windowed_causal_attention computes in blocks)."""
+    length = q.shape[2]
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None]
+    allowed = ((j <= i) & (j > i - window))[None] & key_valid[:, None, :]
+    allowed = (allowed | torch.eye(length, dtype=torch.bool))[:, None]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+@pytest.mark.parametrize("length,window", [(1, 4), (7, 4), (8, 4), (29, 8), (33, 1), (12, 64)])
+def test_windowed_causal_attention_matches_band_reference(length, window):
+    from gatekv.heads.attention_gate import windowed_causal_attention
+
+    torch.manual_seed(length * 100 + window)
+    q, k, v = (torch.randn(2, 3, length, 5) for _ in range(3))
+    key_valid = torch.ones(2, length, dtype=torch.bool)
+    key_valid[1, : length // 3] = False  # left padding in row 1
+    for valid in (None, key_valid):
+        expected = _band_reference(q, k, v, window, key_valid if valid is not None else torch.ones_like(key_valid))
+        got = windowed_causal_attention(q, k, v, window, valid)
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_windowed_attention_gate_sees_only_its_window(models):
+    """gate_window = W: a token's logit depends on itself and the W - 1 tokens before it, nothing earlier; left
+    padding changes nothing; W >= T equals the full causal gate."""
+    model = models["llama"]
+    gate = build_heads("attention_gate", model, gate_window=4)
+    assert gate.layers[0].window == 4
+    h = torch.randn(1, 12, 64)
+    valid = torch.ones(1, 12, dtype=torch.bool)
+    base = gate.layer_scores(0, {"hidden_states": h}, valid)
+    changed = h.clone()
+    changed[:, 2] += 5.0  # token 2 lies in the windows of tokens 2..5 only
+    moved = (gate.layer_scores(0, {"hidden_states": changed}, valid) - base).abs().amax(dim=(0, 1))
+    assert bool((moved[2:6] > 1e-4).all()) and bool((moved[[0, 1, 6, 7, 8, 9, 10, 11]] == 0).all())
+    padded = torch.cat([torch.randn(1, 3, 64), h], 1)
+    mask = torch.tensor([[False] * 3 + [True] * 12])
+    torch.testing.assert_close(gate.layer_scores(0, {"hidden_states": padded}, mask)[..., 3:], base, rtol=1e-5, atol=1e-6)
+    wide = build_heads("attention_gate", model, gate_window=64)
+    full = build_heads("attention_gate", model)
+    full.load_state_dict(wide.state_dict())
+    torch.testing.assert_close(wide.layer_scores(0, {"hidden_states": h}, valid),
+                               full.layer_scores(0, {"hidden_states": h}, valid), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="gate_window must be an int >= 0"):
+        build_heads("attention_gate", model, gate_window=-1)
+
+
 def test_ste_flags_hard_forward_soft_backward():
     logits = torch.tensor([-2.0, 0.5, 3.0], requires_grad=True)
     flags = ste_flags(logits)
@@ -127,7 +176,7 @@ def test_heads_score_inside_compress(models, family, head_type, tmp_path):
 
 def test_adapter_round_trip_is_exact(models, tmp_path):
     model = models["qwen3"]
-    heads = build_heads("attention_gate", model, gate_heads=3, gate_head_dim=4)
+    heads = build_heads("attention_gate", model, gate_heads=3, gate_head_dim=4, gate_window=5)
     save_adapter(heads, tmp_path, base_model="tiny:qwen3", training={"x": 1})
     document = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
     assert document["format"] == "gatekv-adapter" and document["base_model"] == "tiny:qwen3"
@@ -135,7 +184,7 @@ def test_adapter_round_trip_is_exact(models, tmp_path):
     assert document["head"]["fingerprint"]["model_type"] == "qwen3"
     loaded = load_adapter(tmp_path, model=model)
     assert isinstance(loaded, AttentionGate)
-    assert loaded.config.gate_heads == 3
+    assert loaded.config.gate_heads == 3 and loaded.config.gate_window == 5 and loaded.layers[0].window == 5
     for (name, a), (_, b) in zip(heads.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     assert not any(p.requires_grad for p in loaded.parameters())

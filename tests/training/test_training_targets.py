@@ -174,7 +174,7 @@ def test_gates_keeping_everything_give_zero_kl(models):
 def test_feature_cache_hit_equals_miss(models, tmp_path):
     model = models["qwen3"]
     heads = build_heads("retaining_head", model, hidden=8)
-    cache = FeatureCache(tmp_path, heads.config.fingerprint, "tiny:qwen3", heads.head_type, torch.bfloat16)
+    cache = FeatureCache(tmp_path, heads.config.fingerprint, "tiny:qwen3", heads.feature_names, torch.bfloat16)
     objective = HeadObjective(model, heads, TargetConfig(), feature_cache=cache)
     batch = batch_of(random_samples())
     first, _ = objective(batch)
@@ -186,6 +186,26 @@ def test_feature_cache_hit_equals_miss(models, tmp_path):
     assert len(files) == 3 and all(f.suffix == ".safetensors" for f in files)  # no temp files left behind
     live = HeadObjective(model, heads, TargetConfig())(batch)[0]
     torch.testing.assert_close(first, live, rtol=2e-2, atol=1e-3)  # bf16 features vs float32: close, not equal
+
+
+def test_feature_cache_is_shared_by_heads_reading_the_same_features(models, tmp_path):
+    """The attention gate reuses the linear gate's cached hidden states (same features, same labels): all hits, the
+    same loss as computing them; the retaining head (pre-RoPE q/k/v) gets a cache of its own."""
+    model = models["qwen3"]
+    linear = build_heads("linear_gate", model, hidden=0)
+    attention = build_heads("attention_gate", model, gate_window=4)
+    retaining = build_heads("retaining_head", model, hidden=8)
+    caches = {name: FeatureCache(tmp_path, h.config.fingerprint, "tiny:qwen3", h.feature_names, torch.float32)
+              for name, h in (("linear", linear), ("attention", attention), ("retaining", retaining))}
+    assert caches["linear"].directory == caches["attention"].directory != caches["retaining"].directory
+    batch = batch_of(random_samples())
+    HeadObjective(model, linear, TargetConfig(), feature_cache=caches["linear"])(batch)
+    cached, _ = HeadObjective(model, attention, TargetConfig(), feature_cache=caches["attention"])(batch)
+    assert (caches["attention"].hits, caches["attention"].misses) == (3, 0)
+    live, _ = HeadObjective(model, attention, TargetConfig())(batch)
+    torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="feature_names"):
+        FeatureCache(tmp_path, linear.config.fingerprint, "tiny:qwen3", "hidden_states", torch.float32)
 
 
 def test_cis_loss_ignores_padding_and_unseen_keys():

@@ -44,7 +44,7 @@ def _direct(model, name, options, prompt, window, sinks):
 def test_cached_teacher_scores_equal_the_scorer_run_directly(models, tmp_path, family, name, options):
     model = models[family]
     heads = build_heads("linear_gate", model, hidden=8)
-    cache = FeatureCache(tmp_path, heads.config.fingerprint, f"tiny:{family}", heads.head_type, torch.float32)
+    cache = FeatureCache(tmp_path, heads.config.fingerprint, f"tiny:{family}", heads.feature_names, torch.float32)
     target = TargetConfig(kind="teacher", teacher=name, teacher_options=options, window=4, sinks=2)
     objective = HeadObjective(model, heads, target, feature_cache=cache)
     samples = random_samples(SHAPES, seed=1)
@@ -75,7 +75,7 @@ def test_teacher_loss_falls(models, tmp_path, head_type):
     torch.manual_seed(0)
     model = models["llama"]
     heads = build_heads(head_type, model, hidden=16)
-    cache = FeatureCache(tmp_path, heads.config.fingerprint, "tiny:llama", heads.head_type, torch.float32)
+    cache = FeatureCache(tmp_path, heads.config.fingerprint, "tiny:llama", heads.feature_names, torch.float32)
     target = TargetConfig(kind="teacher", teacher="kvzip", teacher_options=KVZIP, rank_weight=1.0, window=4, sinks=2)
     objective = HeadObjective(model, heads, target, feature_cache=cache)
     optimizer = torch.optim.Adam(heads.parameters(), lr=1e-2)
@@ -107,7 +107,7 @@ def test_feature_cache_keys_teacher_labels_apart(models, tmp_path):
     for target in (TargetConfig(), TargetConfig(kind="teacher", teacher="kvzip"),
                    TargetConfig(kind="teacher", teacher="kvzip", teacher_options={"chunk_size": 64}),
                    TargetConfig(kind="teacher", teacher="snapkv", teacher_query=True)):
-        cache = FeatureCache(tmp_path, heads.config.fingerprint, "tiny:llama", heads.head_type, torch.float32)
+        cache = FeatureCache(tmp_path, heads.config.fingerprint, "tiny:llama", heads.feature_names, torch.float32)
         HeadObjective(models["llama"], heads, target, feature_cache=cache)
         directories.add(cache.directory)
     assert len(directories) == 4
