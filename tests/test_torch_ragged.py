@@ -139,3 +139,34 @@ def test_flat_decode_windows_on_random_layouts():
             c, length = _window(rel, ends, mask.row_width[b])
             assert all(h * c <= rel[h] and ends[h] <= h * c + length for h in range(heads))
             assert (heads - 1) * c + length <= mask.row_width[b]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_attention_torch_equals_reference(dtype):
+    """The CPU window-attention path against the reference: left-padded keys (position -1), keys after a window
+    query (causal), a padding query (position -1: zeros, not NaN), non-contiguous inputs, a scale that is not a
+    power of two; and the dispatcher's auto backend takes it on CPU."""
+    from gatekv import kernels
+    from gatekv.kernels.reference import window_attention_reference
+    from gatekv.kernels.torch_ragged import window_attention_torch
+
+    g = torch.Generator().manual_seed(3)
+    batch, kv_heads, group, w, t, d = 2, 3, 3, 5, 41, 16
+    queries = torch.randn(batch, w, kv_heads * group, d, generator=g).to(dtype).transpose(1, 2)  # non-contiguous
+    keys = torch.randn(batch, kv_heads, t, d, generator=g).to(dtype)
+    key_positions = torch.arange(t).repeat(batch, kv_heads, 1)
+    key_positions[0, 1, :7] = -1  # left padding of one head
+    key_positions[1, :, :3] = -1
+    window_positions = torch.arange(t - w, t).repeat(batch, 1)
+    window_positions[1, 0] = -1  # a padding query
+    scale = 0.3
+    expected = window_attention_reference(queries, window_positions, keys, key_positions, scale)
+    got = window_attention_torch(queries, window_positions, keys, key_positions, scale)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert torch.count_nonzero(got[1, :, 0]) == 0  # the padding query sees nothing
+    assert torch.count_nonzero(got[0, 3:6, :, :7]) == 0  # query heads of KV head 1 never see its padding
+    assert torch.count_nonzero(got[0, :, 0, t - w + 1:]) == 0  # the first window query does not see later keys
+    torch.testing.assert_close(got.sum(-1)[0], torch.ones(kv_heads * group, w), atol=1e-5, rtol=0)
+    dispatched = kernels.window_attention(queries, window_positions, keys, key_positions, scale)
+    torch.testing.assert_close(dispatched, got, atol=0, rtol=0)

@@ -154,7 +154,11 @@ def window_attention(window_queries, window_positions, keys, key_positions, scal
     if _use_triton([window_queries, keys], floats=True):
         return _triton_kernels.window_attention(window_queries, window_positions, keys, key_positions, scale,
                                                 validate=False)
-    return reference.window_attention_reference(window_queries, window_positions, keys, key_positions, scale)
+    if _backend == "reference":
+        return reference.window_attention_reference(window_queries, window_positions, keys, key_positions, scale)
+    from gatekv.kernels import torch_ragged
+
+    return torch_ragged.window_attention_torch(window_queries, window_positions, keys, key_positions, scale)
 
 
 def column_max_logits(queries, query_positions, keys, key_positions, scale) -> torch.Tensor:
