@@ -7,7 +7,11 @@ scorer x allocator with a one-shot prefill, and each scorer with a chunked prefi
 ``chunk_size`` tokens per chunk, Locret's regime). Steps:
 
 1. prefill: one forward over the prompt (``logits_to_keep=1``); for a compressed setting this includes scoring
-   and compaction, since ``compress()`` compacts inside that forward's hooks;
+   and compaction, since ``compress()`` compacts inside that forward's hooks. With ``prefill_rounds = n > 1`` every
+   setting's prefill runs ``n`` times in interleaved rounds (each round: every setting in turn, each on a fresh
+   cache) and the medians of its prefill and scoring seconds are reported: one prefill's wall time on a shared
+   2-core VM moves by +-10%, which a scoring cost of a few % cannot be read through; decoding continues from the
+   last round's caches;
 2. ``warmup`` decode steps, not timed; then ``steps`` single-token forwards (greedy next token), each timed alone
    with the device synchronized before and after; the median is reported. The timed steps run in ``rounds``: each
    round runs every setting in turn (all caches stay alive), so a drift of the machine's speed is shared by all
@@ -142,6 +146,7 @@ class _Run:
         self.cache_tokens = cache_tokens
         self.token = None
         self.prefill_seconds = 0.0
+        self.score_seconds: float | None = None  # None: this round's session stats
         self.kv_bytes = 0
         self.times: list[float] = []
         self.tokens: list[int] = []
@@ -186,7 +191,7 @@ class _Run:
             self.label, prompt_tokens, self.prefill_seconds, statistics.median(self.times), self.times,
             self.kv_bytes, _cache_bytes(self.cache), kept,
             self.tokens, self.kind, self.budget, self.cache_tokens,
-            score_seconds=None if stats is None else stats.score_seconds,
+            score_seconds=self.score_seconds if self.score_seconds is not None or stats is None else stats.score_seconds,
         )
 
 
@@ -203,6 +208,7 @@ def run_decode_benchmark(
     chunk_size: int | None = 512,
     log=None,
     rounds: int = 4,
+    prefill_rounds: int = 1,
 ) -> list[DecodeResult]:
     """Measure the full cache, then per budget the dense floor, every ``scorer x allocator`` (one-shot prefill) and
     every scorer with a chunked prefill (first allocator), on the same prompt.
@@ -216,6 +222,8 @@ def run_decode_benchmark(
     rounds:     the timed steps are split into this many rounds, and each round runs every setting in turn (each
                 compressed setting's session re-entered), so that a drift in the machine's speed over the minutes of
                 the benchmark (other tenants, clocks) lands on every setting alike instead of on whichever ran then
+    prefill_rounds: every setting's prefill runs this many times, interleaved in the same way (fresh caches each
+                round); the medians of prefill and scoring seconds are reported
     returns:    one :class:`DecodeResult` per setting, the full cache first
     """
     from transformers import DynamicCache
@@ -227,8 +235,8 @@ def run_decode_benchmark(
         raise ValueError(f"input_ids must have shape (1, T), got {tuple(input_ids.shape)}")
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if rounds < 1 or prefill_rounds < 1:
+        raise ValueError(f"rounds and prefill_rounds must be >= 1, got rounds={rounds}, prefill_rounds={prefill_rounds}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     prompt_tokens = input_ids.shape[1]
@@ -247,22 +255,36 @@ def run_decode_benchmark(
     with torch.no_grad():
         # untimed: first-call costs (allocator warm-up, kernel selection) must not land on the first setting
         model(input_ids=input_ids[:, : min(prompt_tokens, 64)], use_cache=False)
-        runs = [_Run("full", "full", None, DynamicCache(config=model.config))]
-        runs[0].prefill(model, input_ids)
+        factories = [lambda: _Run("full", "full", None, DynamicCache(config=model.config))]
+        prompts = [input_ids]
         for budget in budgets:
             kept = min(int(Budget(budget).tokens(torch.tensor([prompt_tokens]))[0]), prompt_tokens)
-            floor = _Run(f"dense floor@{budget}", "floor", budget, DynamicCache(config=model.config), cache_tokens=kept)
-            floor.prefill(model, input_ids[:, -kept:])
-            runs.append(floor)
+            factories.append(lambda budget=budget, kept=kept: _Run(
+                f"dense floor@{budget}", "floor", budget, DynamicCache(config=model.config), cache_tokens=kept))
+            prompts.append(input_ids[:, -kept:])
             settings = [(scorer, allocator, "one_shot") for scorer in scorers for allocator in allocators]
             if chunk_size is not None and prompt_tokens > chunk_size and allocators:
                 settings += [(scorer, allocators[0], "chunked") for scorer in scorers]
             for scorer, allocator, prefill in settings:
-                run = compressed(scorer, allocator, budget, prefill)
-                run.prefill(model, input_ids)
+                factories.append(lambda s=(scorer, allocator, budget, prefill): compressed(*s))
+                prompts.append(input_ids)
+        seconds: list[list[float]] = [[] for _ in factories]
+        scoring: list[list[float]] = [[] for _ in factories]
+        for round_index in range(prefill_rounds):
+            runs = []  # the previous round's caches are freed before this round's are built
+            for i, (factory, prompt) in enumerate(zip(factories, prompts)):
+                run = factory()
+                run.prefill(model, prompt)
                 runs.append(run)
-                if log:
-                    log(f"  {run.label}: prefill {run.prefill_seconds:.2f} s")
+                seconds[i].append(run.prefill_seconds)
+                if run.session is not None:
+                    scoring[i].append(run.session.stats.score_seconds)
+                if log and run.session is not None and round_index == prefill_rounds - 1:
+                    log(f"  {run.label}: prefill {statistics.median(seconds[i]):.2f} s")
+        for run, times, scored in zip(runs, seconds, scoring):
+            run.prefill_seconds = statistics.median(times)
+            if scored:
+                run.score_seconds = statistics.median(scored)
         for run in runs:
             run.decode(model, warmup, timed=False)
         for count in per_round:
@@ -345,6 +367,7 @@ def bench_decode(
     chunk_size: int | None = 512,
     print_fn=print,
     rounds: int = 4,
+    prefill_rounds: int = 1,
 ) -> list[DecodeResult]:
     """Build the model and prompt for ``device``, run :func:`run_decode_benchmark` and print the table.
 
@@ -352,6 +375,7 @@ def bench_decode(
                 CUDA: random token ids); num_layers: only for ``llama8b-random``; threads: CPU threads for torch;
     chunk_size: tokens per chunk of the chunked-prefill settings (None: none measured).
     rounds:     interleaved rounds of the timed steps (see :func:`run_decode_benchmark`).
+    prefill_rounds: interleaved repetitions of every prefill, medians reported (see :func:`run_decode_benchmark`).
     scorers:    registered scorer names, or directories of saved adapters (``gatekv_config.json`` inside), measured
                 like a scorer and labelled by the directory's name.
     """
@@ -388,12 +412,13 @@ def bench_decode(
         device_name = f"CPU, torch threads: {torch.get_num_threads()}, load average (1/5/15 min) at start: {load}"
     header = (
         f"decode benchmark: {description}; prompt {input_ids.shape[1]} tokens; {steps} timed steps (median) after "
-        f"{warmup} warm-up, in {rounds} interleaved rounds; device: {device_name}; torch {torch.__version__}"
+        f"{warmup} warm-up, in {rounds} interleaved rounds; prefill: median of {prefill_rounds} interleaved "
+        f"round{'s' if prefill_rounds > 1 else ''}; device: {device_name}; torch {torch.__version__}"
     )
     print_fn(header)
     results = run_decode_benchmark(
         model, input_ids, tuple(budgets), tuple(_resolve_scorers(scorers, model)), tuple(allocators), steps, warmup, chunk_size=chunk_size,
-        log=print_fn, rounds=rounds,
+        log=print_fn, rounds=rounds, prefill_rounds=prefill_rounds,
     )
     print_fn(format_decode_table(results))
     return results

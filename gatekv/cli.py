@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds", type=int, default=4,
         help="the timed steps run in this many rounds, each over every setting in turn (default 4)",
     )
+    decode.add_argument(
+        "--prefill-rounds", type=int, default=1,
+        help="every prefill runs this many times in interleaved rounds; medians of prefill and scoring seconds are "
+             "reported (default 1)",
+    )
     decode.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     decode.add_argument(
         "--model",
@@ -155,7 +160,8 @@ def _run_bench_decode(args) -> int:
     check_device(args.device, "--device")
     for budget in args.budget:  # before minutes of model loading
         resolve_budget(budget, "--budget")
-    for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--rounds", args.rounds, 1)):
+    for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--rounds", args.rounds, 1),
+                                ("--prefill-rounds", args.prefill_rounds, 1)):
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     bench_decode(
@@ -172,6 +178,7 @@ def _run_bench_decode(args) -> int:
         seed=args.seed,
         chunk_size=args.chunk_size or None,
         rounds=args.rounds,
+        prefill_rounds=args.prefill_rounds,
     )
     return 0
 

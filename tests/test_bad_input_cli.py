@@ -577,7 +577,8 @@ if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
 
 
-@pytest.mark.parametrize("flag,value", [("--rounds", "0"), ("--steps", "0"), ("--warmup", "-1")])
+@pytest.mark.parametrize("flag,value", [("--rounds", "0"), ("--steps", "0"), ("--warmup", "-1"),
+                                        ("--prefill-rounds", "0")])
 def test_bench_decode_counts_are_checked_before_loading(flag, value, capsys):
     assert main(["bench", "decode", "--length", "64", flag, value]) == 2
     assert f"{flag} must be >= " in _err(capsys)

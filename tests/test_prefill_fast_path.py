@@ -95,6 +95,39 @@ def test_bench_decode_rounds_interleave_without_changing_the_decode(models):
         assert a.kv_bytes == b.kv_bytes and a.kv_bytes_end == b.kv_bytes_end
 
 
+def test_bench_decode_prefill_rounds_report_medians_and_decode_the_same(models, monkeypatch):
+    """prefill_rounds = 3: every setting's prefill runs three times (fresh caches, interleaved), the reported prefill
+    and scoring seconds are the medians of the three, and the decode (from the last round's caches) is unchanged."""
+    import gatekv.bench as bench
+
+    model = models["llama"]
+    ids, _ = random_batch(1, 80)
+    kwargs = dict(budgets=(0.3,), scorers=("snapkv",), allocators=("uniform", "adakv"), steps=3, warmup=1, window=8,
+                  sinks=2, chunk_size=32, rounds=1)
+    one = run_decode_benchmark(model, ids, prefill_rounds=1, **kwargs)
+    measured: dict[str, list] = {}
+    original = bench._Run.prefill
+
+    def recording(run, model, input_ids):
+        original(run, model, input_ids)
+        stats = run.session.stats.score_seconds if run.session is not None else None
+        measured.setdefault(run.label, []).append((run.prefill_seconds, stats))
+
+    monkeypatch.setattr(bench._Run, "prefill", recording)
+    three = run_decode_benchmark(model, ids, prefill_rounds=3, **kwargs)
+    assert [r.label for r in one] == [r.label for r in three] == list(measured)
+    for a, b in zip(one, three):
+        assert a.tokens == b.tokens and a.kv_bytes == b.kv_bytes
+        runs = measured[b.label]
+        assert len(runs) == 3
+        assert b.prefill_seconds == sorted(p for p, _ in runs)[1]
+        if b.score_seconds is not None:
+            assert b.score_seconds == sorted(s for _, s in runs)[1]
+    assert sum(r.score_seconds is not None for r in three) == 3  # uniform, adakv, chunked
+    with pytest.raises(ValueError, match="prefill_rounds"):
+        run_decode_benchmark(model, ids, prefill_rounds=0, **kwargs)
+
+
 def test_bench_decode_measures_a_saved_adapter_by_its_directory(models, tmp_path):
     from gatekv.bench import _resolve_scorers
     from gatekv.heads import Adapter, build_heads
