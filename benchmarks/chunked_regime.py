@@ -7,6 +7,11 @@ query-agnostic (the context is compressed before the question / continuation is 
 - single-needle accuracy (``gatekv.eval.tasks`` niah_single, held-out haystack and seeds, answered greedily);
 - real-text ``lm`` (the GNU Info manuals: held out from training): NLL of the next tokens, Δ vs the full cache and
   KL(full ‖ compressed), teacher-forced (``gatekv.eval.realtext``);
+- with ``--swap`` (chunked settings): the same samples answered from a one-shot prefill's keys and values (computed
+  over the whole uncompressed context) restricted to exactly the slots the chunked prefill kept per (layer, KV head):
+  separates which tokens chunked prefill keeps from how it computed them (over an already compressed past);
+- with ``--kept``, where the needle went: after the context's prefill, the share of the needle's value tokens held
+  per (layer, KV head), averaged, and the share of (layer, head) pairs holding all of them (one more prefill each);
 - the measured peak KV bytes of the prefill (``CompressionStats.peak_kv_bytes``: the largest allocation right before
   an eviction) in MiB and as a multiple of budget + one chunk (one-shot: the full prompt).
 
@@ -68,6 +73,88 @@ def run_needle(kv_for, model, tokenizer, setting, samples) -> dict:
             "peak_kv_bytes": max(peaks) if peaks else None, "held_kv_bytes": max(held)}
 
 
+NEEDLE_OPENING = "The secret access code for"  # niah_single's statement: "The secret access code for {key} is {value}."
+
+
+def needle_tokens(tokenizer, sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token indices of the needle's value (``sample.answers[0]``) and of its whole statement (key and value) in the
+    context prompt that ``prompt_ids`` builds."""
+    from gatekv.chat import chat_template_parts
+
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    text = (chat_template_parts(tokenizer)[0] if chat else "") + sample.context
+    encoded = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
+    begin = text.rfind(sample.answers[0])
+    opening = text.rfind(NEEDLE_OPENING, 0, max(begin, 0))
+    if begin < 0 or opening < 0:
+        raise ValueError(f"needle statement with value {sample.answers[0]!r} not found in the context")
+    end = begin + len(sample.answers[0])
+
+    def overlapping(lo: int, hi: int) -> torch.Tensor:
+        return torch.tensor([i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < hi and b > lo])
+
+    return overlapping(begin, end), overlapping(opening, end)
+
+
+class FixedSet:
+    """A scorer (gatekv's Scorer protocol) that marks given positions per (layer, KV head): score 1 if the slot's
+    position is in the set, else 0. With the ``threshold`` allocator (tau 0) the cache keeps exactly those slots
+    plus the protected sinks and recent window."""
+
+    def __new__(cls, kept):
+        from gatekv.scorers.base import Scorer
+
+        class _FixedSet(Scorer):
+            name = "fixed-set"
+
+            def __init__(self, kept):
+                self.kept = kept  # per layer, per KV head: positions (batch 1)
+
+            def score(self, ctx):
+                scores = torch.zeros(ctx.positions.shape, dtype=torch.float32, device=ctx.positions.device)
+                for head, wanted in enumerate(self.kept[ctx.layer_idx]):
+                    scores[0, head] = torch.isin(ctx.positions[0, head], wanted.to(ctx.positions.device)).float()
+                return scores
+
+        return _FixedSet(kept)
+
+
+def needle_kept(model, tokenizer, heads, setting, sample, allocator) -> dict:
+    """Prefill the context prompt under ``setting`` and measure which needle tokens each (layer, KV head) holds."""
+    from gatekv.compress import compress
+    from gatekv.inference import prompt_ids
+    from gatekv.models import cache_kwarg
+
+    ids = prompt_ids(tokenizer, sample.context, sample.question)[0]
+    value, statement = needle_tokens(tokenizer, sample)
+    options = {"chunk_size": setting["chunk_size"]} if setting["prefill"] == "chunked" else {}
+    with torch.no_grad(), compress(model, heads, allocator, setting["budget"], prefill=setting["prefill"],
+                                   **options) as session:
+        cache = session.new_cache()
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
+    shares, statement_shares, kept = [], [], []
+    for layer in cache.layers:
+        kept.append([])
+        for start, length in zip(layer.starts.tolist(), layer.lengths.tolist()):
+            held = layer.positions[start:start + length]
+            kept[-1].append(held.clone())
+            shares.append(float(torch.isin(value, held).float().mean()))
+            statement_shares.append(float(torch.isin(statement, held).float().mean()))
+    shares = torch.tensor(shares)
+    return {"share": float(shares.mean()), "all": float((shares == 1).float().mean()),
+            "statement": sum(statement_shares) / len(statement_shares), "kept": kept}
+
+
+def answer_from_set(model, tokenizer, sample, kept) -> float:
+    """Answer query-agnostically from a one-shot prefill that keeps exactly ``kept`` (per layer, per KV head)."""
+    from gatekv.eval.metrics import score_answer
+    from gatekv.inference import GateKV
+
+    kv = GateKV(model, tokenizer, scorer=FixedSet(kept), allocator="threshold", budget=1.0, prefill="one_shot")
+    answer = kv.answer(sample.context, sample.question, query_aware=False, max_new_tokens=24)
+    return score_answer(answer.text, sample.answers, sample.metric)
+
+
 def run_lm(model, tokenizer, heads, setting, samples, fulls, allocator) -> dict:
     from gatekv.compress import compress
     from gatekv.eval.realtext import score_target, target_logits
@@ -101,6 +188,15 @@ def main(argv=None) -> int:
     parser.add_argument("--first-seed", type=int, default=0,
                         help="needle seeds first-seed .. first-seed + needle - 1 (runs over disjoint seeds combine)")
     parser.add_argument("--lm", type=int, default=0, help="lm samples per length (0 = skip)")
+    parser.add_argument("--kept", action="store_true",
+                        help="also measure how much of the needle each (layer, KV head) holds after the prefill")
+    parser.add_argument("--swap", action="store_true",
+                        help="chunked settings: also answer from one-shot keys/values restricted to the chunked keep set")
+    parser.add_argument("--no-full", action="store_true",
+                        help="skip the full-cache row (already measured on the same seeds)")
+    parser.add_argument("--kept-only", action="store_true",
+                        help="only that measurement: no answers, no full cache (join with an earlier run's "
+                             "per-sample needle_scores of the same seeds)")
     parser.add_argument("--continuation", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/smollm2-chunked")
@@ -135,13 +231,19 @@ def main(argv=None) -> int:
                                    args.continuation) if args.lm else []
         fulls = [full_logprobs(model, s) for s in lm]
         full_nll = [float(-f.gather(1, torch.tensor(s.target_ids)[:, None]).mean()) for s, f in zip(lm, fulls)]
-        for setting in [None, *settings]:
+        for setting in settings if args.kept_only or args.no_full else [None, *settings]:
             start = time.perf_counter()
             row = {"length": length, "setting": "full cache" if setting is None else label(setting)}
-            if needle:
+            if needle and not args.kept_only:
                 result = run_needle(kv_for, model, tokenizer, setting, needle)
                 row.update(needle=result["accuracy"], needle_n=result["n"], needle_scores=result["scores"],
                            peak_kv_bytes=result["peak_kv_bytes"])
+            if needle and (args.kept or args.kept_only or args.swap) and setting is not None:
+                kept = [needle_kept(model, tokenizer, heads, setting, s, args.allocator) for s in needle]
+                row.update(needle_kept=[k["share"] for k in kept], needle_kept_all=[k["all"] for k in kept],
+                           needle_statement_kept=[k["statement"] for k in kept])
+                if args.swap and setting["prefill"] == "chunked":
+                    row["swap_scores"] = [answer_from_set(model, tokenizer, s, k["kept"]) for s, k in zip(needle, kept)]
             if lm and setting is not None:
                 result = run_lm(model, tokenizer, heads, setting, lm, fulls, args.allocator)
                 row.update(lm_nll=result["nll"], lm_delta=result["delta_nll"], lm_kl=result["kl"], lm_n=result["n"])
@@ -165,13 +267,22 @@ def main(argv=None) -> int:
              f"haystack, seeds {args.first_seed}..{args.first_seed + args.needle - 1}); lm: gnu-info (held out), next "
              f"{args.continuation} tokens. Peak KV: "
              "largest allocation of the prefill (MiB); bound = (budget + chunk) tokens per head (one-shot: the prompt).",
-             "", "| context | setting | needle | lm NLL | Δ NLL | KL | peak KV MiB | peak / bound | peak / full |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "Needle held: mean over samples of the share of the needle's value tokens each (layer, KV head) holds after "
+             "the prefill (all: share of (layer, head) pairs holding every one of them; statement: share of the whole "
+             "statement's tokens held); --kept. Swap: accuracy of one-shot keys/values kept at exactly the chunked "
+             "prefill's slots; --swap.",
+             "", "| context | setting | needle | needle held (all) | statement held | swap | lm NLL | Δ NLL | KL | "
+             "peak KV MiB | peak / bound | peak / full |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for row in rows:
         peak = row.get("peak_kv_bytes")
+        held = row.get("needle_kept")
+        held = "-" if not held else (f"{sum(held) / len(held):.3f} ({sum(row['needle_kept_all']) / len(held):.3f})")
+        mean = lambda key: None if not row.get(key) else sum(row[key]) / len(row[key])  # noqa: E731
         lines.append(
-            f"| {row['length']} | {row['setting']} | {fmt(row.get('needle'), '.2f')} | {fmt(row.get('lm_nll'), '.3f')} | "
+            f"| {row['length']} | {row['setting']} | {fmt(row.get('needle'), '.2f')} | {held} | "
+            f"{fmt(mean('needle_statement_kept'), '.3f')} | {fmt(mean('swap_scores'), '.2f')} | "
+            f"{fmt(row.get('lm_nll'), '.3f')} | "
             f"{fmt(row.get('lm_delta'), '+.3f')} | {fmt(row.get('lm_kl'), '.3f')} | {fmt(peak and peak / 2**20, '.1f')} | "
             f"{fmt(peak and peak / row['peak_bound_bytes'], '.2f')} | {fmt(peak and peak / row['full_kv_bytes'], '.3f')} |")
     name = "_".join(str(n) for n in args.lengths)
