@@ -192,6 +192,9 @@ def main(argv=None) -> int:
                         help="also measure how much of the needle each (layer, KV head) holds after the prefill")
     parser.add_argument("--swap", action="store_true",
                         help="chunked settings: also answer from one-shot keys/values restricted to the chunked keep set")
+    parser.add_argument("--no-recency", action="store_true",
+                        help="zero the adapter's learned recency bias (does its path dependence in chunked prefill, "
+                             "where every chunk's eviction sees other distances than one-shot does, cost needles?)")
     parser.add_argument("--no-full", action="store_true",
                         help="skip the full-cache row (already measured on the same seeds)")
     parser.add_argument("--kept-only", action="store_true",
@@ -213,6 +216,11 @@ def main(argv=None) -> int:
     model, tokenizer = load_smollm2()
     adapter = Adapter.from_pretrained(args.adapter)
     heads = adapter.heads_for(model)
+    if args.no_recency:
+        if heads.config.recency_buckets == 0:
+            raise SystemExit(f"--no-recency: {args.adapter} has no recency bias")
+        with torch.no_grad():
+            heads.recency.zero_()
     per_token = kv_bytes_per_token(model)
 
     def kv_for(setting):
