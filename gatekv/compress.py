@@ -470,6 +470,7 @@ class CompressionSession:
         self._last_position = torch.full_like(lengths, -1)
         big = torch.iinfo(torch.long).max
         self._attention.row_start = torch.where(token_positions >= 0, token_positions, torch.full_like(token_positions, big)).min(-1).values
+        self._attention.prompt_end = token_positions.amax(-1)
         dtype = tokens.dtype if tokens.is_floating_point() else self.model.get_input_embeddings().weight.dtype
         self.stats = CompressionStats(
             prompt_tokens=lengths.cpu(),

@@ -169,8 +169,10 @@ class HeadsScorer(nn.Module, Scorer):
             finite = torch.isfinite(scores)
             pooled = pool_scores(torch.where(finite, scores, float("-inf")), self.pool_kernel, "max")
             scores = torch.where(finite, pooled, scores)
-        if self.config.recency_buckets > 0:  # distance to the newest candidate token, recomputed at every scoring
+        if self.config.recency_buckets > 0:  # distance to the newest token, recomputed at every scoring
             newest = torch.where(ctx.candidates, ctx.positions, torch.full_like(ctx.positions, -1)).amax(-1, keepdim=True)
+            if ctx.prompt_end is not None:  # chunked prefill: to the prompt's end, as one-shot prefill measures it
+                newest = torch.maximum(newest, ctx.prompt_end.to(newest.device)[:, None, None])
             bias = self.recency_bias(newest - ctx.positions, ctx.layer_idx).to(scores.device)
             scores = torch.where(torch.isfinite(scores), scores + bias, scores)
         return scores

@@ -81,6 +81,11 @@ class LayerContext:
     """(B, H_kv, q, d_v) values of the new tokens; set if requested."""
     replay: ReplayChunk | None = None
     """The replay forward being scored (replaying scorers only); None during the prompt's own forwards."""
+    prompt_end: torch.Tensor | None = None
+    """(B,) position of the prompt's last token, set while a prompt is compressed. With chunked prefill it lies
+    ahead of this forward's tokens: a scorer that measures a token's distance to the newest one (the trained heads'
+    recency bias) measures it to here, as one-shot prefill does, so an early chunk's eviction ranks tokens as the
+    final one will. None = not known."""
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per-slot scorer state, each (B, H_kv, T) float32 (NaN for slots never scored). Scorers may replace
     entries; the session stores them back with the cache (they follow compaction)."""
