@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument("--swap", action="store_true",
                         help="chunked settings: also answer from one-shot keys/values restricted to the chunked keep set")
     parser.add_argument("--no-recency", action="store_true",
-                        help="zero the adapter's learned recency bias (does its path dependence in chunked prefill, "
+                        help="rank without the adapter's learned recency bias (set_recency(False)) (does its path dependence in chunked prefill, "
                              "where every chunk's eviction sees other distances than one-shot does, cost needles?)")
     parser.add_argument("--no-full", action="store_true",
                         help="skip the full-cache row (already measured on the same seeds)")
@@ -219,8 +219,7 @@ def main(argv=None) -> int:
     if args.no_recency:
         if heads.config.recency_buckets == 0:
             raise SystemExit(f"--no-recency: {args.adapter} has no recency bias")
-        with torch.no_grad():
-            heads.recency.zero_()
+        heads.set_recency(False)
     per_token = kv_bytes_per_token(model)
 
     def kv_for(setting):

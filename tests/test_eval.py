@@ -364,9 +364,12 @@ def test_eval_adapter_in_a_rank_mix(tmp_path, model, tokenizer):
                              ({"rank_mix": {"weights": {"adapter": 1, "knorm": 1}, "combine": "mean"}},
                               "combine must be"),
                              ({"rank_mix": {"weights": {"adapter": 1, "knorm": 1}, "top": 1}}, r"got \['top'\]"),
+                             ({"recency": "off"}, "recency must be true or false"),
                              ({"kernel_size": 3}, r"options \['kernel_size'\] do not apply to an adapter")]:
         with pytest.raises(ValueError, match=f"method 'm': .*{message}"):
             _config(tmp_path, methods=[{"name": "m", "adapter": str(tmp_path / "a"), "options": options}])
+    off = _config(tmp_path, methods=[{"name": "m", "adapter": str(tmp_path / "a"), "options": {"recency": False}}])
+    assert off.methods[0].options == {"recency": False}
 
 
 def test_a_cell_added_on_resume_gets_every_sample_in_order(tmp_path, model, tokenizer):

@@ -13,7 +13,7 @@ from gatekv.settings import DEFAULT_CHUNK_SIZE, DEFAULT_SINKS, DEFAULT_WINDOW, C
 __all__ = ["EvalConfig", "MethodConfig", "SuiteConfig", "load_eval_config"]
 
 
-ADAPTER_OPTIONS = ("pool_kernel", "rank_mix")
+ADAPTER_OPTIONS = ("pool_kernel", "recency", "rank_mix")
 """The ``options`` a method with an ``adapter`` takes."""
 
 
@@ -32,7 +32,7 @@ class MethodConfig:
     """Allocators to run this scorer with (ignored for the full cache)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the scorer (e.g. ``kernel_size: 7``); for an adapter (:data:`ADAPTER_OPTIONS`):
-    ``pool_kernel``, and ``rank_mix`` (label -> weight, ``adapter`` for its heads and training-free scorer names
+    ``pool_kernel``, ``recency`` (false: no learned recency bias), and ``rank_mix`` (label -> weight, ``adapter`` for its heads and training-free scorer names
     for the others: the heads' ranking within each head blended with those scorers', e.g.
     ``{adapter: 0.75, defensivekv: 0.25}``)."""
     allocator_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -85,6 +85,8 @@ class MethodConfig:
         if unknown:
             raise ValueError(f"method {self.name!r}: options {unknown} do not apply to an adapter (valid: "
                              f"{', '.join(ADAPTER_OPTIONS)})")
+        if "recency" in self.options and not isinstance(self.options["recency"], bool):
+            raise ValueError(f"method {self.name!r}: recency must be true or false, got {self.options['recency']!r}")
         mix = self.options.get("rank_mix")
         if mix is None:
             return

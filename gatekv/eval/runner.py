@@ -153,9 +153,11 @@ def _wrappers(model, tokenizer, config: EvalConfig) -> dict[str, object]:
         if method.adapter is not None:  # its trained heads replace the scorer (or join a rank mix)
             kv = GateKV(model, tokenizer, adapter=method.adapter, config=settings,
                         rank_mix=method.options.get("rank_mix"))
+            heads = kv.scorer.members["adapter"] if "rank_mix" in method.options else kv.scorer
             if "pool_kernel" in method.options:
-                heads = kv.scorer.members["adapter"] if "rank_mix" in method.options else kv.scorer
                 heads.set_pooling(method.options["pool_kernel"])
+            if "recency" in method.options:
+                heads.set_recency(method.options["recency"])
             out[method.name] = kv
         else:
             out[method.name] = GateKV(model, tokenizer, config=settings)

@@ -169,7 +169,7 @@ class Adapter(
             "evaluation": self.evaluation,
             "lora": None if self.lora is None else {"path": LORA_DIR, "modules": len(self.lora.pairs)},
             "license": self.license,
-            "inference": {"pool_kernel": self.heads.pool_kernel},
+            "inference": {"pool_kernel": self.heads.pool_kernel, "recency": self.heads.use_recency},
         }
 
     def _save_pretrained(self, save_directory: Path) -> None:
@@ -354,6 +354,7 @@ class Adapter(
         heads.eval().requires_grad_(False)
         try:
             heads.set_pooling((document.get("inference") or {}).get("pool_kernel", 1))
+            heads.set_recency((document.get("inference") or {}).get("recency", True))
         except ValueError as error:
             raise ValueError(f"{config_path}: inference.{error}") from None
         return cls(

@@ -44,6 +44,8 @@ class HeadsScorer(nn.Module, Scorer):
     state_names: ClassVar[tuple[str, ...]] = ("head_scores",)
     pool_kernel: int = 1
     """Inference only: max-pool width over neighbouring slots before ranking (:meth:`set_pooling`)."""
+    use_recency: bool = True
+    """Inference only: add the learned recency bias (with ``recency_buckets``); :meth:`set_recency`."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -169,13 +171,25 @@ class HeadsScorer(nn.Module, Scorer):
             finite = torch.isfinite(scores)
             pooled = pool_scores(torch.where(finite, scores, float("-inf")), self.pool_kernel, "max")
             scores = torch.where(finite, pooled, scores)
-        if self.config.recency_buckets > 0:  # distance to the newest token, recomputed at every scoring
+        if self.config.recency_buckets > 0 and self.use_recency:  # distance to the newest token, at every scoring
             newest = torch.where(ctx.candidates, ctx.positions, torch.full_like(ctx.positions, -1)).amax(-1, keepdim=True)
             if ctx.prompt_end is not None:  # chunked prefill: to the prompt's end, as one-shot prefill measures it
                 newest = torch.maximum(newest, ctx.prompt_end.to(newest.device)[:, None, None])
             bias = self.recency_bias(newest - ctx.positions, ctx.layer_idx).to(scores.device)
             scores = torch.where(torch.isfinite(scores), scores + bias, scores)
         return scores
+
+    def set_recency(self, enabled: bool) -> "HeadsScorer":
+        """Add the learned recency bias at inference (True, the default) or rank by the content scores alone.
+
+        The bias is learned from the training contexts' distances: on SmolLM2 the shipped heads (trained mostly on
+        <= 4K contexts) find 0.50 of 8K needles one-shot with it and 0.80 without, and in chunked prefill (512 per
+        head, chunks of 512) 0.25 with it and 0.45 without (benchmarks/results/smollm2-chunked/), while at 2K the bias
+        is what lowers the real-text KL. Heads without ``recency_buckets`` ignore this."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"recency must be true or false, got {enabled!r}")
+        self.use_recency = enabled
+        return self
 
     def set_pooling(self, kernel_size: int) -> "HeadsScorer":
         """Max-pool the scores over ``kernel_size`` neighbouring slots at inference (1 = off; odd, >= 1)."""

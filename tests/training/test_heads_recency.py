@@ -219,3 +219,26 @@ def test_chunked_prefill_measures_recency_to_the_prompts_end(model):
                          for layer in range(len(event.kept_positions))]
     assert kept["chunked"] == kept["one_shot"]
     assert len({tuple(h) for layer in kept["one_shot"] for h in layer}) > 1  # the table does rank differently per head
+
+
+def test_recency_can_be_switched_off_at_inference_and_the_adapter_keeps_the_switch(model, tmp_path):
+    """set_recency(False): compress() ranks by the content scores alone (what heads without the bias keep); the
+    saved adapter records it (inference.recency) and loads it back; a non-bool is refused."""
+    heads = _heads(model, buckets=16, seed=2)
+    plain = build_heads("retaining_head", model, hidden=8)
+    plain.load_state_dict({k: v for k, v in heads.state_dict().items() if k != "recency"})
+    ids = torch.randint(3, 120, (1, 48))
+
+    def kept(scorer):
+        with compress(model, scorer, "uniform", budget=12, window=2, sinks=2, record=True) as session:
+            model(ids)
+        return [t.tolist() for t in session.stats.events[-1].kept_positions[0]]
+
+    assert kept(heads) != kept(plain)  # the bias changes what is kept here
+    heads.set_recency(False)
+    assert kept(heads) == kept(plain)
+    save_adapter(heads, tmp_path / "off")
+    loaded = load_adapter(tmp_path / "off", model=model)
+    assert loaded.use_recency is False and kept(loaded) == kept(plain)
+    with pytest.raises(ValueError, match="recency must be true or false"):
+        heads.set_recency("no")
