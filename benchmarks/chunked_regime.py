@@ -193,8 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument("--swap", action="store_true",
                         help="chunked settings: also answer from one-shot keys/values restricted to the chunked keep set")
     parser.add_argument("--no-recency", action="store_true",
-                        help="rank without the adapter's learned recency bias (set_recency(False)) (does its path dependence in chunked prefill, "
-                             "where every chunk's eviction sees other distances than one-shot does, cost needles?)")
+                        help="rank without the adapter's learned recency bias (set_recency(False))")
     parser.add_argument("--no-full", action="store_true",
                         help="skip the full-cache row (already measured on the same seeds)")
     parser.add_argument("--kept-only", action="store_true",
