@@ -412,8 +412,9 @@ def bench_decode(
         device_name = f"CPU, torch threads: {torch.get_num_threads()}, load average (1/5/15 min) at start: {load}"
     header = (
         f"decode benchmark: {description}; prompt {input_ids.shape[1]} tokens; {steps} timed steps (median) after "
-        f"{warmup} warm-up, in {rounds} interleaved rounds; prefill: median of {prefill_rounds} interleaved "
-        f"round{'s' if prefill_rounds > 1 else ''}; device: {device_name}; torch {torch.__version__}"
+        f"{warmup} warm-up, in {rounds} interleaved rounds"
+        f"{f'; prefill: median of {prefill_rounds} interleaved rounds' if prefill_rounds > 1 else ''}"
+        f"; device: {device_name}; torch {torch.__version__}"
     )
     print_fn(header)
     results = run_decode_benchmark(
