@@ -368,8 +368,18 @@ def test_eval_adapter_in_a_rank_mix(tmp_path, model, tokenizer):
                              ({"kernel_size": 3}, r"options \['kernel_size'\] do not apply to an adapter")]:
         with pytest.raises(ValueError, match=f"method 'm': .*{message}"):
             _config(tmp_path, methods=[{"name": "m", "adapter": str(tmp_path / "a"), "options": options}])
-    off = _config(tmp_path, methods=[{"name": "m", "adapter": str(tmp_path / "a"), "options": {"recency": False}}])
-    assert off.methods[0].options == {"recency": False}
+    recent = tmp_path / "recent"
+    Adapter(build_heads("retaining_head", model, hidden=8, recency_buckets=8), base_model="tiny:llama",
+            target="cis").save_pretrained(recent)
+    off = _config(tmp_path, methods=[{"name": "off", "adapter": str(recent), "options": {"recency": False}},
+                                     {"name": "on", "adapter": str(recent)},
+                                     {"name": "mix", "adapter": str(recent),
+                                      "options": {"recency": False, "rank_mix": {"adapter": 1.0, "knorm": 1.0}}}])
+    from gatekv.eval.runner import _wrappers
+
+    wrappers = _wrappers(model, tokenizer, off)
+    assert wrappers["off"].scorer.use_recency is False and wrappers["on"].scorer.use_recency is True
+    assert wrappers["mix"].scorer.members["adapter"].use_recency is False  # the heads inside the rank mix
 
 
 def test_a_cell_added_on_resume_gets_every_sample_in_order(tmp_path, model, tokenizer):
