@@ -58,6 +58,11 @@ def kv_bytes_per_token(model) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
 
 
+def prefill_options(setting: dict) -> dict:
+    """compress() / GateKV keyword options of a setting's prefill beyond its mode (the chunk size when chunked)."""
+    return {"chunk_size": setting["chunk_size"]} if setting["prefill"] == "chunked" else {}
+
+
 def run_needle(kv_for, model, tokenizer, setting, samples) -> dict:
     from gatekv.eval.metrics import score_answer
 
@@ -96,27 +101,22 @@ def needle_tokens(tokenizer, sample) -> tuple[torch.Tensor, torch.Tensor]:
     return overlapping(begin, end), overlapping(opening, end)
 
 
-class FixedSet:
-    """A scorer (gatekv's Scorer protocol) that marks given positions per (layer, KV head): score 1 if the slot's
-    position is in the set, else 0. With the ``threshold`` allocator (tau 0) the cache keeps exactly those slots
-    plus the protected sinks and recent window."""
+def fixed_set_scorer(kept):
+    """A scorer that marks given positions per (layer, KV head): score 1 if the slot's position is in the set, else
+    0. With the ``threshold`` allocator (tau 0) the cache keeps exactly those slots plus the protected sinks and
+    recent window. ``kept``: per layer, per KV head, the positions (batch 1)."""
+    from gatekv.scorers.base import Scorer
 
-    def __new__(cls, kept):
-        from gatekv.scorers.base import Scorer
+    class FixedSet(Scorer):
+        name = "fixed-set"
 
-        class _FixedSet(Scorer):
-            name = "fixed-set"
+        def score(self, ctx):
+            scores = torch.zeros(ctx.positions.shape, dtype=torch.float32, device=ctx.positions.device)
+            for head, wanted in enumerate(kept[ctx.layer_idx]):
+                scores[0, head] = torch.isin(ctx.positions[0, head], wanted.to(ctx.positions.device)).float()
+            return scores
 
-            def __init__(self, kept):
-                self.kept = kept  # per layer, per KV head: positions (batch 1)
-
-            def score(self, ctx):
-                scores = torch.zeros(ctx.positions.shape, dtype=torch.float32, device=ctx.positions.device)
-                for head, wanted in enumerate(self.kept[ctx.layer_idx]):
-                    scores[0, head] = torch.isin(ctx.positions[0, head], wanted.to(ctx.positions.device)).float()
-                return scores
-
-        return _FixedSet(kept)
+    return FixedSet()
 
 
 def needle_kept(model, tokenizer, heads, setting, sample, allocator) -> dict:
@@ -127,7 +127,7 @@ def needle_kept(model, tokenizer, heads, setting, sample, allocator) -> dict:
 
     ids = prompt_ids(tokenizer, sample.context, sample.question)[0]
     value, statement = needle_tokens(tokenizer, sample)
-    options = {"chunk_size": setting["chunk_size"]} if setting["prefill"] == "chunked" else {}
+    options = prefill_options(setting)
     with torch.no_grad(), compress(model, heads, allocator, setting["budget"], prefill=setting["prefill"],
                                    **options) as session:
         cache = session.new_cache()
@@ -150,7 +150,7 @@ def answer_from_set(model, tokenizer, sample, kept) -> float:
     from gatekv.eval.metrics import score_answer
     from gatekv.inference import GateKV
 
-    kv = GateKV(model, tokenizer, scorer=FixedSet(kept), allocator="threshold", budget=1.0, prefill="one_shot")
+    kv = GateKV(model, tokenizer, scorer=fixed_set_scorer(kept), allocator="threshold", budget=1.0, prefill="one_shot")
     answer = kv.answer(sample.context, sample.question, query_aware=False, max_new_tokens=24)
     return score_answer(answer.text, sample.answers, sample.metric)
 
@@ -165,7 +165,7 @@ def run_lm(model, tokenizer, heads, setting, samples, fulls, allocator) -> dict:
     for sample, full in zip(samples, fulls):
         ids = torch.tensor([sample.context_ids])
         rest = sample.question_ids + sample.target_ids
-        options = {"chunk_size": setting["chunk_size"]} if setting["prefill"] == "chunked" else {}
+        options = prefill_options(setting)
         with torch.no_grad(), compress(model, heads, allocator, setting["budget"], prefill=setting["prefill"],
                                        **options) as session:
             cache = session.new_cache()
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     def kv_for(setting):
         if setting is None:
             return GateKV(model, tokenizer)
-        options = {"chunk_size": setting["chunk_size"]} if setting["prefill"] == "chunked" else {}
+        options = prefill_options(setting)
         return GateKV(model, tokenizer, scorer=heads, allocator=args.allocator, budget=setting["budget"],
                       prefill=setting["prefill"], **options)
 

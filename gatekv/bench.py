@@ -146,7 +146,7 @@ class _Run:
         self.cache_tokens = cache_tokens
         self.token = None
         self.prefill_seconds = 0.0
-        self.score_seconds: float | None = None  # None: this round's session stats
+        self.score_seconds: float | None = None  # compressed settings: median over the prefill rounds
         self.kv_bytes = 0
         self.times: list[float] = []
         self.tokens: list[int] = []
@@ -191,7 +191,7 @@ class _Run:
             self.label, prompt_tokens, self.prefill_seconds, statistics.median(self.times), self.times,
             self.kv_bytes, _cache_bytes(self.cache), kept,
             self.tokens, self.kind, self.budget, self.cache_tokens,
-            score_seconds=self.score_seconds if self.score_seconds is not None or stats is None else stats.score_seconds,
+            score_seconds=self.score_seconds,
         )
 
 

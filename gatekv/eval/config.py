@@ -32,8 +32,8 @@ class MethodConfig:
     """Allocators to run this scorer with (ignored for the full cache)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the scorer (e.g. ``kernel_size: 7``); for an adapter (:data:`ADAPTER_OPTIONS`):
-    ``pool_kernel``, ``recency`` (false: no learned recency bias), and ``rank_mix`` (label -> weight, ``adapter`` for its heads and training-free scorer names
-    for the others: the heads' ranking within each head blended with those scorers', e.g.
+    ``pool_kernel``, ``recency`` (false: no learned recency bias), and ``rank_mix`` (label -> weight, ``adapter``
+    for its heads and training-free scorer names for the others: the heads' ranking within each head blended with those scorers', e.g.
     ``{adapter: 0.75, defensivekv: 0.25}``)."""
     allocator_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Keyword arguments per allocator name, e.g. ``{global: {floor: 0.2}, fairkv: {tp: 3}}``."""
