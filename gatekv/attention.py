@@ -73,7 +73,8 @@ class SessionAttention:
     spec:             the model's layout (layers, attention modules)
     scorer:           scores each layer's slots while ``scoring`` is on
     allocator:        gets each layer's window attention when it declares ``needs_window_attention``
-    window, sinks:    the protected recent window (also the observation window) and first tokens
+    window, sinks:    the protected recent window and first tokens
+    observe_window:   the observation window (the last prompt tokens whose attention is observed); None = window
     after_layer:      called with the layer index after a layer is scored (the session's cascade step)
 
     State the session sets: ``cache`` and ``stats`` (the current ones), ``scoring``, ``observer_from`` ((B,) first
@@ -85,9 +86,10 @@ class SessionAttention:
     """
 
     def __init__(self, spec: ModelSpec, scorer: Scorer, allocator: Allocator, window: int, sinks: int,
-                 after_layer: Callable[[int], None] | None = None):
+                 after_layer: Callable[[int], None] | None = None, observe_window: int | None = None):
         self.spec, self.scorer, self.allocator = spec, scorer, allocator
         self.window, self.sinks = window, sinks
+        self.observers = max(window if observe_window is None else observe_window, 1)
         self.after_layer = after_layer
         self.cache: CompressedCache | None = None
         self.stats = CompressionStats()
@@ -158,7 +160,7 @@ class SessionAttention:
             layer_idx=layer_idx, num_layers=self.spec.num_layers, module=module, keys=keys, values=values,
             positions=positions, candidates=candidates, queries=query, query_positions=query_positions,
             new_slots=(layer.lengths - q).reshape(batch, heads), scale=scale,
-            window_size=q if self.observer_from is not None else max(self.window, 1),
+            window_size=q if self.observer_from is not None else self.observers,
             hidden_states=captured.get("hidden_states"), pre_rope_queries=captured.get("pre_rope_queries"),
             pre_rope_keys=captured.get("pre_rope_keys"), pre_rope_values=captured.get("pre_rope_values"),
             replay=self.replay_chunk, state=state, prompt_end=self.prompt_end,

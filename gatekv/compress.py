@@ -124,7 +124,7 @@ class CompressionSession:
         self.allocator = get_allocator(config.allocator)
         self.merger = None if config.merge is None else get_merger(config.merge)
         self._attention = SessionAttention(self.spec, self.scorer, self.allocator, config.window, config.sinks,
-                                           after_layer=self._after_layer)
+                                           after_layer=self._after_layer, observe_window=config.observe_window)
         self._handles: list = []
         self._original_impl: str | None = None
         self._budget_rows: torch.Tensor | None = None
@@ -680,6 +680,7 @@ def compress(
     merge: str | Merger | None = _DEFAULTS.merge,
     *,
     decode_interval: int = _DEFAULTS.decode_interval,
+    observe_window: int | None = _DEFAULTS.observe_window,
     config: CompressionConfig | None = None,
 ) -> Iterator[CompressionSession]:
     """Compress the KV cache of every generation/forward run inside the block.
@@ -688,7 +689,8 @@ def compress(
     config:  the settings as one :class:`CompressionConfig` (also accepted in place of ``scorer``); then the other
              settings must stay at their defaults (``config.replace(budget=...)`` changes a field)
     scorer, allocator, budget, prefill, chunk_size, window, sinks, decode_budget, query, reserve, record, merge,
-    decode_interval: the fields of :class:`CompressionConfig` (see its field docstrings), checked once here
+    decode_interval, observe_window: the fields of :class:`CompressionConfig` (see its field docstrings), checked once
+    here
     """
     if isinstance(scorer, CompressionConfig):
         if config is not None:
@@ -696,7 +698,7 @@ def compress(
         config, scorer = scorer, _DEFAULTS.scorer
     settings = dict(scorer=scorer, allocator=allocator, budget=budget, prefill=prefill, chunk_size=chunk_size,
                     window=window, sinks=sinks, decode_budget=decode_budget, query=query, reserve=reserve,
-                    record=record, merge=merge, decode_interval=decode_interval)
+                    record=record, merge=merge, decode_interval=decode_interval, observe_window=observe_window)
     if config is None:
         config = CompressionConfig(**settings)
     else:
@@ -723,6 +725,7 @@ def shared_prefill(
     sinks: int = DEFAULT_SINKS,
     reserve: int | None = None,
     record: bool = False,
+    observe_window: int | None = None,
 ) -> Iterator[SharedPrefill]:
     """Evaluate many (scorer, allocator, budget) settings on one prompt with a single prefill (one-shot mode)::
 
@@ -733,13 +736,13 @@ def shared_prefill(
                 out = model.generate(torch.cat([context_ids, question_ids], 1), cache=cache)
 
     scorers: label -> scorer name or instance (scored together on the same forward; their ``needs`` are merged)
-    window, sinks, reserve, record: as in :func:`compress`
+    window, sinks, reserve, record, observe_window: as in :func:`compress`
     """
     if not scorers:
         raise ValueError("scorers must not be empty")
     score_set = _ScoreSet({name: get_scorer(s) for name, s in scorers.items()})
     config = CompressionConfig(score_set, "uniform", 1.0, "one_shot", window=window, sinks=sinks, reserve=reserve,
-                               record=record)
+                               record=record, observe_window=observe_window)
     session = CompressionSession(model, config)
     session.hold_prefills()
     with session.entered():

@@ -103,7 +103,8 @@ class GateKV:
                 "combine": "sum" | "max"}``; replaces ``scorer``
     config:     all the settings as one :class:`~gatekv.settings.CompressionConfig` (instead of allocator, budget,
                 prefill and ``compress_options``; its scorer is used unless ``scorer`` or ``adapter`` is given)
-    compress_options: further :func:`gatekv.compress` arguments (window, sinks, chunk_size, decode_budget, reserve)
+    compress_options: further :func:`gatekv.compress` arguments (window, sinks, observe_window, chunk_size,
+                decode_budget, reserve)
 
     The settings are validated once, here, into :attr:`config` (:class:`~gatekv.settings.CompressionConfig`; its
     scorer is this wrapper's, or the default one for the full cache, which does not use it).
@@ -354,7 +355,7 @@ class GateKV:
         config = self.config
         answers = []
         with torch.no_grad(), shared_prefill(self.model, scorers, window=config.window, sinks=config.sinks,
-                                             reserve=config.reserve) as shared:
+                                             reserve=config.reserve, observe_window=config.observe_window) as shared:
             start = time.perf_counter()
             shared.prefill(context_ids)
             prefill_seconds = time.perf_counter() - start

@@ -177,9 +177,12 @@ class EvalConfig:
     recall_region: float = 0.8
     """``recall``: the span lies in this leading fraction of the context (and outside the recent window)."""
     window: int = DEFAULT_WINDOW
-    """Recent tokens always kept (and the observation window)."""
+    """Recent tokens always kept (and the observation window unless ``observe_window``)."""
     sinks: int = DEFAULT_SINKS
     """First tokens always kept."""
+    observe_window: int | None = None
+    """The last prompt tokens whose attention scorers and allocators observe; None = ``window``
+    (:attr:`gatekv.settings.CompressionConfig.observe_window`)."""
     prefill: Literal["one_shot", "chunked"] = "one_shot"
     """Prefill mode of the compressed runs."""
     chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -242,15 +245,15 @@ class EvalConfig:
             raise ValueError(f"seed_base: seeds must stay in [0, {TRAIN_SEED_BASE}) (higher ones are training data)")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        self.compression()  # window, sinks, prefill and chunk_size, checked as every compressed cell will use them
+        self.compression()  # window, sinks, observe_window, prefill and chunk_size, as every compressed cell uses them
         if not self.modes:
             raise ValueError("modes must not be empty")
 
     def compression(self, scorer="snapkv", allocator="uniform", budget: float = 0.1, merge=None) -> CompressionConfig:
         """The settings of a compressed cell: ``scorer``, ``allocator``, ``budget`` and ``merge`` (names or
-        instances) with this run's prefill mode, chunk size, window and sinks."""
+        instances) with this run's prefill mode, chunk size, window, sinks and observation window."""
         return CompressionConfig(scorer, allocator, budget, self.prefill, self.chunk_size, self.window, self.sinks,
-                                 merge=merge)
+                                 merge=merge, observe_window=self.observe_window)
 
     @property
     def realtext_tasks(self) -> list[str]:

@@ -40,8 +40,8 @@ from gatekv.io import atomic_write_text
 
 __all__ = ["grid", "run_eval"]
 
-_COMPARABLE = ("model", "dtype", "num_samples", "seed_base", "haystack_files", "window", "sinks", "prefill",
-               "chunk_size", "max_new_tokens")
+_COMPARABLE = ("model", "dtype", "num_samples", "seed_base", "haystack_files", "window", "sinks", "observe_window",
+               "prefill", "chunk_size", "max_new_tokens")
 _COMPARABLE_REALTEXT = {"corpus": "gnu-info", "continuation_tokens": 128, "recall_span": 96, "recall_cue": 8,
                         "recall_region": 0.8}
 """Settings that change real-text samples, with the value a results file written before they existed implies."""
@@ -199,7 +199,7 @@ def _run_shared(config, model, tokenizer, group, task_samples, wrappers, methods
     (``results.partial``), so a crash loses at most the sample in flight."""
     from gatekv.inference import GateKV
 
-    runner = GateKV(model, tokenizer, window=config.window, sinks=config.sinks)
+    runner = GateKV(model, tokenizer, window=config.window, sinks=config.sinks, observe_window=config.observe_window)
     scorers = {c.method: wrappers[c.method].scorer for c in group}
     settings = [dict(scorer=c.method, allocator=_allocator(methods[c.method], c.allocator), budget=c.budget,
                      merge=wrappers[c.method].config.merge) for c in group]
@@ -306,6 +306,7 @@ def _run_realtext(config, model, group, task_samples, wrappers, methods, results
             if together:
                 scorers = {c.method: wrappers[c.method].scorer for c in together}
                 with torch.no_grad(), shared_prefill(model, scorers, window=config.window, sinks=config.sinks,
+                                                     observe_window=config.observe_window,
                                                      reserve=wrappers[together[0].method].config.reserve) as shared:
                     begin = time.perf_counter()
                     last = shared.prefill(prefix_t)[0]
