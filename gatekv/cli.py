@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--window", type=int, default=DEFAULT_WINDOW,
                           help=f"recent tokens always kept (default {DEFAULT_WINDOW})")
     generate.add_argument("--sinks", type=int, default=DEFAULT_SINKS, help=f"first tokens always kept (default {DEFAULT_SINKS})")
+    generate.add_argument("--observe-window", type=int, default=None,
+                          help="last prompt tokens whose attention the scorer observes (default: --window)")
     generate.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     generate.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -209,7 +211,7 @@ def _run_generate(args) -> int:
         scorer = None
     # the settings, validated once and before the model loads (an adapter's heads replace the scorer)
     config = CompressionConfig(scorer or CompressionConfig.scorer, args.allocator, args.budget, args.prefill,
-                               window=args.window, sinks=args.sinks)
+                               window=args.window, sinks=args.sinks, observe_window=args.observe_window)
     model = args.model if args.model is not None else (None if args.adapter else "smollm2")
     kv = GateKV.from_pretrained(
         model,

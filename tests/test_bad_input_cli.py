@@ -582,3 +582,8 @@ if __name__ == "__main__":
 def test_bench_decode_counts_are_checked_before_loading(flag, value, capsys):
     assert main(["bench", "decode", "--length", "64", flag, value]) == 2
     assert f"{flag} must be >= " in _err(capsys)
+
+
+def test_bad_observe_window_is_named_before_the_model_loads(capsys):
+    assert main(["generate", "--scorer", "snapkv", "--observe-window", "0", "--prompt", "x"]) == 2
+    assert "observe_window must be None or an int >= 1, got 0" in _err(capsys)
