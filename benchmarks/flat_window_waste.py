@@ -20,14 +20,11 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", type=float, default=0.1)
     args = parser.parse_args(argv)
 
-    from gatekv.bench import _Run
+    from gatekv.bench import _Run, smollm2_needle
     from gatekv.compress import CompressionSession
-    from gatekv.eval.needle import needle_prompt
     from gatekv.kernels.torch_ragged import _window
-    from gatekv.smollm2 import load_smollm2
 
-    model, tokenizer = load_smollm2(dtype=torch.float32, device="cpu")
-    ids = needle_prompt(tokenizer, args.length, 0).prompt_ids
+    model, _, ids = smollm2_needle(args.length)
     session = CompressionSession(model, scorer="snapkv", allocator="adakv", budget=args.budget)
     cache = session.new_cache()
     session.expect_new_tokens(2)

@@ -45,14 +45,12 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from gatekv.eval.needle import needle_prompt
+    from gatekv.bench import smollm2_needle
     from gatekv.heads import load_adapter
     from gatekv.kernels import dispatch
-    from gatekv.smollm2 import load_smollm2
     from gatekv.window_scores import defensive_scores
 
-    model, tokenizer = load_smollm2(dtype=torch.float32, device="cpu")
-    ids = needle_prompt(tokenizer, args.length, 0).prompt_ids
+    model, _, ids = smollm2_needle(args.length)
     cfg = model.config
     layers, hidden, t = cfg.num_hidden_layers, cfg.hidden_size, ids.shape[1]
     q_heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads

@@ -41,14 +41,11 @@ def main(argv=None) -> None:
 
     from transformers import DynamicCache
 
-    from gatekv.bench import _Run
+    from gatekv.bench import _Run, smollm2_needle
     from gatekv.compress import CompressionSession
-    from gatekv.eval.needle import needle_prompt
     from gatekv.inference import GateKV
-    from gatekv.smollm2 import load_smollm2
 
-    model, tokenizer = load_smollm2(dtype=torch.float32, device="cpu")
-    ids = needle_prompt(tokenizer, args.length, 0).prompt_ids
+    model, tokenizer, ids = smollm2_needle(args.length)
     configs = {}
     for label, options in SETTINGS.items():
         options = dict(options)

@@ -118,6 +118,18 @@ def random_llama(
     return model.eval().requires_grad_(False)
 
 
+def smollm2_needle(length: int, seed: int = 0, device="cpu"):
+    """The benchmarks' model and prompt: SmolLM2-135M-Instruct (float32 on CPU, bfloat16 elsewhere), its tokenizer
+    and a single-needle prompt of about ``length`` tokens ``(1, T)`` on ``device``."""
+    from gatekv.eval.needle import needle_prompt
+    from gatekv.smollm2 import load_smollm2
+
+    device = torch.device(device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    model, tokenizer = load_smollm2(dtype=dtype, device=device)
+    return model, tokenizer, needle_prompt(tokenizer, length, seed).prompt_ids.to(device)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -388,12 +400,8 @@ def bench_decode(
     if model_name == "smollm2":
         if num_layers is not None:
             raise ValueError("num_layers only applies to the llama8b-random model")
-        from gatekv.eval.needle import needle_prompt
-        from gatekv.smollm2 import load_smollm2
-
         dtype = torch.float32 if target.type == "cpu" else torch.bfloat16
-        model, tokenizer = load_smollm2(dtype=dtype, device=target)
-        input_ids = needle_prompt(tokenizer, length, seed).prompt_ids.to(target)
+        model, tokenizer, input_ids = smollm2_needle(length, seed, target)
         description = f"SmolLM2-135M-Instruct ({dtype}), needle prompt"
     elif model_name == "llama8b-random":
         dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
