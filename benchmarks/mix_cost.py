@@ -25,6 +25,9 @@ SETTINGS = {
     "heads + DefensiveKV + H2O mix, defensive_budget, observe_window 64": dict(
         allocator="defensive_budget", observe_window=64,
         rank_mix={"weights": {"adapter": 0.5, "defensivekv": 0.25, "h2o": 0.25}, "quota": {"adapter": 0.5}}),
+    "heads + DefensiveKV + TOVA mix, defensive_budget, observe_window 64": dict(
+        allocator="defensive_budget", observe_window=64,
+        rank_mix={"weights": {"adapter": 0.5, "defensivekv": 0.25, "tova": 0.25}, "quota": {"adapter": 0.5}}),
     "Layer-DefensiveKV (global)": dict(scorer="defensivekv", allocator="global"),
 }
 
