@@ -400,9 +400,8 @@ def bench_decode(
     if model_name == "smollm2":
         if num_layers is not None:
             raise ValueError("num_layers only applies to the llama8b-random model")
-        dtype = torch.float32 if target.type == "cpu" else torch.bfloat16
         model, tokenizer, input_ids = smollm2_needle(length, seed, target)
-        description = f"SmolLM2-135M-Instruct ({dtype}), needle prompt"
+        description = f"SmolLM2-135M-Instruct ({model.dtype}), needle prompt"
     elif model_name == "llama8b-random":
         dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
         model = random_llama(target, dtype, num_layers=num_layers, seed=seed)
