@@ -2,8 +2,9 @@
 segments, timed for the library's flat path and the alternatives, against a dense SDPA call over the mean length.
 
 SmolLM2-135M's shape (9 query heads, 3 KV heads, head dim 64), one batch row, segments laid out one after another with
-``--room`` free slots each (as the cache lays them out). Per-layer lengths: equal (uniform), and Ada-KV-like splits of
-the same total. Every variant is checked against the library's output first (max abs difference printed).
+``--room`` free slots each, in head order (the layout before ``torch_ragged.flat_order``) and in the order the cache
+lays them out now (the flat path only). Per-layer lengths: equal (uniform), and Ada-KV-like splits of the same total.
+Every variant is checked against the library's flat path first (an AssertionError above 1e-4).
 
     python benchmarks/flat_decode_variants.py --total 2463 --repeats 400
 """
@@ -20,13 +21,19 @@ Q_HEADS, KV_HEADS, DIM = 9, 3, 64
 GROUP = Q_HEADS // KV_HEADS
 
 
-def _layout(lengths, room):
-    from gatekv.kernels.torch_ragged import FlatDecodeMask
+def _layout(lengths, room, ordered=False):
+    """Segments one after another with ``room`` free slots each: in head order, or (``ordered``) in the order the
+    cache lays them out (``torch_ragged.flat_order``)."""
+    from gatekv.kernels import layout_from_caps
+    from gatekv.kernels.torch_ragged import FlatDecodeMask, flat_order
 
     caps = [n + room for n in lengths]
-    starts = [sum(caps[:i]) for i in range(len(caps))]
+    order = flat_order(caps, list(lengths), len(lengths)) if ordered else None
+    starts = layout_from_caps(torch.tensor(caps), order)[0].tolist()
     gen = torch.Generator().manual_seed(0)
     keys, values = torch.randn(sum(caps), DIM, generator=gen), torch.randn(sum(caps), DIM, generator=gen)
+    for start, n in zip(starts, lengths):  # each head's tokens are the same whatever the layout
+        keys[start:start + n], values[start:start + n] = torch.randn(2, n, DIM, generator=gen)
     mask = FlatDecodeMask.build(torch.tensor(starts), torch.tensor(caps), torch.tensor(lengths), 1, KV_HEADS)
     return keys, values, starts, list(lengths), mask
 
@@ -85,24 +92,35 @@ def main(argv=None) -> None:
     print(f"decode attention of one layer, SmolLM2 shape ({Q_HEADS} q / {KV_HEADS} KV heads, d {DIM}), {args.total} "
           f"kept tokens, room {args.room}; CPU threads {torch.get_num_threads()}; microseconds per call (mean of "
           f"{args.repeats})")
-    print("| lengths | flat window / mean length | library flat path | per-head matmuls | per-head SDPA | whole row | "
-          "dense SDPA, mean length |")
-    print("|---|---|---|---|---|---|---|")
+    print("| lengths | flat window / mean length, head order / as the cache lays it out | flat path, head order | "
+          "flat path, as laid out | per-head matmuls | per-head SDPA | whole row | dense SDPA, mean length |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    def window_of(starts, lengths, mask):
+        lo, order = mask.row_start[0], mask.order[0]
+        return _window([starts[h] - lo for h in order], [starts[h] + lengths[h] - lo for h in order], mask.row_width[0])[1]
+
     for name, lengths in splits.items():
         keys, values, starts, lengths, mask = _layout(lengths, args.room)
-        lo = mask.row_start[0]
-        _, window = _window([s - lo for s in starts], [s + n - lo for s, n in zip(starts, lengths)], mask.row_width[0])
+        window = window_of(starts, lengths, mask)
         reference = _decode_flat(query, keys, values, starts, lengths, scale, mask)
+        laid = _layout(lengths, args.room, ordered=True)
+        laid_window = window_of(laid[2], lengths, laid[4])
+        diff = (_decode_flat(query, *laid[:2], laid[2], lengths, scale, laid[4]) - reference).abs().max().item()
+        if diff > 1e-4:
+            raise AssertionError(f"the flat path over the cache's layout differs from head order by {diff}")
         cells = []
         for fn in (_decode_flat, per_head_matmul, per_head_sdpa, whole_row):
             diff = (fn(query, keys, values, starts, lengths, scale, mask) - reference).abs().max().item()
             if diff > 1e-4:
                 raise AssertionError(f"{fn.__name__} differs from the flat path by {diff}")
             cells.append(timed(lambda: fn(query, keys, values, starts, lengths, scale, mask)))
+        cells.insert(1, timed(lambda: _decode_flat(query, *laid[:2], laid[2], lengths, scale, laid[4])))
         mean = sum(lengths) // KV_HEADS
         k, v = torch.randn(1, KV_HEADS, mean, DIM, generator=gen), torch.randn(1, KV_HEADS, mean, DIM, generator=gen)
         dense = timed(lambda: F.scaled_dot_product_attention(query, k, v, enable_gqa=True))
-        print(f"| {name} {lengths} | {window / mean:.2f} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {dense:.1f} |")
+        print(f"| {name} {lengths} | {window / mean:.2f} / {laid_window / mean:.2f} | "
+              + " | ".join(f"{c:.1f}" for c in cells) + f" | {dense:.1f} |")
 
 
 if __name__ == "__main__":

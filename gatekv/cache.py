@@ -186,7 +186,10 @@ class CompressedLayer(CacheLayerMixin):
             k_max = int(counts.max().item()) if counts.numel() else 0
             indices = torch.arange(k_max, device=counts.device).expand(counts.numel(), k_max)
         caps = counts + extra
-        starts, rows = kernels.layout_from_caps(caps)
+        order = None
+        if not caps.is_cuda:  # the CPU flat decode path reads shorter windows in this order (GPU kernels need none)
+            order = torch_ragged.flat_order(caps.tolist(), counts.tolist(), self.num_heads)
+        starts, rows = kernels.layout_from_caps(caps, order)
         buffers, fills, names = self._buffers()
         new = kernels.compact(buffers, self.starts[segments], indices, counts, starts, rows, fills)
         self.keys, self.values, self.positions = new[0], new[1], new[2]

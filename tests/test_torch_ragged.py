@@ -170,3 +170,115 @@ def test_window_attention_torch_equals_reference(dtype):
     torch.testing.assert_close(got.sum(-1)[0], torch.ones(kv_heads * group, w), atol=1e-5, rtol=0)
     dispatched = kernels.window_attention(queries, window_positions, keys, key_positions, scale)
     torch.testing.assert_close(dispatched, got, atol=0, rtol=0)
+
+
+def test_flat_order_gives_the_shortest_window():
+    """Each row's heads are laid out in the order whose flat window is shortest: no other order of that row is
+    shorter, the example of the docstring reaches the longest segment, equal lengths and heads > 4 keep head order,
+    and rows stay together and in order."""
+    import itertools
+
+    from gatekv.kernels.torch_ragged import FLAT_MAX_HEADS, _window, flat_order
+
+    def window(caps, lengths, order):
+        starts = list(itertools.accumulate((caps[h] for h in order[:-1]), initial=0))
+        return _window(starts, [s + lengths[h] for s, h in zip(starts, order)], sum(caps))[1]
+
+    lengths = [492, 985, 986]
+    caps = [n + 64 for n in lengths]
+    assert window(caps, lengths, [0, 1, 2]) == 1479
+    order = flat_order(caps, lengths, 3)
+    assert window(caps, lengths, order) == max(lengths)
+    assert flat_order([10, 10, 10], [7, 7, 7], 3) is None
+    assert flat_order([5] * 5, [1, 2, 3, 4, 5], 5) is None
+    assert flat_order([5, 9], [5, 9], 1) is None
+    g = torch.Generator().manual_seed(0)
+    for heads in (2, 3, 4):
+        for _ in range(20):
+            batch = 2
+            lengths = torch.randint(1, 80, (batch * heads,), generator=g).tolist()
+            caps = [n + int(r) for n, r in zip(lengths, torch.randint(0, 10, (batch * heads,), generator=g))]
+            order = flat_order(caps, lengths, heads) or list(range(batch * heads))
+            for b in range(batch):
+                row = order[b * heads:(b + 1) * heads]
+                assert sorted(row) == list(range(b * heads, (b + 1) * heads))
+                local = [s - b * heads for s in row]
+                row_caps, row_lengths = caps[b * heads:(b + 1) * heads], lengths[b * heads:(b + 1) * heads]
+                got = window(row_caps, row_lengths, local)
+                assert got == min(window(row_caps, row_lengths, list(p)) for p in itertools.permutations(range(heads)))
+                assert got >= max(row_lengths)
+    assert FLAT_MAX_HEADS == 4
+
+
+def test_layout_from_caps_in_a_given_order():
+    caps = torch.tensor([3, 5, 2, 4])
+    starts, rows = layout_from_caps(caps, [2, 0, 3, 1])
+    assert rows == 14
+    assert starts.tolist() == [2, 9, 0, 5]  # segment 2 first, then 0, 3, 1, one after another
+    assert layout_from_caps(caps, [0, 1, 2, 3])[0].tolist() == layout_from_caps(caps)[0].tolist()
+    for bad in ([0, 0, 1, 2], [0, 1, 2], [1, 2, 3, 4]):
+        with pytest.raises(ValueError, match="permutation"):
+            layout_from_caps(caps, bad)
+
+
+def test_flat_decode_over_segments_in_any_order():
+    """Rows whose heads lie in memory in any order: the flat path equals the reference, and mask row j opens exactly
+    the slots of the row's j-th segment in memory."""
+    import itertools
+
+    for seed, perm in enumerate(itertools.permutations(range(3))):
+        g = torch.Generator().manual_seed(seed)
+        batch, heads, group, d = 2, 3, 2, 8
+        lengths = torch.randint(1, 50, (batch * heads,), generator=g)
+        caps = lengths + torch.randint(0, 6, (batch * heads,), generator=g)
+        order = [b * heads + h for b in range(batch) for h in (perm if b == 0 else reversed(perm))]
+        starts, rows = layout_from_caps(caps, order)
+        keys, values = torch.randn(rows, d, generator=g), torch.randn(rows, d, generator=g)
+        positions = torch.full((rows,), -1, dtype=torch.long)
+        for start, length in zip(starts.tolist(), lengths.tolist()):
+            positions[start : start + length] = torch.arange(length)
+        query = torch.randn(batch, heads * group, 1, d, generator=g)
+        mask = FlatDecodeMask.build(starts, caps, lengths, batch, heads)
+        assert mask.order[0] == list(perm) and mask.order[1] == list(reversed(perm))
+        expected = ragged_attention_reference(query, torch.full((batch, 1), 100), keys, values, positions, starts,
+                                              lengths, 0.4)
+        got = ragged_decode_unmasked(query, keys, values, starts.tolist(), lengths.tolist(), 0.4, flat_mask=mask)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        for b in range(batch):
+            for j, h in enumerate(mask.order[b]):
+                s = b * heads + h
+                opened = (mask.bias[b, j] == 0).nonzero().flatten() + mask.row_start[b]
+                assert opened.tolist() == list(range(int(starts[s]), int(starts[s] + lengths[s])))
+
+
+def test_cache_lays_uneven_heads_out_for_short_windows():
+    """After an uneven compaction the cache lays the row's heads out in flat_order's order (not head order here),
+    its decode appends keep the mask equal to a fresh one, and decode equals the reference."""
+    from gatekv.cache import CompressedLayer
+    from gatekv.kernels.torch_ragged import _window
+
+    layer = CompressedLayer(reserve=4)
+    g = torch.Generator().manual_seed(1)
+    heads, d, prompt = 3, 8, 40
+    layer.append(torch.randn(1, heads, prompt, d, generator=g), torch.randn(1, heads, prompt, d, generator=g),
+                 torch.arange(prompt)[None])
+    counts = torch.tensor([[12, 30, 31]])
+    layer.compact(torch.arange(prompt).expand(1, heads, prompt), counts, reserve=4)
+    starts = layer.starts.tolist()
+    assert sorted(range(heads), key=lambda h: starts[h]) != [0, 1, 2]
+    mask = layer.flat_mask()
+    memory = [mask.order[0][j] for j in range(heads)]
+    rel = [starts[h] - mask.row_start[0] for h in memory]
+    assert _window(rel, [r + int(counts[0, h]) for r, h in zip(rel, memory)], mask.row_width[0])[1] == 31
+    for step in range(6):  # crosses a regrowth (room 4)
+        layer.append(torch.randn(1, heads, 1, d, generator=g), torch.randn(1, heads, 1, d, generator=g),
+                     torch.tensor([[prompt + step]]))
+        mask = layer.flat_mask()
+        fresh = FlatDecodeMask.build(layer.starts, layer.caps, layer.lengths, 1, heads)
+        assert torch.equal(mask.bias, fresh.bias) and mask.order == fresh.order
+        query = torch.randn(1, heads * 2, 1, d, generator=g)
+        expected = ragged_attention_reference(query, torch.tensor([[prompt + step]]), layer.keys, layer.values,
+                                              layer.positions, layer.starts, layer.lengths, 0.5)
+        got = ragged_decode_unmasked(query, layer.keys, layer.values, *layer.host_layout(), 0.5, flat_mask=mask)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert layer.regrow_count >= 1

@@ -32,9 +32,20 @@ __all__ = [
 ]
 
 
-def layout_from_caps(caps: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Segment start rows for capacities ``caps`` (S,): returns ``(starts (S,), total_rows)``."""
+def layout_from_caps(caps: torch.Tensor, order: list[int] | None = None) -> tuple[torch.Tensor, int]:
+    """Segment start rows for capacities ``caps`` (S,): returns ``(starts (S,), total_rows)``.
+
+    order: the segments in the order they are laid out one after another (a permutation of ``range(S)``);
+    None = segment order."""
     caps = caps.to(torch.int64)
+    if order is not None:
+        index = torch.as_tensor(order, dtype=torch.int64, device=caps.device)
+        if index.shape != caps.shape or not torch.equal(torch.sort(index).values, torch.arange(caps.numel(), device=caps.device)):
+            raise ValueError(f"order must be a permutation of range({caps.numel()}), got {order!r}")
+        placed = caps[index]
+        starts = torch.empty_like(caps)
+        starts[index] = torch.cumsum(placed, 0) - placed
+        return starts, int(caps.sum().item())
     starts = torch.zeros_like(caps)
     if caps.numel() > 1:
         starts[1:] = torch.cumsum(caps, 0)[:-1]

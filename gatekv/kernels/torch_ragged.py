@@ -13,7 +13,9 @@ knows this from the cache's bookkeeping), decode attention needs no position mas
   a :class:`FlatDecodeMask` (0 on the head's own filled slots, -inf elsewhere, kept up to date by the cache at
   each decode append): ``baddbmm``, softmax, ``bmm``. Up to ``H_kv`` times the dot products of the kept tokens
   when the heads' lengths differ a lot, but every key is read in place and three ops replace ``H_kv`` SDPA calls
-  (on CPU each of those is single-threaded at one query and costs about what the floor's one call costs);
+  (on CPU each of those is single-threaded at one query and costs about what the floor's one call costs). The
+  cache lays each row's segments out in the order of its heads that makes the windows shortest
+  (:func:`flat_order`): as short as the longest segment when that is reachable;
 - otherwise one SDPA call per segment, in which the ``G`` query heads of a GQA group act as ``G`` queries of one
   head, reading the segment's keys in place.
 
@@ -22,10 +24,12 @@ Equal to ``reference.ragged_attention_reference`` within the kernels' tolerances
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FLAT_MAX_HEADS", "FlatDecodeMask", "ragged_attention_sdpa", "ragged_decode_unmasked", "regular_stride",
+__all__ = ["FLAT_MAX_HEADS", "FlatDecodeMask", "flat_order", "ragged_attention_sdpa", "ragged_decode_unmasked", "regular_stride",
            "segments_view", "window_attention_torch"]
 
 FLAT_MAX_HEADS = 4
@@ -64,35 +68,49 @@ def segments_view(buffer: torch.Tensor, batch: int, kv_heads: int, stride: int, 
 
 class FlatDecodeMask:
     """Additive mask of the flat decode path: per batch row ``b``, (H_kv, n_max) with 0 where slot ``lo_b + j`` holds
-    a token of KV head ``h`` and -inf elsewhere (other heads' slots, free room).
+    a token of the segment and -inf elsewhere (other heads' slots, free room).
 
-    ``lo_b``: the row's first slot (its first segment's start); the range covers the row's segments with their room.
-    Built by :meth:`build` from the layout; the owner (the cache layer) calls :meth:`fill` with the flat rows it
-    writes at each decode append and drops the mask when the layout changes.
+    ``lo_b``: the row's first slot; the range covers the row's segments with their room. The segments of a row lie one
+    after another in any order of their heads (:func:`flat_order` picks it); mask row ``j`` belongs to the row's
+    ``j``-th segment in memory, head ``order[b][j]``. Built by :meth:`build` from the layout; the owner (the cache
+    layer) calls :meth:`fill` with the flat rows it writes at each decode append and drops the mask when the layout
+    changes.
     """
 
-    def __init__(self, bias: torch.Tensor, row_start: list[int], row_width: list[int], heads: int):
-        self.bias = bias  # (B, H_kv, n_max) float32
+    def __init__(self, bias: torch.Tensor, row_start: list[int], row_width: list[int], heads: int,
+                 order: list[list[int]] | None = None):
+        self.bias = bias  # (B, H_kv, n_max) float32, rows in memory order
         self.row_start = row_start  # per row, its first slot
         self.row_width = row_width  # per row, its slots (its segments' capacities)
         self.heads = heads
-        n_max = bias.shape[-1]
-        segments = torch.arange(bias.shape[0] * heads, device=bias.device)
+        batch, n_max = bias.shape[0], bias.shape[-1]
+        identity = list(range(heads))
+        self.order = [identity] * batch if order is None else [list(o) for o in order]
+        # per row, the heads in memory order and back as index tensors (None: the row lies in head order)
+        self.perm = [None if o == identity else torch.tensor(o, device=bias.device) for o in self.order]
+        self.inverse = [None if p is None else torch.argsort(p) for p in self.perm]
+        rank = torch.tensor([[o.index(h) for h in range(heads)] for o in self.order], device=bias.device).reshape(-1)
+        segments = torch.arange(batch * heads, device=bias.device)
         lo = torch.tensor(row_start, device=bias.device, dtype=torch.long).repeat_interleave(heads)
-        self._base = segments * n_max - lo  # flat index in ``bias`` of slot r of segment s: _base[s] + r
+        # flat index in ``bias`` of slot r of segment s: _base[s] + r
+        self._base = (segments - segments % heads + rank) * n_max - lo
 
     @classmethod
     def build(cls, starts: torch.Tensor, caps: torch.Tensor, lengths: torch.Tensor, batch: int, heads: int,
               dtype: torch.dtype = torch.float32) -> "FlatDecodeMask":
-        """The mask of a layout: starts/caps/lengths (S = B * H_kv,) int64, segments of a row consecutive."""
-        lo = starts.reshape(batch, heads)[:, 0]
+        """The mask of a layout: starts/caps/lengths (S = B * H_kv,) int64, the segments of a row one after another
+        (in any order of their heads)."""
+        row_starts = starts.reshape(batch, heads)
+        order = torch.argsort(row_starts, dim=-1, stable=True)  # (B, H_kv): the row's heads in memory order
+        lo = row_starts.amin(-1)
         hi = (starts + caps).reshape(batch, heads).amax(-1)
         n_max = int((hi - lo).max().item())
-        rel = lo.repeat_interleave(heads)[:, None] + torch.arange(n_max, device=starts.device) - starts[:, None]
-        allowed = (rel >= 0) & (rel < lengths[:, None])  # (S, n_max)
+        in_memory = (order + torch.arange(batch, device=starts.device)[:, None] * heads).reshape(-1)
+        rel = lo.repeat_interleave(heads)[:, None] + torch.arange(n_max, device=starts.device) - starts[in_memory, None]
+        allowed = (rel >= 0) & (rel < lengths[in_memory, None])  # (S, n_max), rows in memory order
         bias = torch.zeros(batch * heads, n_max, dtype=dtype, device=starts.device)
         bias.masked_fill_(~allowed, float("-inf"))
-        return cls(bias.reshape(batch, heads, n_max), lo.tolist(), (hi - lo).tolist(), heads)
+        return cls(bias.reshape(batch, heads, n_max), lo.tolist(), (hi - lo).tolist(), heads, order.tolist())
 
     def fill(self, rows: torch.Tensor) -> None:
         """Open one new slot per segment: ``rows`` (S,) the flat rows just written (segment order)."""
@@ -100,10 +118,10 @@ class FlatDecodeMask:
 
 
 def _window(rel_starts: list[int], ends: list[int], width: int) -> tuple[int, int]:
-    """The windows of the flat path: head ``h`` reads the ``L`` slots from ``h * c`` (relative to the row's first
-    slot). Each window must hold its head's segment (``h * c <= start_h``, ``end_h <= h * c + L``) and stay inside
-    the row's ``width`` slots (``(H - 1) * c + L <= width``); the largest such ``c`` gives the shortest ``L``
-    (``c = 0``, ``L`` = the row's filled range, always fits). Returns ``(c, L)``."""
+    """The windows of the flat path: the ``h``-th segment of a row in memory is read in the ``L`` slots from ``h * c``
+    (relative to the row's first slot). Each window must hold its segment (``h * c <= start_h``,
+    ``end_h <= h * c + L``) and stay inside the row's ``width`` slots (``(H - 1) * c + L <= width``); the largest
+    such ``c`` gives the shortest ``L`` (``c = 0``, ``L`` = the row's filled range, always fits). Returns ``(c, L)``."""
     heads = len(ends)
     c = min((rel_starts[h] // h for h in range(1, heads)), default=0)
     for k in range(heads - 1):
@@ -112,12 +130,44 @@ def _window(rel_starts: list[int], ends: list[int], width: int) -> tuple[int, in
     return c, max(ends[h] - h * c for h in range(heads))
 
 
+def flat_order(caps: list[int], lengths: list[int], heads: int) -> list[int] | None:
+    """The order in which to lay the segments out (a permutation of ``range(S)`` that keeps every row's segments
+    together and the rows in order), or None for segment order.
+
+    Within a row, the flat decode path reads every segment through a window as long as the longest one needs
+    (:func:`_window`), and that depends on the order of the segments in memory: lengths (492, 985, 986) with 64 free
+    slots each need windows of 1,479 slots in head order and of 986 (the longest segment, the least possible) in the
+    order (986, 492, 985). Per row with ``2 <= heads <= FLAT_MAX_HEADS`` and uneven lengths, every order of its heads
+    is tried (24 at most) and the shortest window kept (head order on ties).
+
+    caps/lengths: per segment (S = B * heads), the capacities and the lengths to be laid out
+    """
+    if not 2 <= heads <= FLAT_MAX_HEADS or len(caps) % heads:
+        return None
+    order, moved = [], False
+    for first in range(0, len(caps), heads):
+        row_caps, row_lengths = caps[first:first + heads], lengths[first:first + heads]
+        best, best_length = list(range(heads)), None
+        if len(set(row_lengths)) > 1:
+            width = sum(row_caps)
+            for perm in itertools.permutations(range(heads)):
+                starts = list(itertools.accumulate((row_caps[h] for h in perm[:-1]), initial=0))
+                length = _window(starts, [s + row_lengths[h] for s, h in zip(starts, perm)], width)[1]
+                if best_length is None or length < best_length:
+                    best, best_length = list(perm), length
+        moved = moved or best != list(range(heads))
+        order.extend(first + h for h in best)
+    return order if moved else None
+
+
 def _decode_flat(query, keys, values, starts, lengths, scale, mask: FlatDecodeMask) -> torch.Tensor:
     """The flat path of :func:`ragged_decode_unmasked` (every segment holds >= 1 token).
 
-    Per batch row, KV head ``h`` attends over a window of ``L`` slots starting ``h * c`` slots into the row (strided
-    views of the flat buffers and of the mask, no copy), chosen by :func:`_window` to hold its whole segment; slots
-    of the window outside the segment are masked. Two batched matmuls over the ``H_kv`` windows and one softmax.
+    Per batch row, the ``j``-th segment in memory (KV head ``mask.order[b][j]``) is attended over a window of ``L``
+    slots starting ``j * c`` slots into the row (strided views of the flat buffers and of the mask, no copy), chosen
+    by :func:`_window` to hold the whole segment; slots of the window outside the segment are masked. Two batched
+    matmuls over the ``H_kv`` windows and one softmax; the query groups are put in memory order first and the
+    outputs back in head order (where the row's heads are not in head order).
     """
     batch, num_q_heads, _, head_dim = query.shape
     heads = mask.heads
@@ -131,16 +181,20 @@ def _decode_flat(query, keys, values, starts, lengths, scale, mask: FlatDecodeMa
     pieces = []
     for b in range(batch):
         lo = mask.row_start[b]
-        first = b * heads
-        c, length = _window([starts[first + h] - lo for h in range(heads)],
-                            [starts[first + h] + lengths[first + h] - lo for h in range(heads)], mask.row_width[b])
+        segments = [b * heads + h for h in mask.order[b]]  # memory order
+        c, length = _window([starts[s] - lo for s in segments], [starts[s] + lengths[s] - lo for s in segments],
+                            mask.row_width[b])
         k = keys.as_strided((heads, length, head_dim), (c * key_row, key_row, keys.stride(1)), keys.storage_offset() + lo * key_row)
         v = values.as_strided((heads, length, d_v), (c * value_row, value_row, values.stride(1)),
                               values.storage_offset() + lo * value_row)
         bias = bias_all.as_strided((heads, 1, length), (n_max + c, length, 1),
                                    bias_all.storage_offset() + b * heads * n_max)
-        logits = torch.baddbmm(bias, query[b].reshape(heads, group, head_dim), k.transpose(1, 2), alpha=scale)
-        pieces.append(torch.bmm(torch.softmax(logits, -1), v))  # (H_kv, G, d_v)
+        grouped = query[b].reshape(heads, group, head_dim)
+        if mask.perm[b] is not None:
+            grouped = grouped.index_select(0, mask.perm[b])
+        logits = torch.baddbmm(bias, grouped, k.transpose(1, 2), alpha=scale)
+        attended = torch.bmm(torch.softmax(logits, -1), v)  # (H_kv, G, d_v), memory order
+        pieces.append(attended if mask.perm[b] is None else attended.index_select(0, mask.inverse[b]))
     out = pieces[0] if batch == 1 else torch.stack(pieces)
     return out.view(batch, num_q_heads, 1, d_v).to(out_dtype)
 
