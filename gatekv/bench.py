@@ -9,7 +9,7 @@ scorer x allocator with a one-shot prefill, and each scorer with a chunked prefi
 1. prefill: one forward over the prompt (``logits_to_keep=1``); for a compressed setting this includes scoring
    and compaction, since ``compress()`` compacts inside that forward's hooks. With ``prefill_rounds = n > 1`` every
    setting's prefill runs ``n`` times in interleaved rounds (each round: every setting in turn, each on a fresh
-   cache) and the medians of its prefill and scoring seconds are reported: one prefill's wall time on a shared
+   cache, each round starting one setting later) and the medians of its prefill and scoring seconds are reported: one prefill's wall time on a shared
    2-core VM moves by +-10%, which a scoring cost of a few % cannot be read through; decoding continues from the
    last round's caches;
 2. ``warmup`` decode steps, not timed; then ``steps`` single-token forwards (greedy next token), each timed alone
@@ -235,7 +235,8 @@ def run_decode_benchmark(
                 compressed setting's session re-entered), so that a drift in the machine's speed over the minutes of
                 the benchmark (other tenants, clocks) lands on every setting alike instead of on whichever ran then
     prefill_rounds: every setting's prefill runs this many times, interleaved in the same way (fresh caches each
-                round); the medians of prefill and scoring seconds are reported
+                round, each round starting one setting later); the medians of prefill and scoring seconds are
+                reported
     returns:    one :class:`DecodeResult` per setting, the full cache first
     """
     from transformers import DynamicCache
@@ -283,11 +284,15 @@ def run_decode_benchmark(
         seconds: list[list[float]] = [[] for _ in factories]
         scoring: list[list[float]] = [[] for _ in factories]
         for round_index in range(prefill_rounds):
-            runs = []  # the previous round's caches are freed before this round's are built
-            for i, (factory, prompt) in enumerate(zip(factories, prompts)):
+            runs = [None] * len(factories)  # the previous round's caches are freed before this round's are built
+            # each round starts one setting later: at 8K on a 2-core CPU the first compressed prefill after the full
+            # one ran ~11% slower whichever allocator it used (Ada-KV first 26.7 s, then uniform 23.2 s, Ada-KV
+            # 23.8 s); rotating puts that on a different setting each round, and the medians leave it out
+            for i in [(k + round_index) % len(factories) for k in range(len(factories))]:
+                factory, prompt = factories[i], prompts[i]
                 run = factory()
                 run.prefill(model, prompt)
-                runs.append(run)
+                runs[i] = run
                 seconds[i].append(run.prefill_seconds)
                 if run.session is not None:
                     scoring[i].append(run.session.stats.score_seconds)

@@ -96,8 +96,9 @@ def test_bench_decode_rounds_interleave_without_changing_the_decode(models):
 
 
 def test_bench_decode_prefill_rounds_report_medians_and_decode_the_same(models, monkeypatch):
-    """prefill_rounds = 3: every setting's prefill runs three times (fresh caches, interleaved), the reported prefill
-    and scoring seconds are the medians of the three, and the decode (from the last round's caches) is unchanged."""
+    """prefill_rounds = 3: every setting's prefill runs three times (fresh caches, interleaved, each round starting
+    one setting later), the reported prefill and scoring seconds are the medians of the three, and the decode (from
+    the last round's caches) is unchanged."""
     import gatekv.bench as bench
 
     model = models["llama"]
@@ -112,10 +113,17 @@ def test_bench_decode_prefill_rounds_report_medians_and_decode_the_same(models, 
         original(run, model, input_ids)
         stats = run.session.stats.score_seconds if run.session is not None else None
         measured.setdefault(run.label, []).append((run.prefill_seconds, stats))
+        calls.append(run.label)
+
+    calls: list[str] = []
 
     monkeypatch.setattr(bench._Run, "prefill", recording)
     three = run_decode_benchmark(model, ids, prefill_rounds=3, **kwargs)
     assert [r.label for r in one] == [r.label for r in three] == list(measured)
+    labels = [r.label for r in one]
+    n = len(labels)
+    for round_index in range(3):  # rotated: round r starts at setting r
+        assert calls[round_index * n:(round_index + 1) * n] == labels[round_index:] + labels[:round_index]
     for a, b in zip(one, three):
         assert a.tokens == b.tokens and a.kv_bytes == b.kv_bytes
         runs = measured[b.label]
