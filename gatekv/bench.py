@@ -9,9 +9,9 @@ scorer x allocator with a one-shot prefill, and each scorer with a chunked prefi
 1. prefill: one forward over the prompt (``logits_to_keep=1``); for a compressed setting this includes scoring
    and compaction, since ``compress()`` compacts inside that forward's hooks. With ``prefill_rounds = n > 1`` every
    setting's prefill runs ``n`` times in interleaved rounds (each round: every setting in turn, each on a fresh
-   cache, each round starting one setting later) and the medians of its prefill and scoring seconds are reported: one prefill's wall time on a shared
-   2-core VM moves by +-10%, which a scoring cost of a few % cannot be read through; decoding continues from the
-   last round's caches;
+   cache, the full cache last, the others starting one later each round) and the medians of its prefill and scoring
+   seconds are reported: one prefill's wall time on a shared 2-core VM moves by +-10%, which a scoring cost of a
+   few % cannot be read through; decoding continues from the last round's caches;
 2. ``warmup`` decode steps, not timed; then ``steps`` single-token forwards (greedy next token), each timed alone
    with the device synchronized before and after; the median is reported. The timed steps run in ``rounds``: each
    round runs every setting in turn (all caches stay alive), so a drift of the machine's speed is shared by all
@@ -235,8 +235,8 @@ def run_decode_benchmark(
                 compressed setting's session re-entered), so that a drift in the machine's speed over the minutes of
                 the benchmark (other tenants, clocks) lands on every setting alike instead of on whichever ran then
     prefill_rounds: every setting's prefill runs this many times, interleaved in the same way (fresh caches each
-                round, each round starting one setting later); the medians of prefill and scoring seconds are
-                reported
+                round; the full cache last, the others starting one later each round); the medians of prefill
+                and scoring seconds are reported
     returns:    one :class:`DecodeResult` per setting, the full cache first
     """
     from transformers import DynamicCache
@@ -284,11 +284,13 @@ def run_decode_benchmark(
         seconds: list[list[float]] = [[] for _ in factories]
         scoring: list[list[float]] = [[] for _ in factories]
         for round_index in range(prefill_rounds):
-            runs = [None] * len(factories)  # the previous round's caches are freed before this round's are built
-            # each round starts one setting later: at 8K on a 2-core CPU the first compressed prefill after the full
-            # one ran ~11% slower whichever allocator it used (Ada-KV first 26.7 s, then uniform 23.2 s, Ada-KV
-            # 23.8 s); rotating puts that on a different setting each round, and the medians leave it out
-            for i in [(k + round_index) % len(factories) for k in range(len(factories))]:
+            runs, run = [None] * len(factories), None  # the previous round's caches are freed before this round's
+            # the full cache's prefill comes last in every round, and the other settings start one later each round.
+            # At 8K on a 2-core CPU a compressed prefill run while the full cache of the same round was held took
+            # 10-20% longer whichever allocator it used (uniform 28.0 / 25.8 s right after the full prefill, 22.7 /
+            # 23.0 s otherwise; Ada-KV alike), which is not what compressing costs a user who holds no full cache
+            others = list(range(1, len(factories)))
+            for i in others[round_index % len(others):] + others[:round_index % len(others)] + [0]:
                 factory, prompt = factories[i], prompts[i]
                 run = factory()
                 run.prefill(model, prompt)

@@ -96,9 +96,9 @@ def test_bench_decode_rounds_interleave_without_changing_the_decode(models):
 
 
 def test_bench_decode_prefill_rounds_report_medians_and_decode_the_same(models, monkeypatch):
-    """prefill_rounds = 3: every setting's prefill runs three times (fresh caches, interleaved, each round starting
-    one setting later), the reported prefill and scoring seconds are the medians of the three, and the decode (from
-    the last round's caches) is unchanged."""
+    """prefill_rounds = 3: every setting's prefill runs three times (fresh caches, interleaved: the full cache last in
+    every round, the others starting one later each round), the reported prefill and scoring seconds are the medians
+    of the three, and the decode (from the last round's caches) is unchanged."""
     import gatekv.bench as bench
 
     model = models["llama"]
@@ -119,11 +119,14 @@ def test_bench_decode_prefill_rounds_report_medians_and_decode_the_same(models, 
 
     monkeypatch.setattr(bench._Run, "prefill", recording)
     three = run_decode_benchmark(model, ids, prefill_rounds=3, **kwargs)
-    assert [r.label for r in one] == [r.label for r in three] == list(measured)
+    assert [r.label for r in one] == [r.label for r in three] and sorted(measured) == sorted(r.label for r in one)
     labels = [r.label for r in one]
     n = len(labels)
-    for round_index in range(3):  # rotated: round r starts at setting r
-        assert calls[round_index * n:(round_index + 1) * n] == labels[round_index:] + labels[:round_index]
+    others = labels[1:]
+    assert labels[0] == "full"
+    for round_index in range(3):  # round r: the others from the r-th on, then the full cache
+        expected = others[round_index:] + others[:round_index] + ["full"]
+        assert calls[round_index * n:(round_index + 1) * n] == expected
     for a, b in zip(one, three):
         assert a.tokens == b.tokens and a.kv_bytes == b.kv_bytes
         runs = measured[b.label]
