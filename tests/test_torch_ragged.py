@@ -282,3 +282,38 @@ def test_cache_lays_uneven_heads_out_for_short_windows():
         got = ragged_decode_unmasked(query, layer.keys, layer.values, *layer.host_layout(), 0.5, flat_mask=mask)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert layer.regrow_count >= 1
+
+
+@pytest.mark.parametrize("case", ["prompt", "observers_after_keys", "shuffled_slots", "one_row_padded"])
+def test_window_attention_torch_masks_only_what_it_must(case):
+    """The layouts the CPU window attention meets: a prompt's own window (the last w slots masked causally), query
+    observers after every key (nothing masked), slots out of position order with evicted holes (decode_budget
+    refills; the masked columns start at the first unseen slot), a batch whose other row is padded: equal to the
+    reference, every row summing to 1 or (a padding query) 0."""
+    from gatekv.kernels.reference import window_attention_reference
+    from gatekv.kernels.torch_ragged import window_attention_torch
+
+    g = torch.Generator().manual_seed(7)
+    batch, kv_heads, group, w, t, d = 2, 2, 3, 6, 50, 8
+    queries = torch.randn(batch, kv_heads * group, w, d, generator=g)
+    keys = torch.randn(batch, kv_heads, t, d, generator=g)
+    key_positions = torch.arange(t).repeat(batch, kv_heads, 1)
+    window_positions = torch.arange(t - w, t).repeat(batch, 1)
+    if case == "observers_after_keys":
+        window_positions = window_positions + w
+    elif case == "shuffled_slots":
+        for b in range(batch):
+            for h in range(kv_heads):
+                perm = torch.randperm(t, generator=g)
+                key_positions[b, h] = torch.arange(0, 2 * t, 2)[perm]  # holes, out of order
+        window_positions = torch.arange(2 * t - w, 2 * t).repeat(batch, 1) - 40
+    elif case == "one_row_padded":
+        key_positions[1, :, :4] = -1
+        window_positions[1, :2] = -1
+    expected = window_attention_reference(queries, window_positions, keys, key_positions, 0.35)
+    got = window_attention_torch(queries, window_positions, keys, key_positions, 0.35)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    sums = got.sum(-1)
+    padding = (window_positions < 0)[:, None, :].expand_as(sums)
+    torch.testing.assert_close(sums[~padding], torch.ones_like(sums[~padding]), atol=1e-5, rtol=0)
+    assert not bool(torch.isnan(got).any()) and bool((sums[padding] == 0).all())
