@@ -155,6 +155,9 @@ class SessionAttention:
         candidates = positions >= 0
         if self.observer_from is not None:
             candidates &= positions < self.observer_from[:, None, None]
+        last = torch.where(candidates, positions, torch.full_like(positions, -1)).amax(-1, keepdim=True)
+        row_start = self.row_start.to(positions.device)[:, None, None]
+        protected = candidates & ((positions - row_start < self.sinks) | (positions > last - self.window))
         captured = self.captured[layer_idx]
         ctx = LayerContext(
             layer_idx=layer_idx, num_layers=self.spec.num_layers, module=module, keys=keys, values=values,
@@ -163,15 +166,12 @@ class SessionAttention:
             window_size=q if self.observer_from is not None else self.observers,
             hidden_states=captured.get("hidden_states"), pre_rope_queries=captured.get("pre_rope_queries"),
             pre_rope_keys=captured.get("pre_rope_keys"), pre_rope_values=captured.get("pre_rope_values"),
-            replay=self.replay_chunk, state=state, prompt_end=self.prompt_end,
+            replay=self.replay_chunk, state=state, prompt_end=self.prompt_end, protected=protected,
         )
         scores = self.scorer.score(ctx).float()
         if scores.shape != positions.shape:
             raise ValueError(f"scorer {self.scorer!r} returned shape {tuple(scores.shape)}, expected {tuple(positions.shape)}")
         scores = scores.masked_fill(~candidates, float("-inf"))
-        last = torch.where(candidates, positions, torch.full_like(positions, -1)).amax(-1, keepdim=True)
-        row_start = self.row_start.to(positions.device)[:, None, None]
-        protected = candidates & ((positions - row_start < self.sinks) | (positions > last - self.window))
         # allocators observe the prompt's own window, not a replay (KVzip)
         if self.allocator.needs_window_attention and self.replay_chunk is None:
             self.allocator.observe_layer(layer_idx, ctx.window_attention(), candidates)

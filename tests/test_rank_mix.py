@@ -108,26 +108,32 @@ def test_blend_equals_a_naive_blend_of_ranks(llama, combine, weights, quota):
         torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-5)
 
 
+class _Fixed(Scorer):
+    """A member whose scores are given."""
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def score(self, ctx):
+        return self.scores
+
+
+class _Context:
+    """The fields RankMixScorer.score() reads."""
+
+    def __init__(self, scores, candidates, protected=None):
+        self.positions = self.keys = scores
+        self.candidates, self.protected = candidates, protected
+
+
 @pytest.mark.parametrize("share", [0.25, 0.5, 0.8])
 def test_a_quota_keeps_the_members_top_share_of_every_count(share):
     """Whatever count k an allocator keeps, its top k by the mix's scores hold the member's own top ~share * k."""
     generator = torch.Generator().manual_seed(int(share * 100))
     member, other = torch.rand(2, 3, 300, generator=generator), torch.rand(2, 3, 300, generator=generator)
     candidates = torch.rand(2, 3, 300, generator=generator) > 0.1
-
-    class _Fixed(Scorer):
-        def __init__(self, scores):
-            self.scores = scores
-
-        def score(self, ctx):
-            return self.scores
-
-    class _Context:  # the fields score() reads
-        positions, keys = member, member
-
-    _Context.candidates = candidates
     out = RankMixScorer({"m": _Fixed(member), "o": _Fixed(other)}, {"m": 0.0, "o": 1.0}, quota={"m": share}).score(
-        _Context())
+        _Context(member, candidates))
     for k in (4, 10, 30, 100, 250):
         kept = out.masked_fill(~candidates, -math.inf).topk(k, dim=-1).indices
         own = member.masked_fill(~candidates, -math.inf).topk(int(share * (k - 2)), dim=-1).indices
@@ -137,6 +143,37 @@ def test_a_quota_keeps_the_members_top_share_of_every_count(share):
         # and the other member gets the rest: its top (1 - share) * (k - 2) too
         rest = other.masked_fill(~candidates, -math.inf).topk(int((1 - share) * (k - 2)), dim=-1).indices
         assert all(set(rest[b, h].tolist()) <= set(kept[b, h].tolist()) for b in range(2) for h in range(3))
+
+
+@pytest.mark.parametrize("share", [0.3, 0.5])
+def test_a_free_quota_is_a_share_of_the_unprotected_slots(share):
+    """quota_of="free": with the protected slots kept first, the next k - P slots by the mix's scores hold the
+    member's own top share * (k - P) unprotected slots, however high the member ranks the protected ones (here it
+    ranks them highest: with quota_of="count" they would take part of its share)."""
+    generator = torch.Generator().manual_seed(int(share * 10))
+    member, other = torch.rand(2, 3, 200, generator=generator), torch.rand(2, 3, 200, generator=generator)
+    candidates = torch.ones(2, 3, 200, dtype=torch.bool)
+    protected = torch.zeros_like(candidates)
+    protected[..., -40:] = True
+    member[..., -40:] += 10.0  # the member ranks the protected (recent) slots first
+    members, weights = {"m": _Fixed(member), "o": _Fixed(other)}, {"m": 0.0, "o": 1.0}
+    free = RankMixScorer(members, weights, quota={"m": share}, quota_of="free").score(
+        _Context(member, candidates, protected))
+    count = RankMixScorer(members, weights, quota={"m": share}).score(_Context(member, candidates, protected))
+    unprotected_member = member.masked_fill(protected, -math.inf)
+    for k in (60, 100, 150):
+        extra = k - 40
+        own = unprotected_member.topk(int(share * (extra - 2)), dim=-1).indices
+        kept_free = free.masked_fill(protected, -math.inf).topk(extra, dim=-1).indices
+        kept_count = count.masked_fill(protected, -math.inf).topk(extra, dim=-1).indices
+        for b in range(2):
+            for h in range(3):
+                assert set(own[b, h].tolist()) <= set(kept_free[b, h].tolist()), (k, b, h)
+        missed = sum(len(set(own[b, h].tolist()) - set(kept_count[b, h].tolist())) for b in range(2) for h in range(3))
+        if k == 60:  # the default share of k (30) goes to the 40 protected slots the member ranks first
+            assert missed > 0
+    with pytest.raises(ValueError, match="protected"):
+        RankMixScorer(members, weights, quota={"m": share}, quota_of="free").score(_Context(member, candidates))
 
 
 def test_trained_heads_mix_with_a_training_free_scorer_and_match_the_reference(llama):
@@ -155,14 +192,15 @@ def test_trained_heads_mix_with_a_training_free_scorer_and_match_the_reference(l
 @pytest.mark.parametrize("family", FAMILIES)
 def test_heads_quota_mix_matches_the_reference_in_every_family(family):
     """The shipped setting (heads + DefensiveKV, quota, defensive_budget) on each family, one-shot and with a fixed
-    decode budget (each decode eviction re-ranks with both members); the logits equal the masked reference."""
+    decode budget (each decode eviction re-ranks with both members), and with quota_of="free"; the logits equal the
+    masked reference."""
     model = tiny_model(family)
     torch.manual_seed(1)
     heads = RetainingHead.from_model(model, hidden=8, recency_buckets=4)
-    mix = get_scorer("rank_mix", scorers={"heads": heads, "dkv": "defensivekv"},
-                     weights={"heads": 0.5, "dkv": 0.5}, quota={"heads": 0.5})
     ids, mask = random_batch(2, 72, pad=[0, 9], seed=11)
-    for options in (dict(), dict(decode_budget=24)):
+    for quota_of, options in (("count", dict()), ("count", dict(decode_budget=24)), ("free", dict())):
+        mix = get_scorer("rank_mix", scorers={"heads": heads, "dkv": "defensivekv"},
+                         weights={"heads": 0.5, "dkv": 0.5}, quota={"heads": 0.5}, quota_of=quota_of)
         with compress(model, mix, "defensive_budget", budget=20, window=4, sinks=2, record=True,
                       **options) as session:
             sequences, logits = generate(model, ids, mask)
@@ -183,6 +221,7 @@ def test_heads_quota_mix_matches_the_reference_in_every_family(family):
     (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"c": 0.1}), "quota must map"),
     (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.0}), r"quota\['a'\] must be a share"),
     (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.6, "b": 0.6}), "sum to at most 1"),
+    (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.5}, quota_of="kept"), "quota_of must be"),
 ])
 def test_bad_options_are_named(options, match):
     with pytest.raises(ValueError, match=match):
@@ -208,7 +247,7 @@ def test_gatekv_mixes_an_adapter_with_scorers(llama):
     long_form = GateKV(llama, adapter=adapter, rank_mix={"weights": {"adapter": 0.6, "defensivekv": 0.4},
                                                          "quota": {"adapter": 0.5}, "combine": "max"})
     assert long_form.scorer.quota == {"adapter": 0.5} and long_form.scorer.combine == "max"
-    with pytest.raises(ValueError, match="takes weights, quota and combine"):
+    with pytest.raises(ValueError, match="takes weights, quota, quota_of and combine"):
         GateKV(llama, adapter=adapter, rank_mix={"weights": {"adapter": 1.0, "knorm": 1.0}, "floor": 0.1})
     scorers_only = GateKV(llama, rank_mix={"knorm": 1.0, "snapkv": 1.0})
     assert set(scorers_only.scorer.members) == {"knorm", "snapkv"}

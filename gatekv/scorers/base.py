@@ -86,6 +86,9 @@ class LayerContext:
     ahead of this forward's tokens: a scorer that measures a token's distance to the newest one (the trained heads'
     recency bias) measures it to here, as one-shot prefill does, so an early chunk's eviction ranks tokens as the
     final one will. None = not known."""
+    protected: torch.Tensor | None = None
+    """(B, H_kv, T) bool: candidate slots the session keeps whatever the scores (the sinks and the recent window);
+    None where the caller did not say."""
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per-slot scorer state, each (B, H_kv, T) float32 (NaN for slots never scored). Scorers may replace
     entries; the session stores them back with the cache (they follow compaction)."""

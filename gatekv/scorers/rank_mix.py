@@ -25,9 +25,11 @@ def within_head_ranks(scores: torch.Tensor, candidates: torch.Tensor) -> torch.T
     return normalised.clamp(min=0.0).masked_fill(~candidates, 0.0)
 
 
-def check_mix_options(weights: dict[str, float], combine: str = "sum", quota: dict[str, float] | None = None) -> None:
+def check_mix_options(weights: dict[str, float], combine: str = "sum", quota: dict[str, float] | None = None,
+                      quota_of: str = "count") -> None:
     """``ValueError`` naming the option unless ``weights`` maps labels to numbers >= 0 (not all 0), ``combine`` is
-    ``sum``/``max`` and ``quota`` maps some of those labels to shares in (0, 1] that sum to at most 1."""
+    ``sum``/``max``, ``quota`` maps some of those labels to shares in (0, 1] that sum to at most 1 and ``quota_of``
+    is ``count``/``free``."""
     if not isinstance(weights, dict) or not weights:
         raise ValueError(f"rank_mix: weights must map labels to numbers, got {weights!r}")
     for label, weight in weights.items():
@@ -45,19 +47,21 @@ def check_mix_options(weights: dict[str, float], combine: str = "sum", quota: di
             raise ValueError(f"rank_mix: quota[{label!r}] must be a share in (0, 1], got {share!r}")
     if sum(quota.values()) > 1 + 1e-9:
         raise ValueError(f"rank_mix: the quota shares must sum to at most 1, got {quota!r}")
+    if quota_of not in ("count", "free"):
+        raise ValueError(f"rank_mix: quota_of must be 'count' or 'free', got {quota_of!r}")
 
 
 def split_mix_spec(spec) -> tuple[dict, dict]:
     """``(weights, options)`` of a mix given as ``{label: weight}`` or as the long form ``{"weights": {...},
-    "quota": {...}, "combine": ...}``; ``ValueError`` naming what is off."""
+    "quota": {...}, "quota_of": ..., "combine": ...}``; ``ValueError`` naming what is off."""
     if not isinstance(spec, dict):
         raise ValueError(f"rank_mix must map labels to weights, got {spec!r}")
     if "weights" not in spec:
         return spec, {}
     options = {k: v for k, v in spec.items() if k != "weights"}
-    unknown = sorted(set(options) - {"quota", "combine"})
+    unknown = sorted(set(options) - {"quota", "quota_of", "combine"})
     if unknown:
-        raise ValueError(f"rank_mix takes weights, quota and combine, got {unknown}")
+        raise ValueError(f"rank_mix takes weights, quota, quota_of and combine, got {unknown}")
     if not isinstance(spec["weights"], dict):
         raise ValueError(f"rank_mix weights must map labels to weights, got {spec['weights']!r}")
     return spec["weights"], options
@@ -77,17 +81,21 @@ class RankMixScorer(ScorerGroup):
 
     A blend can bury what only one member finds: a needle the heads rank first but the window attention never looked
     at. ``quota={label: p}`` gives that member's own top ``p * k`` of every head's kept count ``k``, whatever the
-    allocator makes ``k``; the blend fills the rest.
+    allocator makes ``k``; the blend fills the rest. The protected slots (sinks, recent window) are kept anyway, and
+    a member that ranks them high spends its quota on them: ``quota_of="free"`` ranks only the unprotected slots, so
+    each share is one of the ``k - protected`` slots the scores choose (``"count"``, the default: of ``k``).
 
     scorers:   label -> scorer name or instance (at least two; none may replay the prompt)
     weights:   label -> weight (>= 0, not all 0); default equal weights
     combine:   ``sum`` or ``max``
     quota:     label -> share in (0, 1] of every kept count that goes to that member's own top (shares sum to <= 1)
+    quota_of:  ``count`` (shares of the kept count) or ``free`` (of its unprotected part; needs the context's
+               ``protected``)
     """
 
     def __init__(self, scorers: dict[str, str | Scorer], weights: dict[str, float] | None = None,
-                 combine: str = "sum", quota: dict[str, float] | None = None):
-        self.combine = combine
+                 combine: str = "sum", quota: dict[str, float] | None = None, quota_of: str = "count"):
+        self.combine, self.quota_of = combine, quota_of
         if not isinstance(scorers, dict) or len(scorers) < 2:
             raise ValueError(f"rank_mix: scorers must be a dict of at least two label -> scorer, got {scorers!r}")
         self._take_members({label: get_scorer(scorer) for label, scorer in scorers.items()})
@@ -98,7 +106,7 @@ class RankMixScorer(ScorerGroup):
         if not isinstance(weights, dict) or set(weights) != set(scorers):
             raise ValueError(f"rank_mix: weights must name exactly the scorers {sorted(scorers)}, got {weights!r}")
         quota = {} if quota is None else quota
-        check_mix_options(weights, combine, quota)
+        check_mix_options(weights, combine, quota, quota_of)
         self.weights = {label: float(weight) for label, weight in weights.items()}
         self.quota = {label: float(share) for label, share in quota.items()}
 
@@ -107,6 +115,10 @@ class RankMixScorer(ScorerGroup):
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         candidates = ctx.candidates.to(ctx.keys.device)
+        if self.quota and self.quota_of == "free":
+            if ctx.protected is None:
+                raise ValueError("rank_mix: quota_of='free' needs the layer context's protected slots")
+            candidates = candidates & ~ctx.protected.to(candidates.device)
         mixed = torch.zeros(ctx.positions.shape, device=ctx.keys.device)
         own_ranks = {}
         for label, scorer in self.members.items():
