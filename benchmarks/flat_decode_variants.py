@@ -98,7 +98,8 @@ def main(argv=None) -> None:
 
     def window_of(starts, lengths, mask):
         lo, order = mask.row_start[0], mask.order[0]
-        return _window([starts[h] - lo for h in order], [starts[h] + lengths[h] - lo for h in order], mask.row_width[0])[1]
+        ends = [starts[h] + lengths[h] - lo for h in order]
+        return _window([starts[h] - lo for h in order], ends, mask.row_width[0])[1]
 
     for name, lengths in splits.items():
         keys, values, starts, lengths, mask = _layout(lengths, args.room)

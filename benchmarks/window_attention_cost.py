@@ -45,10 +45,11 @@ def main(argv=None) -> None:
     query_positions = torch.arange(t - w, t)[None]
     key_positions = torch.arange(t).expand(1, kv_heads, t).contiguous()
     grouped = (queries * dim**-0.5).reshape(1, kv_heads, -1, dim)
+    inputs = (queries, query_positions, keys, key_positions, dim**-0.5)
     paths = {
-        "library (window_attention_torch)": lambda: window_attention_torch(queries, query_positions, keys, key_positions, dim**-0.5),
-        "previous formulation (where + NaN pass)": lambda: where_everywhere(queries, query_positions, keys, key_positions, dim**-0.5),
-        "reference": lambda: window_attention_reference(queries, query_positions, keys, key_positions, dim**-0.5),
+        "library (window_attention_torch)": lambda: window_attention_torch(*inputs),
+        "previous formulation (where + NaN pass)": lambda: where_everywhere(*inputs),
+        "reference": lambda: window_attention_reference(*inputs),
         "floor: matmul + softmax, no mask": lambda: torch.softmax(torch.matmul(grouped, keys.transpose(-1, -2)), -1),
     }
     library = paths["library (window_attention_torch)"]()

@@ -40,7 +40,8 @@ def layout_from_caps(caps: torch.Tensor, order: list[int] | None = None) -> tupl
     caps = caps.to(torch.int64)
     if order is not None:
         index = torch.as_tensor(order, dtype=torch.int64, device=caps.device)
-        if index.shape != caps.shape or not torch.equal(torch.sort(index).values, torch.arange(caps.numel(), device=caps.device)):
+        expected = torch.arange(caps.numel(), device=caps.device)
+        if index.shape != caps.shape or not torch.equal(torch.sort(index).values, expected):
             raise ValueError(f"order must be a permutation of range({caps.numel()}), got {order!r}")
         placed = caps[index]
         starts = torch.empty_like(caps)

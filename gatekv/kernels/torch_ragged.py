@@ -29,8 +29,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FLAT_MAX_HEADS", "FlatDecodeMask", "flat_order", "ragged_attention_sdpa", "ragged_decode_unmasked", "regular_stride",
-           "segments_view", "window_attention_torch"]
+__all__ = ["FLAT_MAX_HEADS", "FlatDecodeMask", "flat_order", "ragged_attention_sdpa", "ragged_decode_unmasked",
+           "regular_stride", "segments_view", "window_attention_torch"]
 
 FLAT_MAX_HEADS = 4
 """Most KV heads per row for the flat path: its matmuls may do up to ``H_kv`` times the needed dot products, which
