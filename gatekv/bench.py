@@ -288,7 +288,8 @@ def run_decode_benchmark(
             # the full cache's prefill comes last in every round, and the other settings start one later each round.
             # At 8K on a 2-core CPU a compressed prefill run while the full cache of the same round was held took
             # 10-20% longer whichever allocator it used (uniform 28.0 / 25.8 s right after the full prefill, 22.7 /
-            # 23.0 s otherwise; Ada-KV alike), which is not what compressing costs a user who holds no full cache
+            # 23.0 s otherwise; Ada-KV alike): fresh pages for its buffers (page faults; gone with glibc's mmap
+            # threshold raised), which is not what compressing costs a user who holds no full cache
             others = list(range(1, len(factories)))
             for i in others[round_index % len(others):] + others[:round_index % len(others)] + [0]:
                 factory, prompt = factories[i], prompts[i]
