@@ -225,7 +225,12 @@ class CompressionSession:
         pre_rope = "pre_rope" in self.scorer.needs
         if hidden or pre_rope:
             for layer in range(self.spec.num_layers):
-                self._handles += capture_layer_inputs(self.spec, layer, self._attention.captured[layer], hidden, pre_rope)
+                sink = self._attention.captured[layer]
+                self._handles += capture_layer_inputs(self.spec, layer, sink, hidden, pre_rope, active=self._is_scoring)
+
+    def _is_scoring(self) -> bool:
+        """Whether the running forward is scored (the capture hooks copy the heads' inputs only then)."""
+        return self._attention.scoring
 
     def _exit(self) -> None:
         for handle in self._handles:

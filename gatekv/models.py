@@ -16,7 +16,7 @@ import inspect
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -119,13 +119,15 @@ def _heads_first(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def capture_layer_inputs(
-    spec: ModelSpec, layer_idx: int, sink: dict, hidden: bool, pre_rope: bool
+    spec: ModelSpec, layer_idx: int, sink: dict, hidden: bool, pre_rope: bool,
+    active: Callable[[], bool] | None = None,
 ) -> list[torch.utils.hooks.RemovableHandle]:
     """Register hooks on one attention module that write into ``sink`` during its forward:
 
     ``hidden_states`` (B, q, D) when ``hidden``; ``pre_rope_queries`` (B, H_q, q, d), ``pre_rope_keys``
     (B, H_kv, q, d), ``pre_rope_values`` (B, H_kv, q, d) when ``pre_rope`` — after Qwen3's q/k-norm, split from
-    Phi-3's fused qkv. Returns the hook handles.
+    Phi-3's fused qkv. ``active``: when given, the hooks write only while it returns True (a compression session's
+    decode steps that score nothing skip the copies). Returns the hook handles.
     """
     module = spec.attention_modules[layer_idx]
     d = spec.head_dim
@@ -133,6 +135,8 @@ def capture_layer_inputs(
     if hidden:
 
         def grab_hidden(mod, args, kwargs):
+            if active is not None and not active():
+                return
             sink["hidden_states"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
         handles.append(module.register_forward_pre_hook(grab_hidden, with_kwargs=True))
@@ -141,6 +145,8 @@ def capture_layer_inputs(
 
     def store(name):
         def hook(mod, args, output):
+            if active is not None and not active():
+                return
             sink[name] = _heads_first(output, d)
 
         return hook
@@ -149,6 +155,8 @@ def capture_layer_inputs(
         q_width, kv_width = spec.num_q_heads * d, spec.num_kv_heads * d
 
         def split_qkv(mod, args, output):
+            if active is not None and not active():
+                return
             sink["pre_rope_queries"] = _heads_first(output[..., :q_width], d)
             sink["pre_rope_keys"] = _heads_first(output[..., q_width : q_width + kv_width], d)
             sink["pre_rope_values"] = _heads_first(output[..., q_width + kv_width :], d)
