@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from gatekv.kernels.torch_ragged import _decode_flat, _window
+    from gatekv.kernels.torch_ragged import _decode_flat
 
     def timed(fn) -> float:
         for _ in range(20):
@@ -95,18 +95,12 @@ def main(argv=None) -> None:
     print("| lengths | flat window / mean length, head order / as the cache lays it out | flat path, head order | "
           "flat path, as laid out | per-head matmuls | per-head SDPA | whole row | dense SDPA, mean length |")
     print("|---|---|---|---|---|---|---|---|")
-
-    def window_of(starts, lengths, mask):
-        lo, order = mask.row_start[0], mask.order[0]
-        ends = [starts[h] + lengths[h] - lo for h in order]
-        return _window([starts[h] - lo for h in order], ends, mask.row_width[0])[1]
-
     for name, lengths in splits.items():
         keys, values, starts, lengths, mask = _layout(lengths, args.room)
-        window = window_of(starts, lengths, mask)
+        window = mask.row_window(0, starts, lengths)[1]
         reference = _decode_flat(query, keys, values, starts, lengths, scale, mask)
         laid = _layout(lengths, args.room, ordered=True)
-        laid_window = window_of(laid[2], lengths, laid[4])
+        laid_window = laid[4].row_window(0, laid[2], lengths)[1]
         diff = (_decode_flat(query, *laid[:2], laid[2], lengths, scale, laid[4]) - reference).abs().max().item()
         if diff > 1e-4:
             raise AssertionError(f"the flat path over the cache's layout differs from head order by {diff}")

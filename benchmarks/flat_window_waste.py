@@ -23,7 +23,7 @@ def main(argv=None) -> None:
 
     from gatekv.bench import _Run, smollm2_needle
     from gatekv.compress import CompressionSession
-    from gatekv.kernels.torch_ragged import _window
+    from gatekv.kernels.torch_ragged import window_in_order as window
 
     model, _, ids = smollm2_needle(args.length)
     session = CompressionSession(model, scorer="snapkv", allocator="adakv", budget=args.budget)
@@ -33,10 +33,6 @@ def main(argv=None) -> None:
     with torch.no_grad():
         run.prefill(model, ids)
         run.decode(model, 1, timed=False)
-    def window(caps, lengths, order):
-        starts = [sum(caps[h] for h in order[:i]) for i in range(len(order))]
-        return _window(starts, [s + lengths[h] for s, h in zip(starts, order)], sum(caps))[1]
-
     kept = laid_out = head_order = longest_first = bound = 0
     for layer in cache.layers:
         starts, lengths, caps = layer.starts.tolist(), layer.lengths.tolist(), layer.caps.tolist()

@@ -27,7 +27,6 @@ def main(argv=None) -> None:
 
     from gatekv.bench import _resolve_scorers, smollm2_needle
     from gatekv.compress import CompressionSession
-    from gatekv.kernels.torch_ragged import _window
 
     model, _, ids = smollm2_needle(args.length)
     heads = _resolve_scorers([args.adapter], model)[0]
@@ -67,9 +66,7 @@ def main(argv=None) -> None:
         if mask is None:
             continue
         starts, lengths = layer.host_layout()
-        order, lo = mask.order[0], mask.row_start[0]
-        ends = [starts[h] + lengths[h] - lo for h in order]
-        windows += len(order) * _window([starts[h] - lo for h in order], ends, mask.row_width[0])[1]
+        windows += mask.heads * mask.row_window(0, starts, lengths)[1]
         slots += sum(lengths)
     print(f"heads+adakv: flat windows {windows / max(slots, 1):.2f}x the kept tokens (layers on the flat path)")
 

@@ -132,11 +132,21 @@ def capture_layer_inputs(
     module = spec.attention_modules[layer_idx]
     d = spec.head_dim
     handles = []
+
+    def gated(hook):
+        if active is None:
+            return hook
+
+        def run(*args):
+            if active():
+                hook(*args)
+
+        return run
+
     if hidden:
 
+        @gated
         def grab_hidden(mod, args, kwargs):
-            if active is not None and not active():
-                return
             sink["hidden_states"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
         handles.append(module.register_forward_pre_hook(grab_hidden, with_kwargs=True))
@@ -144,9 +154,8 @@ def capture_layer_inputs(
         return handles
 
     def store(name):
+        @gated
         def hook(mod, args, output):
-            if active is not None and not active():
-                return
             sink[name] = _heads_first(output, d)
 
         return hook
@@ -154,9 +163,8 @@ def capture_layer_inputs(
     if spec.model_type == "phi3":
         q_width, kv_width = spec.num_q_heads * d, spec.num_kv_heads * d
 
+        @gated
         def split_qkv(mod, args, output):
-            if active is not None and not active():
-                return
             sink["pre_rope_queries"] = _heads_first(output[..., :q_width], d)
             sink["pre_rope_keys"] = _heads_first(output[..., q_width : q_width + kv_width], d)
             sink["pre_rope_values"] = _heads_first(output[..., q_width + kv_width :], d)

@@ -178,11 +178,8 @@ def test_flat_order_gives_the_shortest_window():
     and rows stay together and in order."""
     import itertools
 
-    from gatekv.kernels.torch_ragged import FLAT_MAX_HEADS, _window, flat_order
-
-    def window(caps, lengths, order):
-        starts = list(itertools.accumulate((caps[h] for h in order[:-1]), initial=0))
-        return _window(starts, [s + lengths[h] for s, h in zip(starts, order)], sum(caps))[1]
+    from gatekv.kernels.torch_ragged import FLAT_MAX_HEADS, flat_order
+    from gatekv.kernels.torch_ragged import window_in_order as window
 
     lengths = [492, 985, 986]
     caps = [n + 64 for n in lengths]
@@ -255,7 +252,6 @@ def test_cache_lays_uneven_heads_out_for_short_windows():
     """After an uneven compaction the cache lays the row's heads out in flat_order's order (not head order here),
     its decode appends keep the mask equal to a fresh one, and decode equals the reference."""
     from gatekv.cache import CompressedLayer
-    from gatekv.kernels.torch_ragged import _window
 
     layer = CompressedLayer(reserve=4)
     g = torch.Generator().manual_seed(1)
@@ -267,9 +263,7 @@ def test_cache_lays_uneven_heads_out_for_short_windows():
     starts = layer.starts.tolist()
     assert sorted(range(heads), key=lambda h: starts[h]) != [0, 1, 2]
     mask = layer.flat_mask()
-    memory = [mask.order[0][j] for j in range(heads)]
-    rel = [starts[h] - mask.row_start[0] for h in memory]
-    assert _window(rel, [r + int(counts[0, h]) for r, h in zip(rel, memory)], mask.row_width[0])[1] == 31
+    assert mask.row_window(0, starts, counts.reshape(-1).tolist())[1] == 31
     for step in range(6):  # crosses a regrowth (room 4)
         layer.append(torch.randn(1, heads, 1, d, generator=g), torch.randn(1, heads, 1, d, generator=g),
                      torch.tensor([[prompt + step]]))

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["FLAT_MAX_HEADS", "FlatDecodeMask", "flat_order", "ragged_attention_sdpa", "ragged_decode_unmasked",
-           "regular_stride", "segments_view", "window_attention_torch"]
+           "regular_stride", "segments_view", "window_attention_torch", "window_in_order"]
 
 FLAT_MAX_HEADS = 4
 """Most KV heads per row for the flat path: its matmuls may do up to ``H_kv`` times the needed dot products, which
@@ -112,6 +112,13 @@ class FlatDecodeMask:
         bias.masked_fill_(~allowed, float("-inf"))
         return cls(bias.reshape(batch, heads, n_max), lo.tolist(), (hi - lo).tolist(), heads, order.tolist())
 
+    def row_window(self, b: int, starts: list[int], lengths: list[int]) -> tuple[int, int]:
+        """``(c, L)`` of row ``b``'s flat windows (:func:`_window`) for the segments' ``starts``/``lengths`` (S,)."""
+        lo = self.row_start[b]
+        segments = [b * self.heads + h for h in self.order[b]]  # memory order
+        return _window([starts[s] - lo for s in segments], [starts[s] + lengths[s] - lo for s in segments],
+                       self.row_width[b])
+
     def fill(self, rows: torch.Tensor) -> None:
         """Open one new slot per segment: ``rows`` (S,) the flat rows just written (segment order)."""
         self.bias.view(-1).index_fill_(0, self._base + rows, 0.0)
@@ -128,6 +135,13 @@ def _window(rel_starts: list[int], ends: list[int], width: int) -> tuple[int, in
         c = min(c, (width - ends[k]) // (heads - 1 - k))
     c = max(c, 0)
     return c, max(ends[h] - h * c for h in range(heads))
+
+
+def window_in_order(caps: list[int], lengths: list[int], order: list[int]) -> int:
+    """The flat windows' length ``L`` (:func:`_window`) for one row whose segments (capacities ``caps``, ``lengths``,
+    per head) lie one after another in ``order`` (the heads in memory order)."""
+    starts = list(itertools.accumulate((caps[h] for h in order[:-1]), initial=0))
+    return _window(starts, [s + lengths[h] for s, h in zip(starts, order)], sum(caps))[1]
 
 
 def flat_order(caps: list[int], lengths: list[int], heads: int) -> list[int] | None:
@@ -149,10 +163,8 @@ def flat_order(caps: list[int], lengths: list[int], heads: int) -> list[int] | N
         row_caps, row_lengths = caps[first:first + heads], lengths[first:first + heads]
         best, best_length = list(range(heads)), None
         if len(set(row_lengths)) > 1:
-            width = sum(row_caps)
             for perm in itertools.permutations(range(heads)):
-                starts = list(itertools.accumulate((row_caps[h] for h in perm[:-1]), initial=0))
-                length = _window(starts, [s + row_lengths[h] for s, h in zip(starts, perm)], width)[1]
+                length = window_in_order(row_caps, row_lengths, perm)
                 if best_length is None or length < best_length:
                     best, best_length = list(perm), length
         moved = moved or best != list(range(heads))
@@ -181,9 +193,7 @@ def _decode_flat(query, keys, values, starts, lengths, scale, mask: FlatDecodeMa
     pieces = []
     for b in range(batch):
         lo = mask.row_start[b]
-        segments = [b * heads + h for h in mask.order[b]]  # memory order
-        c, length = _window([starts[s] - lo for s in segments], [starts[s] + lengths[s] - lo for s in segments],
-                            mask.row_width[b])
+        c, length = mask.row_window(b, starts, lengths)
         k = keys.as_strided((heads, length, head_dim), (c * key_row, key_row, keys.stride(1)), keys.storage_offset() + lo * key_row)
         v = values.as_strided((heads, length, d_v), (c * value_row, value_row, values.stride(1)),
                               values.storage_offset() + lo * value_row)
@@ -312,8 +322,10 @@ def window_attention_torch(window_queries, window_positions, keys, key_positions
     Every slot before the first one that some window query may not see (a padding slot, a key after a query) is
     seen by every window query; in a prompt's own prefill that leaves the last ``w`` columns, masked in place, and
     no query without a key (so no NaN to clear). Otherwise (padding, holes, unsorted slots) the masked columns start
-    at the first such slot, and NaN rows (queries that see no key: padding) are zeroed. ~0.65 ms instead of ~1.3 ms
-    per SmolLM2 layer at 2K with w = 32 on 2 CPU threads. Same arguments and result (float32, disallowed keys 0)."""
+    at the first such slot, and NaN rows (queries that see no key: padding) are zeroed. Per SmolLM2 layer at 2K with
+    w = 32 on 2 CPU threads: 0.66 ms against 0.80 ms for one ``where`` over every logit and 0.60 ms for the bare
+    matmul + softmax (benchmarks/window_attention_cost.py, big allocations on the heap). Same arguments and result
+    (float32, disallowed keys 0)."""
     batch, num_q_heads, w, d = window_queries.shape
     num_kv_heads, num_keys = keys.shape[1], keys.shape[2]
     group = num_q_heads // num_kv_heads
