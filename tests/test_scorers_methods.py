@@ -73,9 +73,11 @@ def attention_row(ctx, b, qh, i):
     return exps / exps.sum()
 
 
-def avg_pool(row, k):
-    pad = k // 2
-    return torch.stack([row[max(0, j - pad) : min(T, j + pad + 1)].mean() for j in range(T)])
+def avg_pool(row, k, pooling="avg"):
+    """Mean (or max) over the slots [j - k // 2, j - k // 2 + k) inside the row."""
+    left, right = k // 2, k - 1 - k // 2
+    reduce = torch.mean if pooling == "avg" else torch.max
+    return torch.stack([reduce(row[max(0, j - left) : min(T, j + right + 1)]) for j in range(T)])
 
 
 def rope(model, vector, position):
@@ -90,10 +92,11 @@ def test_registered():
 
 
 @pytest.mark.parametrize("critical", [False, True])
-def test_defensivekv(models, critical):
+@pytest.mark.parametrize("kernel_size, pooling", [(3, "avg"), (4, "avg"), (5, "avg"), (1, "avg"), (3, "max")])
+def test_defensivekv(models, critical, kernel_size, pooling):
     model = models["llama"]
     ctx = make_ctx(model)
-    scores = get_scorer("defensivekv", kernel_size=3, critical=critical).score(ctx)
+    scores = get_scorer("defensivekv", kernel_size=kernel_size, pooling=pooling, critical=critical).score(ctx)
     group, w = ctx.group_size, 3
     weight = ctx.module.o_proj.weight.detach().double()
     d = ctx.keys.shape[-1]
@@ -103,7 +106,7 @@ def test_defensivekv(models, critical):
             for g in range(h * group, (h + 1) * group):
                 for i in range(Q - w, Q):
                     row = attention_row(ctx, b, g, i)
-                    pooled = avg_pool(row, 3)
+                    pooled = avg_pool(row, kernel_size, pooling)
                     if row.sum() > 0:
                         pooled = pooled * row.sum() / pooled.sum()
                     m = torch.maximum(m, pooled)
