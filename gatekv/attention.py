@@ -175,6 +175,10 @@ class SessionAttention:
         # allocators observe the prompt's own window, not a replay (KVzip)
         if self.allocator.needs_window_attention and self.replay_chunk is None:
             self.allocator.observe_layer(layer_idx, ctx.window_attention(), candidates)
+        guide = self.scorer.take_guide()
+        if self.allocator.needs_guide:
+            guide = scores if guide is None else guide.float().masked_fill(~candidates, float("-inf"))
+            self.allocator.observe_guide(layer_idx, guide)
         self.scores[layer_idx] = (scores, protected)
         names = [n for n in self.scorer.state_names if n in ctx.state]
         if names:

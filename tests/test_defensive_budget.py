@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gatekv import compress, get_allocator
+from gatekv import compress, get_allocator, get_scorer
 from gatekv.compress import shared_prefill
 from gatekv.allocators import Allocator, available_allocators
 from gatekv.allocators.global_topk import plan_exact_counts
@@ -114,3 +114,49 @@ def test_bad_options_name_the_option(options, field):
     assert "defensive_budget" in available_allocators()
     with pytest.raises(ValueError, match=f"defensive_budget: {field}"):
         get_allocator("defensive_budget", **options)
+
+
+class _AdaKVWithin(Allocator):
+    """Each layer keeps the given per-row totals, split among its heads by Ada-KV on the session's scores."""
+
+    def __init__(self, totals, alpha):
+        self.totals, self.alpha = totals, alpha
+
+    def allocate(self, inputs):
+        from gatekv.allocators.adakv import adakv_counts
+
+        counts = [adakv_counts(s, p, t, self.alpha) for s, p, t in zip(inputs.scores, inputs.protected, self.totals)]
+        return plan_exact_counts(inputs, counts)
+
+
+def test_guide_share_splits_each_layer_total_by_adakv_on_the_guide(llama):
+    """guide_share = 1: every layer keeps Layer-DefensiveKV's total, split among its heads as Ada-KV splits it on the
+    count guide: the rank mix's ``guide`` member's raw scores, or the session's scores when the scorer names none.
+    guide_share = 0.5 lands between the two splits with the same totals."""
+    ids, mask = random_batch(2, 70, pad=[0, 9], seed=5)
+    mix = {"scorers": {"norm": "knorm", "tova": "tova"}, "guide": "tova"}
+    plain, _ = _prefill(llama, get_scorer("rank_mix", **mix), "defensive_budget", ids, mask)
+    totals = plain.kept_tokens().sum(-1)  # (layers, B)
+    expected, _ = _prefill(llama, "tova", _AdaKVWithin(list(totals), 0.2), ids, mask)
+    assert not torch.equal(expected.kept_tokens(), plain.kept_tokens()), "the two splits differ on this input"
+    guided, _ = _prefill(llama, get_scorer("rank_mix", **mix), get_allocator("defensive_budget", guide_share=1.0),
+                         ids, mask)
+    assert torch.equal(guided.kept_tokens(), expected.kept_tokens())
+    own, _ = _prefill(llama, "tova", get_allocator("defensive_budget", guide_share=1.0), ids, mask)
+    assert torch.equal(own.kept_tokens(), expected.kept_tokens())
+    half, _ = _prefill(llama, get_scorer("rank_mix", **mix), get_allocator("defensive_budget", guide_share=0.5),
+                       ids, mask)
+    assert torch.equal(half.kept_tokens().sum(-1), totals)
+    low = torch.minimum(plain.kept_tokens(), expected.kept_tokens())
+    high = torch.maximum(plain.kept_tokens(), expected.kept_tokens())
+    assert bool(((half.kept_tokens() >= low - 1) & (half.kept_tokens() <= high + 1)).all())
+    assert not torch.equal(half.kept_tokens(), plain.kept_tokens())
+
+
+def test_guide_options_are_checked():
+    with pytest.raises(ValueError, match="defensive_budget: guide_share"):
+        get_allocator("defensive_budget", guide_share=1.5)
+    with pytest.raises(ValueError, match="defensive_budget: guide_alpha"):
+        get_allocator("defensive_budget", guide_alpha=-0.1)
+    with pytest.raises(ValueError, match="rank_mix: guide must be one of"):
+        get_scorer("rank_mix", scorers={"norm": "knorm", "tova": "tova"}, guide="snapkv")

@@ -247,7 +247,7 @@ def test_gatekv_mixes_an_adapter_with_scorers(llama):
     long_form = GateKV(llama, adapter=adapter, rank_mix={"weights": {"adapter": 0.6, "defensivekv": 0.4},
                                                          "quota": {"adapter": 0.5}, "combine": "max"})
     assert long_form.scorer.quota == {"adapter": 0.5} and long_form.scorer.combine == "max"
-    with pytest.raises(ValueError, match="takes weights, quota, quota_of and combine"):
+    with pytest.raises(ValueError, match="takes weights, quota, quota_of, combine and guide"):
         GateKV(llama, adapter=adapter, rank_mix={"weights": {"adapter": 1.0, "knorm": 1.0}, "floor": 0.1})
     scorers_only = GateKV(llama, rank_mix={"knorm": 1.0, "snapkv": 1.0})
     assert set(scorers_only.scorer.members) == {"knorm", "snapkv"}

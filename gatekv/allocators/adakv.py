@@ -28,28 +28,34 @@ class AdaKVAllocator(Allocator):
         self.alpha = float(alpha)
 
     def layer_counts(self, inputs: AllocationInput) -> list[torch.Tensor]:
-        return [self._layer(inputs.scores[l], inputs.protected[l], inputs.budget) for l in range(len(inputs.scores))]
-
-    def _layer(self, scores: torch.Tensor, protected: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-        batch, heads, t = scores.shape
-        ranked = ranking_scores(scores, protected)
-        candidates = candidate_counts(scores)
-        protected_counts = protected.sum(-1)
-        counts = torch.zeros(batch, heads, dtype=torch.long, device=scores.device)
-        for b in range(batch):
-            total = min(heads * int(budget[b]), int(candidates[b].sum()))
-            if total == 0:
-                continue
-            picks = torch.topk(ranked[b].reshape(-1), total).indices // t
-            greedy = torch.bincount(picks, minlength=heads).double()
-            # alpha * B, with B = total / H (equal to the budget unless the row has fewer candidates than H * B)
-            target = (1.0 - self.alpha) * greedy + self.alpha * total / heads
-            row = round_preserving_sum(target, total)
-            counts[b] = _settle(row, protected_counts[b], candidates[b], ranked[b], total)
-        return counts
+        heads = inputs.scores[0].shape[1]
+        totals = inputs.budget * heads
+        return [adakv_counts(inputs.scores[l], inputs.protected[l], totals, self.alpha) for l in range(len(inputs.scores))]
 
 
-def _settle(counts, low, high, ranked, total):
+def adakv_counts(scores: torch.Tensor, protected: torch.Tensor, totals: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Ada-KV's (B, H) counts of one layer: per row, the top ``totals[b]`` slots over all heads' ``scores`` (B, H, T)
+    (protected first), ``b_h = round((1 - alpha) * picks_h + alpha * total / H)``, settled between each head's
+    protected and candidate counts with the sum kept (at most the row's candidates)."""
+    batch, heads, t = scores.shape
+    ranked = ranking_scores(scores, protected)
+    candidates = candidate_counts(scores)
+    protected_counts = protected.sum(-1)
+    counts = torch.zeros(batch, heads, dtype=torch.long, device=scores.device)
+    for b in range(batch):
+        total = min(int(totals[b]), int(candidates[b].sum()))
+        if total == 0:
+            continue
+        picks = torch.topk(ranked[b].reshape(-1), total).indices // t
+        greedy = torch.bincount(picks, minlength=heads).double()
+        # alpha * B, with B = total / H (equal to the budget unless the row has fewer candidates than H * B)
+        target = (1.0 - alpha) * greedy + alpha * total / heads
+        row = round_preserving_sum(target, total)
+        counts[b] = settle_counts(row, protected_counts[b], candidates[b], ranked[b], total)
+    return counts
+
+
+def settle_counts(counts, low, high, ranked, total):
     """Clamp counts (H,) into [low, high] and restore ``sum == total`` one slot at a time by marginal score."""
     counts = torch.minimum(torch.maximum(counts, low), high)
     ordered = torch.sort(ranked, dim=-1, descending=True).values  # (H, T)

@@ -147,6 +147,9 @@ class Allocator:
     name: ClassVar[str] = ""
     needs_window_attention: ClassVar[bool] = False
     """Observes each layer's window attention during prefill (CAKE, D2O): :meth:`observe_layer` is called."""
+    needs_guide: bool = False
+    """Observes each scored layer's count guide (:meth:`observe_guide`): the raw scores of the scorer's ``guide``
+    member (:meth:`gatekv.scorers.base.Scorer.take_guide`), or the session's scores when the scorer names none."""
     cascade: ClassVar[bool] = False
     """Allocated in cascade during prefill (CAKE): :meth:`cascade_allocate` runs after each layer is scored, so the
     prefill never holds more than the budget plus one uncompressed layer."""
@@ -167,6 +170,11 @@ class Allocator:
         """Window attention (B, H_q, w, T) softmax weights of layer ``layer_idx`` and its candidate slots (B, H_kv,
         T) bool; called during prefill when ``needs_window_attention`` is set."""
         raise NotImplementedError(f"{type(self).__name__} sets needs_window_attention but has no observe_layer()")
+
+    def observe_guide(self, layer_idx: int, scores: torch.Tensor) -> None:
+        """Count guide (B, H_kv, T) float32 of layer ``layer_idx`` (``-inf`` on non-candidates); called after each
+        scoring of the layer when ``needs_guide`` is set."""
+        raise NotImplementedError(f"{type(self).__name__} sets needs_guide but has no observe_guide()")
 
     def cascade_allocate(self, inputs: AllocationInput, num_layers: int, held: torch.Tensor | None = None) -> KeepPlan:
         """The plan of layers 0..m (``inputs`` holds their scores) with ``num_layers`` N in all; ``held``: (B,) tokens

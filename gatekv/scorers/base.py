@@ -166,6 +166,11 @@ class Scorer:
         """Return ``(B, H_kv, T)`` float32 importance of every slot of ``ctx``; higher = keep."""
         raise NotImplementedError
 
+    def take_guide(self) -> torch.Tensor | None:
+        """The count guide of the last :meth:`score` call, ``(B, H_kv, T)``, for an allocator that splits counts by
+        it (``needs_guide``), or None: then the allocator takes the returned scores. Cleared by the call."""
+        return None
+
     def replay_inputs(self, token_ids: torch.Tensor, token_positions: torch.Tensor, start: int,
                       end: int) -> list[ReplayChunk]:
         """Replaying scorers: the forwards to run after the prompt columns ``start:end`` were prefilled.

@@ -26,10 +26,10 @@ def within_head_ranks(scores: torch.Tensor, candidates: torch.Tensor) -> torch.T
 
 
 def check_mix_options(weights: dict[str, float], combine: str = "sum", quota: dict[str, float] | None = None,
-                      quota_of: str = "count") -> None:
+                      quota_of: str = "count", guide: str | None = None) -> None:
     """``ValueError`` naming the option unless ``weights`` maps labels to numbers >= 0 (not all 0), ``combine`` is
-    ``sum``/``max``, ``quota`` maps some of those labels to shares in (0, 1] that sum to at most 1 and ``quota_of``
-    is ``count``/``free``."""
+    ``sum``/``max``, ``quota`` maps some of those labels to shares in (0, 1] that sum to at most 1, ``quota_of``
+    is ``count``/``free`` and ``guide`` is None or one of the labels."""
     if not isinstance(weights, dict) or not weights:
         raise ValueError(f"rank_mix: weights must map labels to numbers, got {weights!r}")
     for label, weight in weights.items():
@@ -49,19 +49,21 @@ def check_mix_options(weights: dict[str, float], combine: str = "sum", quota: di
         raise ValueError(f"rank_mix: the quota shares must sum to at most 1, got {quota!r}")
     if quota_of not in ("count", "free"):
         raise ValueError(f"rank_mix: quota_of must be 'count' or 'free', got {quota_of!r}")
+    if guide is not None and guide not in weights:
+        raise ValueError(f"rank_mix: guide must be one of the scorers {sorted(weights)}, got {guide!r}")
 
 
 def split_mix_spec(spec) -> tuple[dict, dict]:
     """``(weights, options)`` of a mix given as ``{label: weight}`` or as the long form ``{"weights": {...},
-    "quota": {...}, "quota_of": ..., "combine": ...}``; ``ValueError`` naming what is off."""
+    "quota": {...}, "quota_of": ..., "combine": ..., "guide": ...}``; ``ValueError`` naming what is off."""
     if not isinstance(spec, dict):
         raise ValueError(f"rank_mix must map labels to weights, got {spec!r}")
     if "weights" not in spec:
         return spec, {}
     options = {k: v for k, v in spec.items() if k != "weights"}
-    unknown = sorted(set(options) - {"quota", "quota_of", "combine"})
+    unknown = sorted(set(options) - {"quota", "quota_of", "combine", "guide"})
     if unknown:
-        raise ValueError(f"rank_mix takes weights, quota, quota_of and combine, got {unknown}")
+        raise ValueError(f"rank_mix takes weights, quota, quota_of, combine and guide, got {unknown}")
     if not isinstance(spec["weights"], dict):
         raise ValueError(f"rank_mix weights must map labels to weights, got {spec['weights']!r}")
     return spec["weights"], options
@@ -91,11 +93,16 @@ class RankMixScorer(ScorerGroup):
     quota:     label -> share in (0, 1] of every kept count that goes to that member's own top (shares sum to <= 1)
     quota_of:  ``count`` (shares of the kept count) or ``free`` (of its unprotected part; needs the context's
                ``protected``)
+    guide:     label of the member whose raw scores are the count guide of an allocator that splits counts by one
+               (``defensive_budget`` with ``guide_share``): the blend's ranks say nothing across heads, a member's
+               scores may (e.g. the retaining heads: their Ada-KV counts follow a needle)
     """
 
     def __init__(self, scorers: dict[str, str | Scorer], weights: dict[str, float] | None = None,
-                 combine: str = "sum", quota: dict[str, float] | None = None, quota_of: str = "count"):
-        self.combine, self.quota_of = combine, quota_of
+                 combine: str = "sum", quota: dict[str, float] | None = None, quota_of: str = "count",
+                 guide: str | None = None):
+        self.combine, self.quota_of, self.guide = combine, quota_of, guide
+        self._guide_scores: torch.Tensor | None = None
         if not isinstance(scorers, dict) or len(scorers) < 2:
             raise ValueError(f"rank_mix: scorers must be a dict of at least two label -> scorer, got {scorers!r}")
         self._take_members({label: get_scorer(scorer) for label, scorer in scorers.items()})
@@ -106,12 +113,17 @@ class RankMixScorer(ScorerGroup):
         if not isinstance(weights, dict) or set(weights) != set(scorers):
             raise ValueError(f"rank_mix: weights must name exactly the scorers {sorted(scorers)}, got {weights!r}")
         quota = {} if quota is None else quota
-        check_mix_options(weights, combine, quota, quota_of)
+        check_mix_options(weights, combine, quota, quota_of, guide)
         self.weights = {label: float(weight) for label, weight in weights.items()}
         self.quota = {label: float(share) for label, share in quota.items()}
 
     def trim(self, layer_idx: int, width: int) -> None:
         """Nothing is stored between forwards."""
+
+    def take_guide(self) -> torch.Tensor | None:
+        """The ``guide`` member's raw scores from the last :meth:`score` (None without a guide)."""
+        guide, self._guide_scores = self._guide_scores, None
+        return guide
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         candidates = ctx.candidates.to(ctx.keys.device)
@@ -122,12 +134,14 @@ class RankMixScorer(ScorerGroup):
         mixed = torch.zeros(ctx.positions.shape, device=ctx.keys.device)
         own_ranks = {}
         for label, scorer in self.members.items():
-            if self.weights[label] == 0 and label not in self.quota:
+            if self.weights[label] == 0 and label not in self.quota and label != self.guide:
                 continue
             scores = scorer.score(ctx)
             if scores.shape != ctx.positions.shape:
                 raise ValueError(f"rank_mix: scorer {label!r} returned shape {tuple(scores.shape)}, "
                                  f"expected {tuple(ctx.positions.shape)}")
+            if label == self.guide:
+                self._guide_scores = scores.float()
             ranks = within_head_ranks(scores.to(mixed.device), candidates)
             if label in self.quota:
                 own_ranks[label] = ranks
