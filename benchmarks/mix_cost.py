@@ -28,6 +28,10 @@ SETTINGS = {
     "heads + DefensiveKV + TOVA mix, defensive_budget, observe_window 64": dict(
         allocator="defensive_budget", observe_window=64,
         rank_mix={"weights": {"adapter": 0.5, "defensivekv": 0.25, "tova": 0.25}, "quota": {"adapter": 0.5}}),
+    "heads + DefensiveKV + TOVA mix, defensive_budget guided by the heads (guide_share 0.5), observe_window 64": dict(
+        allocator="defensive_budget", allocator_options={"guide_share": 0.5}, observe_window=64,
+        rank_mix={"weights": {"adapter": 0.5, "defensivekv": 0.25, "tova": 0.25}, "quota": {"adapter": 0.5},
+                  "guide": "adapter"}),
     "Layer-DefensiveKV (global)": dict(scorer="defensivekv", allocator="global"),
 }
 
@@ -38,12 +42,15 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                        help="time only the settings whose label contains one of these (the stock prefill always)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from transformers import DynamicCache
 
+    from gatekv import get_allocator
     from gatekv.bench import _Run, smollm2_needle
     from gatekv.compress import CompressionSession
     from gatekv.inference import GateKV
@@ -51,8 +58,12 @@ def main(argv=None) -> None:
     model, tokenizer, ids = smollm2_needle(args.length)
     configs = {}
     for label, options in SETTINGS.items():
+        if args.only and not any(text in label for text in args.only):
+            continue
         options = dict(options)
         source = {"scorer": options.pop("scorer")} if "scorer" in options else {"adapter": HEADS}
+        if "allocator_options" in options:
+            options["allocator"] = get_allocator(options["allocator"], **options.pop("allocator_options"))
         configs[label] = GateKV(model, tokenizer, budget=args.budget, **source, **options).config
 
     def run(label):
