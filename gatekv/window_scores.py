@@ -27,6 +27,12 @@ def _window_counts(length: int, left: int, right: int, like: torch.Tensor) -> to
     return ((slots + right + 1).clamp(max=length) - (slots - left).clamp(min=0)).to(like.dtype)
 
 
+def _window_bounds(kernel_size: int) -> tuple[int, int]:
+    """(left, right): a window of ``kernel_size`` slots centred on its slot, an even one reaching further left."""
+    left = kernel_size // 2
+    return left, kernel_size - 1 - left
+
+
 def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
     """1-D pooling along slots with stride 1 and padding ``kernel_size // 2`` (``avg_pool1d`` with
     ``count_include_pad=False`` / ``max_pool1d``). An even kernel is trimmed back to ``T`` on the right.
@@ -40,8 +46,7 @@ def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.T
     if pooling == "max":  # max_pool1d is fast on CPU already
         flat = scores.reshape(batch * heads, 1, t)
         return F.max_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)[..., :t].reshape(batch, heads, t)
-    left = kernel_size // 2
-    right = kernel_size - 1 - left
+    left, right = _window_bounds(kernel_size)
     return _window_sums(scores, left, right) / _window_counts(t, left, right, scores)
 
 
@@ -67,16 +72,15 @@ def defensive_scores(attention: torch.Tensor, candidates: torch.Tensor, kernel_s
     rows = attention.reshape(batch, num_q * w, t)
     mass = rows.sum(-1, keepdim=True)
     if pooling == "avg" and kernel_size > 1:
-        # pooled = sums / counts, rescaled per row by mass / pooled.sum(-1). That row sum is rows @ weight (weight[i]:
-        # the sum of 1 / counts over the windows holding slot i), and the max over rows commutes with the division
-        # by counts (> 0): so the scale goes on the raw window sums and the division on the (B, H_kv, T) max only,
-        # two passes fewer over the B x H_q x w rows than pooling them first.
-        left = kernel_size // 2
-        right = kernel_size - 1 - left
+        # pooled = sums / counts, rescaled per row by mass / pooled.sum(-1). That row sum is rows @ in_windows
+        # (in_windows[i]: the sum of 1 / counts over the windows holding slot i), and the max over rows commutes
+        # with the division by counts (> 0): so the scale goes on the raw window sums and the division on the
+        # (B, H_kv, T) max only, two passes fewer over the B x H_q x w rows than pooling them first.
+        left, right = _window_bounds(kernel_size)
         counts = _window_counts(t, left, right, rows)
-        weight = _window_sums(counts.reciprocal(), right, left)  # windows holding slot i: [i - right, i + left]
+        in_windows = _window_sums(counts.reciprocal(), right, left)  # windows holding slot i: [i - right, i + left]
         sums = _window_sums(rows, left, right)
-        sums *= mass / (rows @ weight)[..., None].clamp(min=1e-30)
+        sums *= mass / (rows @ in_windows)[..., None].clamp(min=1e-30)
         heaviest = sums.reshape(batch, kv_heads, (num_q // kv_heads) * w, t).amax(dim=2) / counts
     else:
         pooled = pool_scores(rows, kernel_size, pooling)

@@ -259,4 +259,3 @@ def test_gatekv_mixes_an_adapter_with_scorers(llama):
         GateKV(llama, scorer="knorm", rank_mix={"knorm": 1.0, "snapkv": 1.0})
     with pytest.raises(ValueError, match="heads were made for|different base model"):
         GateKV(tiny_model("qwen3"), adapter=adapter, rank_mix={"adapter": 1.0, "snapkv": 1.0})
-

@@ -5,6 +5,7 @@ import torch
 from gatekv.allocators.base import (
     AllocationInput,
     candidate_counts,
+    check_unit_interval,
     Allocator,
     ranking_scores,
     register_allocator,
@@ -23,9 +24,7 @@ class AdaKVAllocator(Allocator):
     """
 
     def __init__(self, alpha: float = 0.2):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"adakv: alpha (safeguard) must be in [0, 1], got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = check_unit_interval(alpha, "adakv", "alpha (safeguard)")
 
     def layer_counts(self, inputs: AllocationInput) -> list[torch.Tensor]:
         heads = inputs.scores[0].shape[1]

@@ -21,6 +21,7 @@ __all__ = [
     "KeepPlan",
     "available_allocators",
     "candidate_counts",
+    "check_unit_interval",
     "get_allocator",
     "plan_from_counts",
     "ranking_scores",
@@ -212,6 +213,13 @@ name and options, or the instance itself). Built-ins register when ``gatekv.allo
 
 
 register_allocator, available_allocators, get_allocator = ALLOCATORS.register, ALLOCATORS.names, ALLOCATORS.get
+
+
+def check_unit_interval(value, owner: str, field: str) -> float:
+    """``value`` as a float if it is a number in [0, 1], else ``ValueError`` naming ``owner`` and ``field``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{owner}: {field} must be in [0, 1], got {value!r}")
+    return float(value)
 
 
 def round_preserving_sum(values: torch.Tensor, total: int) -> torch.Tensor:

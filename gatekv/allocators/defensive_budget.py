@@ -11,6 +11,7 @@ from gatekv.allocators.base import (
     Allocator,
     KeepPlan,
     candidate_counts,
+    check_unit_interval,
     ranking_scores,
     register_allocator,
     round_preserving_sum,
@@ -50,12 +51,10 @@ class DefensiveBudgetAllocator(Allocator):
     def __init__(self, floor: float = 0.1, kernel_size: int = 5, pooling: str = "avg", guide_share: float = 0.0,
                  guide_alpha: float = 0.2):
         check_pooling(kernel_size, pooling, "defensive_budget")
-        for name, value in (("guide_share", guide_share), ("guide_alpha", guide_alpha)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"defensive_budget: {name} must be in [0, 1], got {value!r}")
         self._global = GlobalAllocator(check_floor(floor, "defensive_budget"))
         self.floor, self.kernel_size, self.pooling = self._global.floor, kernel_size, pooling
-        self.guide_share, self.guide_alpha = float(guide_share), float(guide_alpha)
+        self.guide_share = check_unit_interval(guide_share, "defensive_budget", "guide_share")
+        self.guide_alpha = check_unit_interval(guide_alpha, "defensive_budget", "guide_alpha")
         self.needs_guide = self.guide_share > 0
         self._observed: dict[int, torch.Tensor] = {}
         self._count_guide: dict[int, torch.Tensor] = {}
