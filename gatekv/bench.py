@@ -317,18 +317,25 @@ def run_decode_benchmark(
     return results
 
 
-def _resolve_scorers(scorers, model) -> list:
+def _resolve_scorers(scorers, model, heads_dtypes: tuple[str, ...] | None = None) -> list:
     """Names stay names; a directory holding a saved adapter becomes its heads for ``model`` (labelled by the
-    directory's name). Anything else is left to ``compress`` (which names an unknown scorer)."""
+    directory's name), once per dtype of ``heads_dtypes`` (labelled ``name (dtype)``; None: as stored). Anything else
+    is left to ``compress`` (which names an unknown scorer)."""
     from pathlib import Path
 
+    from gatekv.heads.adapter import Adapter, heads_dtype
+
+    for dtype in heads_dtypes or ():
+        heads_dtype(dtype, "heads dtype")
     resolved = []
     for scorer in scorers:
         path = Path(scorer) if isinstance(scorer, (str, os.PathLike)) else None
         if path is not None and (path / "gatekv_config.json").is_file():
-            from gatekv.heads.adapter import load_adapter
-
-            resolved.append((path.name, load_adapter(path, model)))
+            adapter = Adapter.from_pretrained(path)
+            if not heads_dtypes:
+                resolved.append((path.name, adapter.heads_for(model)))
+            for dtype in heads_dtypes or ():
+                resolved.append((f"{path.name} ({dtype})", adapter.heads_for(model, dtype=dtype)))
         else:
             resolved.append(scorer)
     return resolved
@@ -388,6 +395,7 @@ def bench_decode(
     print_fn=print,
     rounds: int = 4,
     prefill_rounds: int = 1,
+    heads_dtypes: tuple[str, ...] | None = None,
 ) -> list[DecodeResult]:
     """Build the model and prompt for ``device``, run :func:`run_decode_benchmark` and print the table.
 
@@ -398,6 +406,8 @@ def bench_decode(
     prefill_rounds: interleaved repetitions of every prefill, medians reported (see :func:`run_decode_benchmark`).
     scorers:    registered scorer names, or directories of saved adapters (``gatekv_config.json`` inside), measured
                 like a scorer and labelled by the directory's name.
+    heads_dtypes: measure every adapter once per dtype named here (``float32``, ``bfloat16``, ...), labelled
+                ``name (dtype)``; None: once, as stored.
     """
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
@@ -433,7 +443,7 @@ def bench_decode(
     )
     print_fn(header)
     results = run_decode_benchmark(
-        model, input_ids, tuple(budgets), tuple(_resolve_scorers(scorers, model)), tuple(allocators), steps, warmup, chunk_size=chunk_size,
+        model, input_ids, tuple(budgets), tuple(_resolve_scorers(scorers, model, heads_dtypes)), tuple(allocators), steps, warmup, chunk_size=chunk_size,
         log=print_fn, rounds=rounds, prefill_rounds=prefill_rounds,
     )
     print_fn(format_decode_table(results))

@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--allocator", nargs="+", default=["uniform", "adakv"], help="allocators to measure (default uniform adakv)"
     )
     decode.add_argument(
+        "--heads-dtype", nargs="+", default=None, choices=["float32", "bfloat16", "float16"],
+        help="measure every adapter given to --scorer once per dtype its heads compute in (default: as stored)",
+    )
+    decode.add_argument(
         "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
         help=f"tokens per chunk of the chunked-prefill rows; 0 = no such rows (default {DEFAULT_CHUNK_SIZE})"
     )
@@ -181,6 +185,7 @@ def _run_bench_decode(args) -> int:
         chunk_size=args.chunk_size or None,
         rounds=args.rounds,
         prefill_rounds=args.prefill_rounds,
+        heads_dtypes=tuple(args.heads_dtype) if args.heads_dtype else None,
     )
     return 0
 

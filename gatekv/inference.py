@@ -97,6 +97,8 @@ class GateKV:
     budget:     tokens kept per KV head: a ratio of the prompt (0.1) or a count (512)
     prefill:    ``one_shot`` or ``chunked``
     allow_mismatch: accept an adapter made for a model with a different fingerprint (expert use)
+    heads_dtype: the adapter's heads compute in this dtype (``"bfloat16"`` or a ``torch.dtype``; None: as stored),
+                e.g. bf16 gates on a CPU with AMX next to a float32 model (:meth:`~gatekv.heads.Adapter.heads_for`)
     rank_mix:   blend rankings within each head (:class:`~gatekv.scorers.rank_mix.RankMixScorer`): label -> weight,
                 where ``"adapter"`` is the adapter's heads and any other label a training-free scorer name, e.g.
                 ``{"adapter": 0.75, "defensivekv": 0.25}``, or ``{"weights": {...}, "quota": {label: share},
@@ -123,6 +125,7 @@ class GateKV:
         allow_mismatch: bool = False,
         config: CompressionConfig | None = None,
         rank_mix: dict[str, float] | None = None,
+        heads_dtype=None,
         **compress_options,
     ):
         from gatekv.heads.adapter import Adapter
@@ -134,7 +137,9 @@ class GateKV:
         self.adapter: Adapter | None = None
         if adapter is not None:
             self.adapter = adapter if isinstance(adapter, Adapter) else Adapter.from_pretrained(adapter)
-            scorer = self.adapter.heads_for(model, allow_mismatch=allow_mismatch)
+            scorer = self.adapter.heads_for(model, allow_mismatch=allow_mismatch, dtype=heads_dtype)
+        elif heads_dtype is not None:
+            raise ValueError("GateKV: heads_dtype applies to an adapter's heads, and no adapter was given")
             if self.adapter.lora is not None:
                 self.adapter.lora.check_model(model)
         if rank_mix is not None:
@@ -179,6 +184,7 @@ class GateKV:
         device=None,
         allow_mismatch: bool = False,
         rank_mix: dict[str, float] | None = None,
+        heads_dtype=None,
         **compress_options,
     ) -> "GateKV":
         """Build from a loaded model or a model name (``"smollm2"``, Hub id, path) and an adapter or a scorer name.
@@ -205,7 +211,8 @@ class GateKV:
             model, loaded_tokenizer = load_base_model(name, revision=revision, dtype=dtype, device=device)
             tokenizer = tokenizer or loaded_tokenizer
         return cls(model, tokenizer, scorer=scorer, adapter=adapter, allocator=allocator, budget=budget, prefill=prefill,
-                   allow_mismatch=allow_mismatch, config=config, rank_mix=rank_mix, **compress_options)
+                   allow_mismatch=allow_mismatch, config=config, rank_mix=rank_mix, heads_dtype=heads_dtype,
+                   **compress_options)
 
     # -- the settings ---------------------------------------------------------------------------------------------------
     @property

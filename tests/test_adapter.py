@@ -303,3 +303,42 @@ def test_inference_pooling_is_a_max_over_neighbouring_slots_and_round_trips(llam
     _edit_config(tmp_path, **{"inference": {"pool_kernel": 0}})
     with pytest.raises(ValueError, match="inference.pool_kernel"):
         Adapter.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("head_type", ["attention_gate", "retaining_head", "linear_gate"])
+def test_heads_dtype_gives_a_converted_copy_whose_scores_follow_float32(llama, tmp_path, head_type):
+    adapter = _adapter(llama, head_type)
+    adapter.save_pretrained(tmp_path)
+    loaded = Adapter.from_pretrained(tmp_path)
+    plain = loaded.heads_for(llama)
+    bf16 = loaded.heads_for(llama, dtype="bfloat16")
+    assert bf16 is not plain and plain is loaded.heads  # the adapter's own heads stay as stored
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in loaded.heads.parameters()} == {torch.float32}
+    assert loaded.heads_for(llama, dtype=torch.float32) is loaded.heads  # the stored dtype: no copy
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(bf16.state_dict()[name], tensor.to(torch.bfloat16)), name
+    features, valid = _features(plain, q=24), torch.ones(2, 24, dtype=torch.bool)
+    for layer in range(2):
+        full, half = plain.layer_scores(layer, features, valid), bf16.layer_scores(layer, features, valid)
+        assert half.dtype == torch.float32 and half.shape == full.shape
+        # bf16 keeps 8 bits of mantissa: a few parts in a hundred of the scores' spread, not more
+        assert (half - full).abs().max() <= 0.05 * full.abs().max() + 1e-3
+        assert not torch.equal(half, full)  # it really computed in bf16
+
+
+def test_heads_dtype_is_checked(llama, tmp_path):
+    from gatekv import GateKV
+    from gatekv.heads.adapter import load_adapter
+
+    _adapter(llama, "linear_gate").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="dtype must be one of .*'int8'"):
+        load_adapter(tmp_path, llama, dtype="int8")
+    with pytest.raises(ValueError, match="heads_dtype applies to an adapter"):
+        GateKV(llama, scorer="snapkv", heads_dtype="bfloat16")
+    kv = GateKV(llama, adapter=tmp_path, heads_dtype="bfloat16", budget=0.5, window=4, sinks=2)
+    assert {p.dtype for p in kv.scorer.parameters()} == {torch.bfloat16}
+    ids = torch.randint(0, llama.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    out = kv.generate(ids, max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, 42) and kv.last_stats.events  # compressed with bf16 heads scoring a float32 model
+    assert {p.dtype for p in load_adapter(tmp_path, dtype="bfloat16").parameters()} == {torch.bfloat16}

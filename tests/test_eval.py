@@ -365,6 +365,7 @@ def test_eval_adapter_in_a_rank_mix(tmp_path, model, tokenizer):
                               "combine must be"),
                              ({"rank_mix": {"weights": {"adapter": 1, "knorm": 1}, "top": 1}}, r"got \['top'\]"),
                              ({"recency": "off"}, "recency must be true or false"),
+                             ({"heads_dtype": "half"}, "heads_dtype must be one of"),
                              ({"kernel_size": 3}, r"options \['kernel_size'\] do not apply to an adapter")]:
         with pytest.raises(ValueError, match=f"method 'm': .*{message}"):
             _config(tmp_path, methods=[{"name": "m", "adapter": str(tmp_path / "a"), "options": options}])
@@ -374,12 +375,15 @@ def test_eval_adapter_in_a_rank_mix(tmp_path, model, tokenizer):
     off = _config(tmp_path, methods=[{"name": "off", "adapter": str(recent), "options": {"recency": False}},
                                      {"name": "on", "adapter": str(recent)},
                                      {"name": "mix", "adapter": str(recent),
-                                      "options": {"recency": False, "rank_mix": {"adapter": 1.0, "knorm": 1.0}}}])
+                                      "options": {"recency": False, "heads_dtype": "bfloat16",
+                                                  "rank_mix": {"adapter": 1.0, "knorm": 1.0}}}])
     from gatekv.eval.runner import _wrappers
 
     wrappers = _wrappers(model, tokenizer, off)
     assert wrappers["off"].scorer.use_recency is False and wrappers["on"].scorer.use_recency is True
     assert wrappers["mix"].scorer.members["adapter"].use_recency is False  # the heads inside the rank mix
+    assert next(wrappers["mix"].scorer.members["adapter"].parameters()).dtype == torch.bfloat16
+    assert next(wrappers["on"].scorer.parameters()).dtype == torch.float32
 
 
 def test_a_cell_added_on_resume_gets_every_sample_in_order(tmp_path, model, tokenizer):

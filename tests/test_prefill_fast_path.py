@@ -153,3 +153,16 @@ def test_bench_decode_measures_a_saved_adapter_by_its_directory(models, tmp_path
                                    steps=1, warmup=0, window=8, sinks=2, chunk_size=None)
     assert [r.label for r in results] == ["full", "dense floor@0.25", "my-gate+adakv@0.25"]
     assert results[2].kept_per_head is not None and results[2].kv_bytes < results[0].kv_bytes
+
+
+def test_bench_decode_measures_an_adapter_once_per_heads_dtype(models, tmp_path):
+    from gatekv.bench import _resolve_scorers
+    from gatekv.heads import Adapter, build_heads
+
+    model = models["llama"]
+    Adapter(build_heads("attention_gate", model), base_model="tiny:llama", target="cis").save_pretrained(tmp_path / "g")
+    resolved = _resolve_scorers(["snapkv", str(tmp_path / "g")], model, ("float32", "bfloat16"))
+    assert [r if isinstance(r, str) else r[0] for r in resolved] == ["snapkv", "g (float32)", "g (bfloat16)"]
+    assert [next(r[1].parameters()).dtype for r in resolved[1:]] == [torch.float32, torch.bfloat16]
+    with pytest.raises(ValueError, match="heads dtype must be one of"):
+        _resolve_scorers([str(tmp_path / "g")], model, ("int4",))

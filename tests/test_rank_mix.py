@@ -145,6 +145,41 @@ def test_a_quota_keeps_the_members_top_share_of_every_count(share):
         assert all(set(rest[b, h].tolist()) <= set(kept[b, h].tolist()) for b in range(2) for h in range(3))
 
 
+@pytest.mark.parametrize("share, cap", [(0.5, 20), (0.3, 7), (0.8, 60)])
+def test_a_capped_quota_keeps_the_members_top_min_share_k_cap_and_the_blend_the_rest(share, cap):
+    """quota_cap={m: n}: the top k by the mix's scores hold the member's own top min(share * k, n) and the other
+    member's top k - min(share * k, n) (within the rounding of the normalised ranks: 2 slots)."""
+    generator = torch.Generator().manual_seed(cap)
+    member, other = torch.rand(2, 3, 300, generator=generator), torch.rand(2, 3, 300, generator=generator)
+    candidates = torch.rand(2, 3, 300, generator=generator) > 0.1
+    mix = RankMixScorer({"m": _Fixed(member), "o": _Fixed(other)}, {"m": 0.0, "o": 1.0}, quota={"m": share},
+                        quota_cap={"m": cap})
+    out = mix.score(_Context(member, candidates))
+    capped_somewhere = False
+    for k in (4, 10, 30, 100, 250):
+        kept = out.masked_fill(~candidates, -math.inf).topk(k, dim=-1).indices
+        mine = min(int(share * (k - 2)), cap)
+        capped_somewhere |= share * k > cap
+        own = member.masked_fill(~candidates, -math.inf).topk(mine, dim=-1).indices
+        rest = other.masked_fill(~candidates, -math.inf).topk(max(k - min(int(share * k), cap) - 2, 0), dim=-1).indices
+        for b in range(2):
+            for h in range(3):
+                assert set(own[b, h].tolist()) <= set(kept[b, h].tolist()), (k, b, h)
+                assert set(rest[b, h].tolist()) <= set(kept[b, h].tolist()), (k, b, h)
+                # nothing of the member's beyond its top n gets in by the quota: what it adds is the other's ranking
+                beyond = member.masked_fill(~candidates, -math.inf).topk(k, dim=-1).indices[b, h, cap:].tolist()
+                extra = set(kept[b, h].tolist()) & set(beyond)
+                top_other = set(other.masked_fill(~candidates, -math.inf).topk(k, dim=-1).indices[b, h].tolist())
+                assert extra <= top_other, (k, b, h)
+    assert capped_somewhere
+    uncapped = RankMixScorer({"m": _Fixed(member), "o": _Fixed(other)}, {"m": 0.0, "o": 1.0},
+                             quota={"m": share}).score(_Context(member, candidates))
+    k_small = cap  # the member's places in any top k are < k (slots in both count once): the cap changes nothing
+    capped, plain = out.masked_fill(~candidates, -math.inf), uncapped.masked_fill(~candidates, -math.inf)
+    kth = plain.topk(k_small).values[..., -1:]
+    assert torch.equal(capped.masked_fill(capped < kth, -math.inf), plain.masked_fill(plain < kth, -math.inf))
+
+
 @pytest.mark.parametrize("share", [0.3, 0.5])
 def test_a_free_quota_is_a_share_of_the_unprotected_slots(share):
     """quota_of="free": with the protected slots kept first, the next k - P slots by the mix's scores hold the
@@ -222,6 +257,10 @@ def test_heads_quota_mix_matches_the_reference_in_every_family(family):
     (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.0}), r"quota\['a'\] must be a share"),
     (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.6, "b": 0.6}), "sum to at most 1"),
     (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.5}, quota_of="kept"), "quota_of must be"),
+    (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.5}, quota_cap={"b": 8}), "quota_cap must map"),
+    (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.5}, quota_cap={"a": 0}), r"quota_cap\['a'\] must be"),
+    (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.5}, quota_cap={"a": 8.5}), r"quota_cap\['a'\] must be"),
+    (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.5, "b": 0.5}, quota_cap={"a": 8}), "summing below 1"),
 ])
 def test_bad_options_are_named(options, match):
     with pytest.raises(ValueError, match=match):
@@ -247,7 +286,7 @@ def test_gatekv_mixes_an_adapter_with_scorers(llama):
     long_form = GateKV(llama, adapter=adapter, rank_mix={"weights": {"adapter": 0.6, "defensivekv": 0.4},
                                                          "quota": {"adapter": 0.5}, "combine": "max"})
     assert long_form.scorer.quota == {"adapter": 0.5} and long_form.scorer.combine == "max"
-    with pytest.raises(ValueError, match="takes weights, quota, quota_of, combine and guide"):
+    with pytest.raises(ValueError, match="takes weights, quota, quota_of, quota_cap, combine and guide"):
         GateKV(llama, adapter=adapter, rank_mix={"weights": {"adapter": 1.0, "knorm": 1.0}, "floor": 0.1})
     scorers_only = GateKV(llama, rank_mix={"knorm": 1.0, "snapkv": 1.0})
     assert set(scorers_only.scorer.members) == {"knorm", "snapkv"}

@@ -13,7 +13,7 @@ from gatekv.settings import DEFAULT_CHUNK_SIZE, DEFAULT_SINKS, DEFAULT_WINDOW, C
 __all__ = ["EvalConfig", "MethodConfig", "SuiteConfig", "load_eval_config"]
 
 
-ADAPTER_OPTIONS = ("pool_kernel", "recency", "rank_mix")
+ADAPTER_OPTIONS = ("pool_kernel", "recency", "rank_mix", "heads_dtype")
 """The ``options`` a method with an ``adapter`` takes."""
 
 
@@ -32,9 +32,9 @@ class MethodConfig:
     """Allocators to run this scorer with (ignored for the full cache)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the scorer (e.g. ``kernel_size: 7``); for an adapter (:data:`ADAPTER_OPTIONS`):
-    ``pool_kernel``, ``recency`` (false: no learned recency bias), and ``rank_mix`` (label -> weight, ``adapter``
+    ``pool_kernel``, ``recency`` (false: no learned recency bias), ``rank_mix`` (label -> weight, ``adapter``
     for its heads and training-free scorer names for the others: the heads' ranking within each head blended with those scorers', e.g.
-    ``{adapter: 0.75, defensivekv: 0.25}``)."""
+    ``{adapter: 0.75, defensivekv: 0.25}``) and ``heads_dtype`` (``bfloat16``: the heads compute in bf16)."""
     allocator_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Keyword arguments per allocator name, e.g. ``{global: {floor: 0.2}, fairkv: {tp: 3}}``."""
     merge: str | None = None
@@ -87,6 +87,12 @@ class MethodConfig:
                              f"{', '.join(ADAPTER_OPTIONS)})")
         if "recency" in self.options and not isinstance(self.options["recency"], bool):
             raise ValueError(f"method {self.name!r}: recency must be true or false, got {self.options['recency']!r}")
+        if "heads_dtype" in self.options:
+            from gatekv.heads.adapter import _DTYPES
+
+            if self.options["heads_dtype"] not in _DTYPES:
+                raise ValueError(f"method {self.name!r}: heads_dtype must be one of {sorted(_DTYPES)}, "
+                                 f"got {self.options['heads_dtype']!r}")
         mix = self.options.get("rank_mix")
         if mix is None:
             return

@@ -152,7 +152,7 @@ def _wrappers(model, tokenizer, config: EvalConfig) -> dict[str, object]:
                                       _allocator(method, method.allocators[0]), config.budgets[0], merge)
         if method.adapter is not None:  # its trained heads replace the scorer (or join a rank mix)
             kv = GateKV(model, tokenizer, adapter=method.adapter, config=settings,
-                        rank_mix=method.options.get("rank_mix"))
+                        rank_mix=method.options.get("rank_mix"), heads_dtype=method.options.get("heads_dtype"))
             heads = kv.scorer.members["adapter"] if "rank_mix" in method.options else kv.scorer
             if "pool_kernel" in method.options:
                 heads.set_pooling(method.options["pool_kernel"])
