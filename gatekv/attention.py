@@ -80,7 +80,8 @@ class SessionAttention:
     State the session sets: ``cache`` and ``stats`` (the current ones), ``scoring``, ``observer_from`` ((B,) first
     position of observer tokens, which are scored as queries but are not candidates), ``replay_chunk`` (the replay
     forward being scored), ``row_start`` ((B,) each row's first position, where the sinks are),
-    ``prompt_end`` ((B,) each row's last prompt position). Filled here:
+    ``prompt_end`` ((B,) each row's last prompt position), ``budget_share`` ((B,) the step's kept tokens per head as a
+    share of the row's tokens; None: not known). Filled here:
     ``scores`` (layer -> (scores, protected), each (B, H_kv, T)) and ``captured`` (per layer, the inputs the
     scorer asked for).
     """
@@ -98,6 +99,7 @@ class SessionAttention:
         self.replay_chunk = None
         self.row_start: torch.Tensor | None = None
         self.prompt_end: torch.Tensor | None = None
+        self.budget_share: torch.Tensor | None = None
         self.scores: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.captured: list[dict] = [{} for _ in range(spec.num_layers)]
 
@@ -167,6 +169,7 @@ class SessionAttention:
             hidden_states=captured.get("hidden_states"), pre_rope_queries=captured.get("pre_rope_queries"),
             pre_rope_keys=captured.get("pre_rope_keys"), pre_rope_values=captured.get("pre_rope_values"),
             replay=self.replay_chunk, state=state, prompt_end=self.prompt_end, protected=protected,
+            budget_share=self.budget_share,
         )
         scores = self.scorer.score(ctx).float()
         if scores.shape != positions.shape:

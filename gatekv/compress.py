@@ -362,6 +362,9 @@ class CompressionSession:
             self._attention.scoring = self._decode_rows is not None and cache.layers[0].max_length() + q > int(
                 self._decode_rows.min()
             ) + self.config.decode_interval - 1
+            if self._attention.scoring:  # the decode budget over the row's tokens so far, these included
+                seen = token_positions.amax(-1) + 1 - self._attention.row_start.to(token_positions.device)
+                self._attention.budget_share = (self._decode_rows.to(seen.device).double() / seen.clamp(min=1)).clamp(max=1.0)
             if call is not None and not call.started and call.room:  # a generate() continuing a prefilled cache
                 cache.expect(q + call.room)
         if call is not None:
@@ -476,6 +479,9 @@ class CompressionSession:
         big = torch.iinfo(torch.long).max
         self._attention.row_start = torch.where(token_positions >= 0, token_positions, torch.full_like(token_positions, big)).min(-1).values
         self._attention.prompt_end = token_positions.amax(-1)
+        # a held (shared) prefill is forked at several budgets later: its scorers are not told one
+        self._attention.budget_share = None if self._held is not None else (
+            budget_rows.double() / lengths.clamp(min=1)).clamp(max=1.0)
         dtype = tokens.dtype if tokens.is_floating_point() else self.model.get_input_embeddings().weight.dtype
         self.stats = CompressionStats(
             prompt_tokens=lengths.cpu(),

@@ -427,3 +427,37 @@ def test_eval_tables_go_into_an_adapter_model_card(tmp_path, model):
     assert sorted(loaded.evaluation["tables"]) == ["needle", "suite"]
     reloaded = load_file(tmp_path / "a" / "adapter_model.safetensors")
     assert all(torch.equal(weights[k], reloaded[k]) for k in weights)
+
+
+def test_a_budget_dependent_rank_mix_runs_one_prefill_per_cell(tmp_path, model, tokenizer, monkeypatch):
+    """A rank mix with ``quota_prompt`` scores with the step's budget, so its cells are not put on a shared prefill
+    (whose forks take several budgets): each cell's answers are GateKV's at that budget."""
+    from gatekv import GateKV
+    from gatekv.eval import runner
+    from gatekv.heads import Adapter, build_heads
+
+    torch.manual_seed(2)
+    Adapter(build_heads("retaining_head", model, hidden=8), base_model="tiny:llama", target="cis").save_pretrained(
+        tmp_path / "a")
+    mix = {"weights": {"adapter": 0.5, "knorm": 0.5}, "quota": {"adapter": 0.5}, "quota_prompt": {"adapter": 0.1}}
+    config = _config(tmp_path, tasks=["niah_single"], budgets=[0.3, 0.5], num_samples=2, methods=[
+        {"name": "mixed", "adapter": str(tmp_path / "a"), "options": {"rank_mix": mix}}])
+    wrappers = runner._wrappers(model, tokenizer, config)
+    from gatekv.eval.results import Cell
+
+    cell = Cell("mixed", "uniform", 0.3, "query_agnostic", "niah_single", 600)
+    assert not runner._shareable(config, config.methods[0], cell, wrappers["mixed"])
+    calls = _count_answers(monkeypatch)
+    results = run_eval(config, model=model, tokenizer=tokenizer, progress=False)
+    assert sorted(calls) == [0.3, 0.3, 0.5, 0.5]  # one prefill per cell and sample
+    from gatekv.eval.tasks import make_task_samples
+    from gatekv.inference import prompt_ids
+
+    head_tokens = prompt_ids(tokenizer, "", "")[0].shape[1]
+    samples = make_task_samples("niah_single", tokenizer, 600, 2, config.seed_base, None, head_tokens)
+    for budget in (0.3, 0.5):
+        entry = results.cells[f"mixed|uniform|{budget}|query_agnostic|niah_single|600"]
+        kv = GateKV(model, tokenizer, adapter=str(tmp_path / "a"), rank_mix=mix, budget=budget, window=8, sinks=2)
+        for sample, record in zip(samples, entry["samples"]):
+            answer = kv.answer(sample.context, sample.question, query_aware=False, max_new_tokens=3)
+            assert answer.text == record["prediction"]

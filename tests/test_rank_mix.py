@@ -121,9 +121,9 @@ class _Fixed(Scorer):
 class _Context:
     """The fields RankMixScorer.score() reads."""
 
-    def __init__(self, scores, candidates, protected=None):
+    def __init__(self, scores, candidates, protected=None, budget_share=None):
         self.positions = self.keys = scores
-        self.candidates, self.protected = candidates, protected
+        self.candidates, self.protected, self.budget_share = candidates, protected, budget_share
 
 
 @pytest.mark.parametrize("share", [0.25, 0.5, 0.8])
@@ -145,39 +145,69 @@ def test_a_quota_keeps_the_members_top_share_of_every_count(share):
         assert all(set(rest[b, h].tolist()) <= set(kept[b, h].tolist()) for b in range(2) for h in range(3))
 
 
-@pytest.mark.parametrize("share, cap", [(0.5, 20), (0.3, 7), (0.8, 60)])
-def test_a_capped_quota_keeps_the_members_top_min_share_k_cap_and_the_blend_the_rest(share, cap):
-    """quota_cap={m: n}: the top k by the mix's scores hold the member's own top min(share * k, n) and the other
-    member's top k - min(share * k, n) (within the rounding of the normalised ranks: 2 slots)."""
-    generator = torch.Generator().manual_seed(cap)
-    member, other = torch.rand(2, 3, 300, generator=generator), torch.rand(2, 3, 300, generator=generator)
-    candidates = torch.rand(2, 3, 300, generator=generator) > 0.1
-    mix = RankMixScorer({"m": _Fixed(member), "o": _Fixed(other)}, {"m": 0.0, "o": 1.0}, quota={"m": share},
-                        quota_cap={"m": cap})
-    out = mix.score(_Context(member, candidates))
-    capped_somewhere = False
-    for k in (4, 10, 30, 100, 250):
-        kept = out.masked_fill(~candidates, -math.inf).topk(k, dim=-1).indices
-        mine = min(int(share * (k - 2)), cap)
-        capped_somewhere |= share * k > cap
-        own = member.masked_fill(~candidates, -math.inf).topk(mine, dim=-1).indices
-        rest = other.masked_fill(~candidates, -math.inf).topk(max(k - min(int(share * k), cap) - 2, 0), dim=-1).indices
-        for b in range(2):
-            for h in range(3):
-                assert set(own[b, h].tolist()) <= set(kept[b, h].tolist()), (k, b, h)
-                assert set(rest[b, h].tolist()) <= set(kept[b, h].tolist()), (k, b, h)
-                # nothing of the member's beyond its top n gets in by the quota: what it adds is the other's ranking
-                beyond = member.masked_fill(~candidates, -math.inf).topk(k, dim=-1).indices[b, h, cap:].tolist()
-                extra = set(kept[b, h].tolist()) & set(beyond)
-                top_other = set(other.masked_fill(~candidates, -math.inf).topk(k, dim=-1).indices[b, h].tolist())
-                assert extra <= top_other, (k, b, h)
-    assert capped_somewhere
-    uncapped = RankMixScorer({"m": _Fixed(member), "o": _Fixed(other)}, {"m": 0.0, "o": 1.0},
-                             quota={"m": share}).score(_Context(member, candidates))
-    k_small = cap  # the member's places in any top k are < k (slots in both count once): the cap changes nothing
-    capped, plain = out.masked_fill(~candidates, -math.inf), uncapped.masked_fill(~candidates, -math.inf)
-    kth = plain.topk(k_small).values[..., -1:]
-    assert torch.equal(capped.masked_fill(capped < kth, -math.inf), plain.masked_fill(plain < kth, -math.inf))
+@pytest.mark.parametrize("share, prompt_share", [(0.5, 0.025), (0.3, 0.05), (0.8, 0.2)])
+def test_a_prompt_quota_is_the_plain_quota_at_min_share_c_over_b_per_row(share, prompt_share):
+    """quota_prompt={m: c}: at a budget of b of the tokens the member's share of every count is min(p, c / b), row by
+    row: the scores equal a plain quota of that share on each row."""
+    generator = torch.Generator().manual_seed(int(prompt_share * 1000))
+    member, other = torch.rand(3, 3, 300, generator=generator), torch.rand(3, 3, 300, generator=generator)
+    candidates = torch.rand(3, 3, 300, generator=generator) > 0.1
+    members = {"m": _Fixed(member), "o": _Fixed(other)}
+    mix = RankMixScorer(members, {"m": 0.5, "o": 0.5}, quota={"m": share}, quota_prompt={"m": prompt_share})
+    assert mix.needs_budget and not RankMixScorer(members, {"m": 0.5, "o": 0.5}, quota={"m": share}).needs_budget
+    budgets = torch.tensor([0.05, 0.1, 0.4], dtype=torch.float64)
+    out = mix.score(_Context(member, candidates, budget_share=budgets))
+    capped = 0
+    for row, budget in enumerate(budgets.tolist()):
+        effective = min(share, prompt_share / budget)
+        capped += effective < share
+        one_row = {"m": _Fixed(member[row : row + 1]), "o": _Fixed(other[row : row + 1])}
+        plain = RankMixScorer(one_row, {"m": 0.5, "o": 0.5}, quota={"m": effective}).score(
+            _Context(member[row : row + 1], candidates[row : row + 1]))
+        torch.testing.assert_close(out[row : row + 1], plain, rtol=1e-6, atol=1e-6)
+    assert capped >= 1  # the bound binds somewhere
+    with pytest.raises(ValueError, match="quota_prompt needs the session's budget"):
+        mix.score(_Context(member, candidates))
+
+
+def test_the_session_tells_scorers_the_budget_share_of_each_step(llama):
+    """LayerContext.budget_share: the prompt budget over the row's tokens in prefill (per row, left padding), the
+    decode budget over the tokens so far at a decode eviction; None on a held (shared) prefill."""
+    from gatekv import compress
+
+    class Spy(_Fixed):
+        def __init__(self):
+            self.seen = []
+
+        def score(self, ctx):
+            self.seen.append(None if ctx.budget_share is None else ctx.budget_share.tolist())
+            self.newest = (ctx.query_positions.amax(-1) + 1).tolist()  # tokens so far (positions start at 0)
+            return ctx.positions.float()
+
+    spy = Spy()
+    ids, mask = random_batch(2, 80, pad=[0, 16], seed=5)
+    with torch.no_grad(), compress(llama, scorer=spy, budget=0.25, window=4, sinks=2, decode_budget=22) as session:
+        out = llama(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kwarg(llama): session.new_cache()})
+        prefill_steps = len(spy.seen)
+        cache, step_mask = out.past_key_values, mask
+        for _ in range(4):  # the cache reaches the decode budget and evicts
+            token = out.logits[:, -1:].argmax(-1)
+            step_mask = torch.cat([step_mask, torch.ones(2, 1, dtype=mask.dtype)], -1)
+            out = llama(input_ids=token, attention_mask=step_mask, use_cache=True, **{cache_kwarg(llama): cache})
+    layers = llama.config.num_hidden_layers
+    assert prefill_steps == layers
+    assert spy.seen[0] == pytest.approx([20 / 80, 16 / 64])  # budget.tokens(80) = 20, (64) = 16
+    assert len(spy.seen) > layers  # decode evictions scored
+    assert spy.newest[0] > 80
+    assert spy.seen[-1] == pytest.approx([22 / spy.newest[0], 22 / spy.newest[1]])  # 22 of the tokens so far
+    held = Spy()
+    from gatekv.compress import CompressionSession
+
+    session = CompressionSession(llama, scorer=held, budget=0.25, window=4, sinks=2)
+    session.hold_prefills()
+    with torch.no_grad(), session.entered():
+        llama(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kwarg(llama): session.new_cache()})
+    assert held.seen and all(seen is None for seen in held.seen)
 
 
 @pytest.mark.parametrize("share", [0.3, 0.5])
@@ -257,10 +287,9 @@ def test_heads_quota_mix_matches_the_reference_in_every_family(family):
     (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.0}), r"quota\['a'\] must be a share"),
     (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.6, "b": 0.6}), "sum to at most 1"),
     (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.5}, quota_of="kept"), "quota_of must be"),
-    (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.5}, quota_cap={"b": 8}), "quota_cap must map"),
-    (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.5}, quota_cap={"a": 0}), r"quota_cap\['a'\] must be"),
-    (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.5}, quota_cap={"a": 8.5}), r"quota_cap\['a'\] must be"),
-    (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.5, "b": 0.5}, quota_cap={"a": 8}), "summing below 1"),
+    (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.5}, quota_prompt={"b": 0.1}), "quota_prompt must map"),
+    (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.5}, quota_prompt={"a": 0}), r"quota_prompt\['a'\] must be"),
+    (dict(scorers={"a": "knorm", "b": "snapkv"}, quota={"a": 0.5}, quota_prompt={"a": "2%"}), r"quota_prompt\['a'\] must be"),
 ])
 def test_bad_options_are_named(options, match):
     with pytest.raises(ValueError, match=match):
@@ -286,7 +315,7 @@ def test_gatekv_mixes_an_adapter_with_scorers(llama):
     long_form = GateKV(llama, adapter=adapter, rank_mix={"weights": {"adapter": 0.6, "defensivekv": 0.4},
                                                          "quota": {"adapter": 0.5}, "combine": "max"})
     assert long_form.scorer.quota == {"adapter": 0.5} and long_form.scorer.combine == "max"
-    with pytest.raises(ValueError, match="takes weights, quota, quota_of, quota_cap, combine and guide"):
+    with pytest.raises(ValueError, match="takes weights, quota, quota_of, quota_prompt, combine and guide"):
         GateKV(llama, adapter=adapter, rank_mix={"weights": {"adapter": 1.0, "knorm": 1.0}, "floor": 0.1})
     scorers_only = GateKV(llama, rank_mix={"knorm": 1.0, "snapkv": 1.0})
     assert set(scorers_only.scorer.members) == {"knorm", "snapkv"}

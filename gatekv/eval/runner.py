@@ -183,12 +183,15 @@ def _finish_cell(results: EvalResults, cell: Cell, records: list[dict], seconds:
 
 def _shareable(config: EvalConfig, method: MethodConfig, cell: Cell, kv) -> bool:
     """Whether ``cell`` can run on a prefill shared with other cells: query-agnostic, one-shot, a compressing method
-    whose allocator does not observe the prefill itself and whose adapter (if any) leaves the model unchanged."""
+    whose allocator does not observe the prefill itself, whose scores do not depend on the budget and whose adapter
+    (if any) leaves the model unchanged."""
     from gatekv.allocators import get_allocator
 
     if method.is_full or cell.mode != "query_agnostic" or config.prefill != "one_shot":
         return False
     if kv.adapter is not None and kv.adapter.lora is not None:
+        return False
+    if getattr(kv.scorer, "needs_budget", False):  # its scores depend on the budget: one prefill per cell
         return False
     return not get_allocator(_allocator(method, cell.allocator)).observes_prefill
 

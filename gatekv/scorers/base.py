@@ -89,6 +89,10 @@ class LayerContext:
     protected: torch.Tensor | None = None
     """(B, H_kv, T) bool: candidate slots the session keeps whatever the scores (the sinks and the recent window);
     None where the caller did not say."""
+    budget_share: torch.Tensor | None = None
+    """(B,) float: the kept tokens per KV head that this scoring step allocates, as a share of the row's tokens (the
+    prompt's while it is compressed, the tokens so far at a decode eviction). None where the budget is not known yet
+    (a shared prefill, whose forks take several budgets)."""
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per-slot scorer state, each (B, H_kv, T) float32 (NaN for slots never scored). Scorers may replace
     entries; the session stores them back with the cache (they follow compaction)."""
@@ -157,6 +161,9 @@ class Scorer:
     uses_tokenizer: ClassVar[bool] = False
     """Whether :meth:`bind_tokenizer` matters (KVzip builds its repeat prompt from the tokenizer); wrappers that hold
     a tokenizer (``GateKV``, ``gatekv eval``, the teacher target) bind it to such scorers."""
+    needs_budget: bool = False
+    """Whether the scores depend on the step's budget (``LayerContext.budget_share``): such a scorer cannot score a
+    shared prefill that is forked at several budgets."""
 
     def bind_tokenizer(self, tokenizer) -> "Scorer":
         """Take what the scorer needs from ``tokenizer``; returns ``self``. The default needs nothing."""

@@ -26,11 +26,12 @@ def within_head_ranks(scores: torch.Tensor, candidates: torch.Tensor) -> torch.T
 
 
 def check_mix_options(weights: dict[str, float], combine: str = "sum", quota: dict[str, float] | None = None,
-                      quota_of: str = "count", guide: str | None = None, quota_cap: dict[str, int] | None = None) -> None:
+                      quota_of: str = "count", guide: str | None = None,
+                      quota_prompt: dict[str, float] | None = None) -> None:
     """``ValueError`` naming the option unless ``weights`` maps labels to numbers >= 0 (not all 0), ``combine`` is
     ``sum``/``max``, ``quota`` maps some of those labels to shares in (0, 1] that sum to at most 1, ``quota_of``
-    is ``count``/``free``, ``guide`` is None or one of the labels and ``quota_cap`` maps some of the quota's labels
-    to slot counts >= 1."""
+    is ``count``/``free``, ``guide`` is None or one of the labels and ``quota_prompt`` maps some of the quota's
+    labels to shares in (0, 1]."""
     if not isinstance(weights, dict) or not weights:
         raise ValueError(f"rank_mix: weights must map labels to numbers, got {weights!r}")
     for label, weight in weights.items():
@@ -52,30 +53,27 @@ def check_mix_options(weights: dict[str, float], combine: str = "sum", quota: di
         raise ValueError(f"rank_mix: quota_of must be 'count' or 'free', got {quota_of!r}")
     if guide is not None and guide not in weights:
         raise ValueError(f"rank_mix: guide must be one of the scorers {sorted(weights)}, got {guide!r}")
-    quota_cap = {} if quota_cap is None else quota_cap
-    if not isinstance(quota_cap, dict) or not set(quota_cap) <= set(quota):
-        raise ValueError(f"rank_mix: quota_cap must map some of the quota's scorers {sorted(quota)} to slot counts, "
-                         f"got {quota_cap!r}")
-    for label, cap in quota_cap.items():
-        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
-            raise ValueError(f"rank_mix: quota_cap[{label!r}] must be an int >= 1 (slots per head), got {cap!r}")
-    if quota_cap and sum(quota.values()) > 1 - 1e-9:
-        raise ValueError(f"rank_mix: quota_cap needs quota shares summing below 1 (the blend takes the rest), "
-                         f"got {quota!r}")
+    quota_prompt = {} if quota_prompt is None else quota_prompt
+    if not isinstance(quota_prompt, dict) or not set(quota_prompt) <= set(quota):
+        raise ValueError(f"rank_mix: quota_prompt must map some of the quota's scorers {sorted(quota)} to shares of "
+                         f"the prompt, got {quota_prompt!r}")
+    for label, share in quota_prompt.items():
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ValueError(f"rank_mix: quota_prompt[{label!r}] must be a share of the prompt in (0, 1], got {share!r}")
 
 
 def split_mix_spec(spec) -> tuple[dict, dict]:
     """``(weights, options)`` of a mix given as ``{label: weight}`` or as the long form ``{"weights": {...},
-    "quota": {...}, "quota_of": ..., "quota_cap": {...}, "combine": ..., "guide": ...}``; ``ValueError`` naming what
-    is off."""
+    "quota": {...}, "quota_of": ..., "quota_prompt": {...}, "combine": ..., "guide": ...}``; ``ValueError`` naming
+    what is off."""
     if not isinstance(spec, dict):
         raise ValueError(f"rank_mix must map labels to weights, got {spec!r}")
     if "weights" not in spec:
         return spec, {}
     options = {k: v for k, v in spec.items() if k != "weights"}
-    unknown = sorted(set(options) - {"quota", "quota_of", "quota_cap", "combine", "guide"})
+    unknown = sorted(set(options) - {"quota", "quota_of", "quota_prompt", "combine", "guide"})
     if unknown:
-        raise ValueError(f"rank_mix takes weights, quota, quota_of, quota_cap, combine and guide, got {unknown}")
+        raise ValueError(f"rank_mix takes weights, quota, quota_of, quota_prompt, combine and guide, got {unknown}")
     if not isinstance(spec["weights"], dict):
         raise ValueError(f"rank_mix weights must map labels to weights, got {spec['weights']!r}")
     return spec["weights"], options
@@ -98,9 +96,10 @@ class RankMixScorer(ScorerGroup):
     allocator makes ``k``; the blend fills the rest. The protected slots (sinks, recent window) are kept anyway, and
     a member that ranks them high spends its quota on them: ``quota_of="free"`` ranks only the unprotected slots, so
     each share is one of the ``k - protected`` slots the scores choose (``"count"``, the default: of ``k``).
-    ``quota_cap={label: n}`` stops that member's quota at its top ``n`` slots of each head: it gets ``min(p * k, n)``
-    and the blend the rest. A needle is a handful of tokens at any budget, so the quota that protects it need not
-    grow with the budget, while the continuation of prose gains from every slot the blend gets.
+    ``quota_prompt={label: c}`` bounds that member's quota by a share ``c`` of the row's tokens instead of the count:
+    at a budget of ``b`` of the tokens its share of every count is ``min(p, c / b)``. A needle needs the same slots
+    at any budget, so the quota that protects it need not grow with the budget, while the continuation of prose
+    gains from every slot the blend gets (needs the session's budget: not on a shared prefill).
 
     scorers:   label -> scorer name or instance (at least two; none may replay the prompt)
     weights:   label -> weight (>= 0, not all 0); default equal weights
@@ -108,7 +107,7 @@ class RankMixScorer(ScorerGroup):
     quota:     label -> share in (0, 1] of every kept count that goes to that member's own top (shares sum to <= 1)
     quota_of:  ``count`` (shares of the kept count) or ``free`` (of its unprotected part; needs the context's
                ``protected``)
-    quota_cap: label (with a quota) -> most slots per head its quota takes (its top ``n`` at most)
+    quota_prompt: label (with a quota) -> share ``c`` of the row's tokens that bounds its quota (``min(p, c / b)``)
     guide:     label of the member whose raw scores are the count guide of an allocator that splits counts by one
                (``defensive_budget`` with ``guide_share``): the blend's ranks say nothing across heads, a member's
                scores may (e.g. the retaining heads: their Ada-KV counts follow a needle)
@@ -116,7 +115,7 @@ class RankMixScorer(ScorerGroup):
 
     def __init__(self, scorers: dict[str, str | Scorer], weights: dict[str, float] | None = None,
                  combine: str = "sum", quota: dict[str, float] | None = None, quota_of: str = "count",
-                 guide: str | None = None, quota_cap: dict[str, int] | None = None):
+                 guide: str | None = None, quota_prompt: dict[str, float] | None = None):
         self.combine, self.quota_of, self.guide = combine, quota_of, guide
         self._guide_scores: torch.Tensor | None = None
         if not isinstance(scorers, dict) or len(scorers) < 2:
@@ -129,10 +128,10 @@ class RankMixScorer(ScorerGroup):
         if not isinstance(weights, dict) or set(weights) != set(scorers):
             raise ValueError(f"rank_mix: weights must name exactly the scorers {sorted(scorers)}, got {weights!r}")
         quota = {} if quota is None else quota
-        check_mix_options(weights, combine, quota, quota_of, guide, quota_cap)
+        check_mix_options(weights, combine, quota, quota_of, guide, quota_prompt)
         self.weights = {label: float(weight) for label, weight in weights.items()}
         self.quota = {label: float(share) for label, share in quota.items()}
-        self.quota_cap = dict(quota_cap or {})
+        self.quota_prompt = {label: float(share) for label, share in (quota_prompt or {}).items()}
 
     def trim(self, layer_idx: int, width: int) -> None:
         """Nothing is stored between forwards."""
@@ -169,15 +168,29 @@ class RankMixScorer(ScorerGroup):
         # a slot is in the top fraction q of a ranking iff its normalised rank r >= 1 - q; so the top k slots by
         # max_i (r_i - 1) / p_i (members with a quota) and (r_blend - 1) / (1 - sum p_i) are each such member's top
         # p_i * k and the blend's top (1 - sum p_i) * k (slots in both count once), for every count k
-        blend_share = 1.0 - sum(self.quota.values())
+        shares = self._shares(ctx)
+        blend_share = 1.0 - sum(shares.values())
         out = torch.full_like(mixed, float("-inf"))
-        if blend_share > 1e-9:
+        if isinstance(blend_share, torch.Tensor):  # per row; a row whose quotas fill every count ranks the blend last
+            out = (within_head_ranks(mixed, candidates) - 1) / blend_share.clamp(min=1e-9)
+        elif blend_share > 1e-9:
             out = (within_head_ranks(mixed, candidates) - 1) / blend_share
-        count = candidates.sum(-1, keepdim=True)
-        for label, share in self.quota.items():
-            own = (own_ranks[label] - 1) / share
-            if label in self.quota_cap:  # beyond its top n slots (0-based place (1 - r) (count - 1)) no quota
-                place = (1 - own_ranks[label]) * (count - 1).clamp(min=1)
-                own = own.masked_fill(place > self.quota_cap[label] - 0.5, float("-inf"))
-            out = torch.maximum(out, own)
+        for label, share in shares.items():
+            out = torch.maximum(out, (own_ranks[label] - 1) / share)
         return out
+
+    @property
+    def needs_budget(self) -> bool:
+        """Whether :meth:`score` needs the step's budget (``LayerContext.budget_share``): with ``quota_prompt``."""
+        return bool(self.quota_prompt)
+
+    def _shares(self, ctx: LayerContext) -> dict:
+        """Each quota member's share of every count: a float, or (B, 1, 1) per row with ``quota_prompt``."""
+        if not self.quota_prompt:
+            return dict(self.quota)
+        if ctx.budget_share is None:
+            raise ValueError("rank_mix: quota_prompt needs the session's budget, which a shared prefill (forked at "
+                             "several budgets) does not have")
+        budget = ctx.budget_share.to(ctx.keys.device, torch.float32).clamp(min=1e-6)[:, None, None]
+        return {label: (torch.clamp(self.quota_prompt[label] / budget, max=share) if label in self.quota_prompt
+                        else share) for label, share in self.quota.items()}
