@@ -177,7 +177,7 @@ class SessionAttention:
         scores = scores.masked_fill(~candidates, float("-inf"))
         # allocators observe the prompt's own window, not a replay (KVzip)
         if self.allocator.needs_window_attention and self.replay_chunk is None:
-            self.allocator.observe_layer(layer_idx, ctx.window_attention(), candidates)
+            self.allocator.observe_context(layer_idx, ctx)
         guide = self.scorer.take_guide()
         if self.allocator.needs_guide:
             guide = scores if guide is None else guide.float().masked_fill(~candidates, float("-inf"))

@@ -160,3 +160,45 @@ def test_guide_options_are_checked():
         get_allocator("defensive_budget", guide_alpha=-0.1)
     with pytest.raises(ValueError, match="rank_mix: guide must be one of"):
         get_scorer("rank_mix", scorers={"norm": "knorm", "tova": "tova"}, guide="snapkv")
+
+
+def test_a_defensivekv_member_and_the_allocator_share_one_computation_per_layer(monkeypatch):
+    """The guided blend (a DefensiveKV member, defensive_budget): DefensiveKV's pooled window scores are computed once
+    per scored layer (the LayerContext caches them), not once for the member and once for the counts; the kept
+    slots are those of the two separate computations."""
+    from gatekv import window_scores
+    from gatekv.allocators import defensive_budget
+    from gatekv.allocators.defensive_budget import DefensiveBudgetAllocator
+    from gatekv.scorers.rank_mix import RankMixScorer
+    from tiny_models import random_batch, tiny_model
+
+    model = tiny_model("llama")
+    ids, mask = random_batch(2, 90, pad=[0, 12], seed=4)
+
+    def kept(share: bool):
+        calls = []
+        real = window_scores.defensive_scores
+
+        def counting(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(window_scores, "defensive_scores", counting)
+        monkeypatch.setattr(defensive_budget, "defensive_scores", counting)
+        if not share:  # the old path: the allocator computes its own from the window attention
+            from gatekv.allocators.base import Allocator
+
+            monkeypatch.setattr(DefensiveBudgetAllocator, "observe_context", Allocator.observe_context)
+        mix = RankMixScorer({"dkv": "defensivekv", "tova": "tova"}, {"dkv": 0.5, "tova": 0.5})
+        with torch.no_grad(), compress(model, scorer=mix, allocator=DefensiveBudgetAllocator(), budget=0.3, window=4,
+                                       sinks=2, record=True) as session:
+            model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kwarg(model): session.new_cache()})
+        monkeypatch.undo()
+        return len(calls), session.stats.events[0].kept_positions
+
+    shared_calls, shared = kept(True)
+    separate_calls, separate = kept(False)
+    layers = model.config.num_hidden_layers
+    assert shared_calls == layers and separate_calls == 2 * layers
+    for a, b in zip(shared, separate):
+        assert torch.equal(a, b)

@@ -172,6 +172,13 @@ class Allocator:
         T) bool; called during prefill when ``needs_window_attention`` is set."""
         raise NotImplementedError(f"{type(self).__name__} sets needs_window_attention but has no observe_layer()")
 
+    def observe_context(self, layer_idx: int, ctx) -> None:
+        """What the session calls when ``needs_window_attention`` is set: layer ``layer_idx``'s scored
+        :class:`~gatekv.scorers.LayerContext`. The default hands its window attention and candidates to
+        :meth:`observe_layer`; an allocator may read the context's cached statistics instead (``defensive_budget``
+        reads ``ctx.defensive_scores``, which a DefensiveKV scorer of the same layer has already computed)."""
+        self.observe_layer(layer_idx, ctx.window_attention(), ctx.candidates)
+
     def observe_guide(self, layer_idx: int, scores: torch.Tensor) -> None:
         """Count guide (B, H_kv, T) float32 of layer ``layer_idx`` (``-inf`` on non-candidates); called after each
         scoring of the layer when ``needs_guide`` is set."""

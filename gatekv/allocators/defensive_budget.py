@@ -64,6 +64,11 @@ class DefensiveBudgetAllocator(Allocator):
         scores = defensive_scores(attention, candidates, self.kernel_size, self.pooling)
         self._observed[layer_idx] = scores.masked_fill(~candidates, float("-inf"))
 
+    def observe_context(self, layer_idx: int, ctx) -> None:
+        """The layer's DefensiveKV scores, shared with a DefensiveKV scorer of the same context (computed once)."""
+        scores = ctx.defensive_scores(None, self.kernel_size, self.pooling)
+        self._observed[layer_idx] = scores.masked_fill(~ctx.candidates, float("-inf"))
+
     def observe_guide(self, layer_idx: int, scores: torch.Tensor) -> None:
         """scores: (B, H_kv, T) count guide of layer ``layer_idx`` (``-inf`` on non-candidates)."""
         self._count_guide[layer_idx] = scores

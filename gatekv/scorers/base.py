@@ -127,6 +127,18 @@ class LayerContext:
             self._window_cache[w] = _window_attention(queries, query_positions, self.keys, self.positions, self.scale)
         return self._window_cache[w]
 
+    def defensive_scores(self, window: int | None = None, kernel_size: int = 5, pooling: str = "avg") -> torch.Tensor:
+        """DefensiveKV's pooled window scores (:func:`gatekv.window_scores.defensive_scores`) of the candidates,
+        ``(B, H_kv, T)`` float32; computed once per (window, pooling) and reused (a DefensiveKV rank-mix member and the
+        ``defensive_budget`` allocator read the same ones). Treat the result as read-only."""
+        from gatekv.window_scores import defensive_scores
+
+        w = min(self.window_size if window is None else window, self.queries.shape[2])
+        key = ("defensive", w, kernel_size, pooling)
+        if key not in self._window_cache:
+            self._window_cache[key] = defensive_scores(self.window_attention(w), self.candidates, kernel_size, pooling)
+        return self._window_cache[key]
+
     def new_token_scores(self, new_scores: torch.Tensor, name: str) -> torch.Tensor:
         """Store per-token scores of the new tokens in ``state[name]`` and return the full slot scores.
 

@@ -3,7 +3,7 @@
 import torch
 
 from gatekv.scorers.base import LayerContext, Scorer, register_scorer
-from gatekv.window_scores import check_pooling, defensive_scores
+from gatekv.window_scores import check_pooling
 
 
 def value_output_norms(values: torch.Tensor, module: torch.nn.Module, group_size: int) -> torch.Tensor:
@@ -57,7 +57,7 @@ class DefensiveKVScorer(Scorer):
         self.critical = critical
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        scores = defensive_scores(ctx.window_attention(self.window), ctx.candidates, self.kernel_size, self.pooling)
+        scores = ctx.defensive_scores(self.window, self.kernel_size, self.pooling)
         candidates = ctx.candidates.float()
         if self.critical:
             norms = value_output_norms(ctx.values, ctx.module, ctx.group_size)
