@@ -32,6 +32,10 @@ SETTINGS = {
         allocator="defensive_budget", allocator_options={"guide_share": 0.5}, observe_window=64,
         rank_mix={"weights": {"adapter": 0.5, "defensivekv": 0.25, "tova": 0.25}, "quota": {"adapter": 0.5},
                   "guide": "adapter"}),
+    "heads + DefensiveKV + TOVA mix, guided, heads' quota bounded by 3% of the prompt (quota_prompt 0.03)": dict(
+        allocator="defensive_budget", allocator_options={"guide_share": 0.5}, observe_window=64,
+        rank_mix={"weights": {"adapter": 0.5, "defensivekv": 0.25, "tova": 0.25}, "quota": {"adapter": 0.5},
+                  "quota_prompt": {"adapter": 0.03}, "guide": "adapter"}),
     "Layer-DefensiveKV (global)": dict(scorer="defensivekv", allocator="global"),
 }
 
