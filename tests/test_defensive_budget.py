@@ -202,3 +202,30 @@ def test_a_defensivekv_member_and_the_allocator_share_one_computation_per_layer(
     assert shared_calls == layers and separate_calls == 2 * layers
     for a, b in zip(shared, separate):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("options", [dict(prefill="chunked", chunk_size=32), dict(prefill="one_shot", decode_budget=20)])
+def test_the_guided_bounded_blend_in_chunks_and_decode_evictions_matches_the_masked_reference(llama, options):
+    """The setting to use (a rank mix with a guide and a prompt-bounded quota, defensive_budget with guide_share)
+    through chunked prefill and decode evictions, left padding: every step observes a guide and the budget share,
+    and the generated tokens and logits equal the masked reference of the kept slots."""
+    ids, mask = random_batch(3, 90, pad=[0, 7, 19], seed=9)
+    mix = get_scorer("rank_mix", scorers={"norm": "knorm", "dkv": "defensivekv", "tova": "tova"},
+                     weights={"norm": 0.5, "dkv": 0.25, "tova": 0.25}, quota={"norm": 0.5},
+                     quota_prompt={"norm": 0.05}, guide="norm")
+    allocator = get_allocator("defensive_budget", guide_share=0.5)
+    guides = []
+    observe = allocator.observe_guide
+
+    def recording(layer_idx, scores):
+        guides.append(layer_idx)
+        observe(layer_idx, scores)
+
+    allocator.observe_guide = recording
+    with compress(llama, mix, allocator, budget=0.25, window=6, sinks=2, record=True, **options) as session:
+        sequences, logits = generate(llama, ids, mask)
+    kinds = [e.kind for e in session.stats.events]
+    steps = kinds.count("chunk") + kinds.count("prefill") + kinds.count("decode")
+    assert kinds.count("chunk" if "chunk_size" in options else "decode") >= 1
+    assert len(guides) == steps * llama.config.num_hidden_layers  # a guide for every scored layer of every step
+    check_against_reference(llama, ids, mask, sequences, logits, session)
