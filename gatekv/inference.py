@@ -138,10 +138,10 @@ class GateKV:
         if adapter is not None:
             self.adapter = adapter if isinstance(adapter, Adapter) else Adapter.from_pretrained(adapter)
             scorer = self.adapter.heads_for(model, allow_mismatch=allow_mismatch, dtype=heads_dtype)
-        elif heads_dtype is not None:
-            raise ValueError("GateKV: heads_dtype applies to an adapter's heads, and no adapter was given")
             if self.adapter.lora is not None:
                 self.adapter.lora.check_model(model)
+        elif heads_dtype is not None:
+            raise ValueError("GateKV: heads_dtype applies to an adapter's heads, and no adapter was given")
         if rank_mix is not None:
             scorer = _rank_mix(rank_mix, scorer if self.adapter is not None else None, scorer)
         if config is None:  # validated now, not at the first call

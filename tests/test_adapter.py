@@ -342,3 +342,17 @@ def test_heads_dtype_is_checked(llama, tmp_path):
     out = kv.generate(ids, max_new_tokens=2, do_sample=False)
     assert out.shape == (1, 42) and kv.last_stats.events  # compressed with bf16 heads scoring a float32 model
     assert {p.dtype for p in load_adapter(tmp_path, dtype="bfloat16").parameters()} == {torch.bfloat16}
+
+
+def test_gatekv_refuses_lora_weights_that_do_not_fit_when_built(llama, tmp_path):
+    """GateKV checks an adapter's LoRA against the model at construction, before any call (with or without
+    heads_dtype), naming the module."""
+    from gatekv import GateKV
+
+    lora = _lora(llama)
+    lora.pairs["model.layers.9.self_attn.q_proj"] = lora.pairs["model.layers.0.self_attn.q_proj"]
+    adapter = _adapter(llama)
+    adapter.lora = lora
+    for options in ({}, {"heads_dtype": "bfloat16"}):
+        with pytest.raises(ValueError, match="model.layers.9.self_attn.q_proj: not in the model"):
+            GateKV(llama, adapter=adapter, **options)

@@ -88,11 +88,12 @@ class MethodConfig:
         if "recency" in self.options and not isinstance(self.options["recency"], bool):
             raise ValueError(f"method {self.name!r}: recency must be true or false, got {self.options['recency']!r}")
         if "heads_dtype" in self.options:
-            from gatekv.heads.adapter import _DTYPES
+            from gatekv.heads.adapter import heads_dtype
 
-            if self.options["heads_dtype"] not in _DTYPES:
-                raise ValueError(f"method {self.name!r}: heads_dtype must be one of {sorted(_DTYPES)}, "
-                                 f"got {self.options['heads_dtype']!r}")
+            try:
+                heads_dtype(self.options["heads_dtype"])
+            except ValueError as error:
+                raise ValueError(f"method {self.name!r}: {error}") from None
         mix = self.options.get("rank_mix")
         if mix is None:
             return
